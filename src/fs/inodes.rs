@@ -1,0 +1,163 @@
+//! The inode table: FUSE node ids for backing inodes.
+//!
+//! A backing inode is identified by its `(st_dev, st_ino)`, so every hard link
+//! to it maps to the same node. Each node holds an `O_PATH` fd on the inode,
+//! which keeps working when the file is renamed, and is released when the
+//! kernel forgets its last lookup.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+/// The FUSE root node id.
+pub const ROOT: u64 = 1;
+
+/// Backing identity of an inode.
+pub type InodeKey = (u64, u64);
+
+#[derive(Debug)]
+pub struct Node {
+    fd: OwnedFd,
+    pub key: InodeKey,
+}
+
+impl Node {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+struct Slot {
+    node: Arc<Node>,
+    /// Outstanding kernel lookups; the node goes when this reaches zero.
+    lookups: u64,
+}
+
+struct Table {
+    by_id: HashMap<u64, Slot>,
+    by_key: HashMap<InodeKey, u64>,
+    /// Node ids are never reused, so a stale id can never name another file.
+    next_id: u64,
+}
+
+pub struct InodeTable {
+    table: RwLock<Table>,
+}
+
+impl InodeTable {
+    pub fn new(root: OwnedFd, root_key: InodeKey) -> Self {
+        let mut by_id = HashMap::new();
+        by_id.insert(
+            ROOT,
+            Slot {
+                node: Arc::new(Node {
+                    fd: root,
+                    key: root_key,
+                }),
+                lookups: 1,
+            },
+        );
+        Self {
+            table: RwLock::new(Table {
+                by_id,
+                by_key: HashMap::from([(root_key, ROOT)]),
+                next_id: ROOT + 1,
+            }),
+        }
+    }
+
+    pub fn get(&self, id: u64) -> io::Result<Arc<Node>> {
+        self.table
+            .read()
+            .by_id
+            .get(&id)
+            .map(|slot| slot.node.clone())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
+    }
+
+    /// Records one kernel lookup of the inode `fd` holds and returns its node
+    /// id. When the inode is already known, `fd` is dropped and the existing
+    /// node is reused.
+    pub fn remember(&self, fd: OwnedFd, key: InodeKey) -> u64 {
+        let mut table = self.table.write();
+        if let Some(&id) = table.by_key.get(&key) {
+            let slot = table.by_id.get_mut(&id).expect("by_key and by_id agree");
+            slot.lookups += 1;
+            return id;
+        }
+        let id = table.next_id;
+        table.next_id += 1;
+        table.by_key.insert(key, id);
+        table.by_id.insert(
+            id,
+            Slot {
+                node: Arc::new(Node { fd, key }),
+                lookups: 1,
+            },
+        );
+        id
+    }
+
+    /// Drops `count` kernel lookups of `id`; the root is never dropped.
+    pub fn forget(&self, id: u64, count: u64) {
+        if id == ROOT {
+            return;
+        }
+        let mut table = self.table.write();
+        let Some(slot) = table.by_id.get_mut(&id) else {
+            return;
+        };
+        slot.lookups = slot.lookups.saturating_sub(count);
+        if slot.lookups == 0 {
+            let key = slot.node.key;
+            table.by_id.remove(&id);
+            if table.by_key.get(&key) == Some(&id) {
+                table.by_key.remove(&key);
+            }
+        }
+    }
+
+    /// Number of nodes currently known (the root included).
+    pub fn len(&self) -> usize {
+        self.table.read().by_id.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+
+    fn fd() -> OwnedFd {
+        File::open("/").unwrap().into()
+    }
+
+    #[test]
+    fn hard_links_share_a_node_and_forget_releases_it() {
+        let table = InodeTable::new(fd(), (1, 2));
+        let a = table.remember(fd(), (1, 10));
+        let b = table.remember(fd(), (1, 10));
+        assert_eq!(a, b, "same (dev, ino) must be one node");
+        let c = table.remember(fd(), (1, 11));
+        assert_ne!(a, c);
+        assert_eq!(table.len(), 3);
+        table.forget(a, 1);
+        assert!(table.get(a).is_ok(), "one lookup still outstanding");
+        table.forget(a, 1);
+        assert!(table.get(a).is_err());
+        assert_eq!(table.len(), 2);
+        // A new lookup of the same inode gets a fresh id, never the old one.
+        let d = table.remember(fd(), (1, 10));
+        assert_ne!(d, a);
+    }
+
+    #[test]
+    fn root_survives_forget() {
+        let table = InodeTable::new(fd(), (1, 2));
+        table.forget(ROOT, 100);
+        assert!(table.get(ROOT).is_ok());
+    }
+}

@@ -1,0 +1,47 @@
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use modelcache::cli::{Cli, Command};
+use modelcache::mount::{self, MountConfig};
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let result = match cli.command {
+        Command::Mount {
+            background: true, ..
+        } => mount::run_in_background(std::env::args_os().skip(1).collect()),
+        Command::Mount {
+            mountpoint,
+            backing,
+            allow_other,
+            threads,
+            background: false,
+        } => mount::run(MountConfig {
+            backing,
+            mountpoint,
+            allow_other,
+            threads: threads.map_or_else(mount::default_threads, usize::from),
+        }),
+        Command::Umount { path, lazy } => mount::umount_command(&path, lazy),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("modelcache: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

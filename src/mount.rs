@@ -1,0 +1,613 @@
+//! The life of a mount: checks before mounting, mounting (mount(2) as root,
+//! `fusermount3` otherwise), serving, and unmounting on a signal.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use crate::Error;
+use crate::fs::Overlay;
+use crate::fs::backing;
+use crate::fs::fuse::FuseAdapter;
+use crate::mountinfo::{self, FSTYPE};
+
+/// What `modelcache mount` was asked to do.
+pub struct MountConfig {
+    /// The directory whose files the mount shows; `None` = in place.
+    pub backing: Option<PathBuf>,
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    pub threads: usize,
+}
+
+/// The environment variable naming the pipe on which a daemon started by
+/// `--background` reports that its mount is live.
+const READY_FD_ENV: &str = "MODELCACHE_READY_FD";
+
+fn is_root() -> bool {
+    // SAFETY: no arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Default worker threads: the cores, clamped to 2..=8.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
+}
+
+/// An absolute path whose parent is resolved, without touching the last
+/// component (which may be a dead mount that cannot be stat'ed).
+fn absolute(path: &Path) -> Result<PathBuf, Error> {
+    let abs = std::path::absolute(path)
+        .map_err(|e| Error(format!("{}: {e}", path.display())))?;
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => match parent.canonicalize() {
+            Ok(parent) => Ok(parent.join(name)),
+            Err(e) => Err(Error(format!(
+                "mount point {}: its parent {}: {e}",
+                path.display(),
+                parent.display()
+            ))),
+        },
+        _ => abs
+            .canonicalize()
+            .map_err(|e| Error(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn find_fusermount() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
+        .map(|dir| dir.join("fusermount3"))
+        .find(|p| p.is_file())
+}
+
+/// Clears a mount left behind by a daemon that died ("Transport endpoint is
+/// not connected"), if it is ours.
+fn clear_stale_mount(mountpoint: &Path) -> Result<(), Error> {
+    match std::fs::metadata(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+        _ => return Ok(()),
+    }
+    let mp = mountpoint.display();
+    match mountinfo::mount_at(mountpoint) {
+        Some(m) if m.is_modelcache() => {
+            unmount(mountpoint, true)
+                .map_err(|e| Error(format!("cannot clear the stale mount at {mp}: {e}")))?;
+            warn!("cleared a stale modelcache mount at {mp} (its daemon had exited)");
+            Ok(())
+        }
+        Some(m) => Err(Error(format!(
+            "{mp} is a dead {} mount that modelcache did not make; \
+             unmount it first with `fusermount3 -u {mp}` (or `umount -l {mp}` as root)",
+            m.fstype
+        ))),
+        None => Err(Error(format!(
+            "{mp}: transport endpoint is not connected, and no mount is listed there"
+        ))),
+    }
+}
+
+/// Every check that can fail before anything is changed.
+struct Checked {
+    backing: PathBuf,
+    mountpoint: PathBuf,
+}
+
+fn check(config: &MountConfig) -> Result<Checked, Error> {
+    let mountpoint = absolute(&config.mountpoint)?;
+    clear_stale_mount(&mountpoint)?;
+    let mp = mountpoint.display();
+    match std::fs::metadata(&mountpoint) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Error(format!(
+                "mount point {mp} does not exist (create it with `mkdir -p {mp}`)"
+            )));
+        }
+        Err(e) => return Err(Error(format!("mount point {mp}: {e}"))),
+        Ok(m) if !m.is_dir() => return Err(Error(format!("mount point {mp} is not a directory"))),
+        Ok(_) => {}
+    }
+    let mountpoint = mountpoint
+        .canonicalize()
+        .map_err(|e| Error(format!("mount point {mp}: {e}")))?;
+    if let Some(m) = mountinfo::mount_at(&mountpoint).filter(|m| m.is_modelcache()) {
+        let mp = mountpoint.display();
+        return Err(Error(format!(
+            "{mp} is already a modelcache mount (of {}); unmount it first with `modelcache umount {mp}`",
+            m.source
+        )));
+    }
+
+    let backing = match &config.backing {
+        None => mountpoint.clone(),
+        Some(b) => {
+            let shown = b.display();
+            let meta = std::fs::metadata(b).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => {
+                    Error(format!("backing directory {shown} does not exist"))
+                }
+                _ => Error(format!("backing directory {shown}: {e}")),
+            })?;
+            if !meta.is_dir() {
+                return Err(Error(format!("backing {shown} is not a directory")));
+            }
+            b.canonicalize()
+                .map_err(|e| Error(format!("backing directory {shown}: {e}")))?
+        }
+    };
+    if backing != mountpoint && mountpoint.starts_with(&backing) {
+        return Err(Error(format!(
+            "mount point {} is inside the backing directory {}: the mount would hide part of \
+             its own backing. Mount in place (`modelcache mount {}`) or choose a mount point \
+             outside it",
+            mountpoint.display(),
+            backing.display(),
+            backing.display()
+        )));
+    }
+    let c = CString::new(backing.as_os_str().as_bytes())
+        .map_err(|_| Error(format!("{}: path contains a NUL byte", backing.display())))?;
+    // SAFETY: NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::X_OK) } != 0 {
+        return Err(Error(format!(
+            "cannot read the backing directory {}: {}",
+            backing.display(),
+            io::Error::last_os_error()
+        )));
+    }
+
+    if !Path::new("/dev/fuse").exists() {
+        return Err(Error(
+            "/dev/fuse does not exist: load the FUSE module (`modprobe fuse`), \
+             or in a container pass the device (`--device /dev/fuse`)"
+                .into(),
+        ));
+    }
+    if !is_root() && find_fusermount().is_none() {
+        return Err(Error(
+            "fusermount3 was not found: mounting as a normal user needs it. \
+             Install the fuse3 package (`sudo apt install fuse3`, `dnf install fuse3`, \
+             `pacman -S fuse3`)"
+                .into(),
+        ));
+    }
+    Ok(Checked {
+        backing,
+        mountpoint,
+    })
+}
+
+/// Mounts a FUSE filesystem at `mountpoint` and returns the /dev/fuse fd.
+fn fuse_mount(mountpoint: &Path, backing: &Path, allow_other: bool) -> Result<OwnedFd, Error> {
+    let mp = mountpoint.display();
+    if is_root() {
+        let dev = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .map_err(|e| Error(format!("cannot open /dev/fuse: {e}")))?;
+        let mut data = format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
+            dev.as_raw_fd()
+        );
+        if allow_other {
+            data.push_str(",allow_other");
+        }
+        let source = CString::new(backing.as_os_str().as_bytes()).expect("checked for NUL");
+        let target = CString::new(mountpoint.as_os_str().as_bytes()).expect("checked for NUL");
+        let fstype = CString::new(FSTYPE).expect("constant");
+        let data = CString::new(data).expect("no NUL");
+        // SAFETY: all pointers are valid NUL-terminated strings.
+        let ret = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                data.as_ptr().cast(),
+            )
+        };
+        if ret != 0 {
+            return Err(Error(format!(
+                "mount of {mp} failed: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        return Ok(dev.into());
+    }
+    fusermount(mountpoint, backing, allow_other)
+}
+
+/// The unprivileged path: the setuid `fusermount3` mounts and hands us the
+/// /dev/fuse fd over a socket (`_FUSE_COMMFD`).
+fn fusermount(mountpoint: &Path, backing: &Path, allow_other: bool) -> Result<OwnedFd, Error> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(Error(format!("socketpair: {}", io::Error::last_os_error())));
+    }
+    // SAFETY: both fds were just created and are ours.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // fusermount3 splits options on commas; the name is only shown in mount lists.
+    let fsname = backing.to_string_lossy().replace([',', '\\'], "_");
+    let mut opts = format!("fsname={fsname},subtype=modelcache,default_permissions");
+    if allow_other {
+        opts.push_str(",allow_other");
+    }
+    let their_fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(find_fusermount().unwrap_or_else(|| "fusermount3".into()));
+    cmd.arg("-o")
+        .arg(&opts)
+        .arg("--")
+        .arg(mountpoint)
+        .env("_FUSE_COMMFD", their_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe fcntl between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(their_fd, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error(format!("cannot run fusermount3: {e}")))?;
+    drop(theirs);
+    let received = receive_fd(&ours);
+    drop(ours);
+    let output = child
+        .wait_with_output()
+        .map_err(|e| Error(format!("fusermount3: {e}")))?;
+    match received {
+        Some(fd) if output.status.success() => Ok(fd),
+        _ => {
+            let msg = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            let hint = if msg.contains("user_allow_other") {
+                " (add `user_allow_other` to /etc/fuse.conf to allow --allow-other)"
+            } else {
+                ""
+            };
+            Err(Error(format!(
+                "mount of {} failed: {msg}{hint}",
+                mountpoint.display()
+            )))
+        }
+    }
+}
+
+/// Receives one fd sent with SCM_RIGHTS.
+fn receive_fd(sock: &OwnedFd) -> Option<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one control message carrying one int, suitably aligned.
+    let mut cmsg_buf = [0u64; 8];
+    // SAFETY: msghdr is plain data; every pointer set below outlives recvmsg.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg_buf);
+    let n = loop {
+        // SAFETY: `msg` is fully initialised.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            break n;
+        }
+    };
+    if n <= 0 {
+        return None;
+    }
+    // SAFETY: walking the control messages the kernel wrote into `msg`.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return None;
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+        (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Unmounts `mountpoint`; `lazy` detaches it even while in use.
+/// Fails with EBUSY when it is in use and `lazy` is false.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
+    if is_root() {
+        let c = CString::new(mountpoint.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        // SAFETY: NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(());
+    }
+    let mut cmd = Command::new(find_fusermount().unwrap_or_else(|| "fusermount3".into()));
+    cmd.arg("-u").arg("-q");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd
+        .arg("--")
+        .arg(mountpoint)
+        .stdin(Stdio::null())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if msg.contains("busy") {
+        Err(io::Error::from_raw_os_error(libc::EBUSY))
+    } else {
+        Err(io::Error::other(msg))
+    }
+}
+
+fn describe_holders(mountpoint: &Path) -> String {
+    let holders = mountinfo::mount_at(mountpoint)
+        .map(|m| mountinfo::holders(&m))
+        .unwrap_or_default();
+    if holders.is_empty() {
+        let who = if is_root() { "" } else { " (other users' processes cannot be inspected)" };
+        return format!("no holder found{who}");
+    }
+    let list: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
+    format!("held by {}", list.join(", "))
+}
+
+/// `modelcache umount PATH [--lazy]`.
+pub fn umount_command(path: &Path, lazy: bool) -> Result<(), Error> {
+    let mountpoint = absolute(path)?;
+    let mp = mountpoint.display();
+    let entry = mountinfo::mount_at(&mountpoint)
+        .or_else(|| mountpoint.canonicalize().ok().and_then(|p| mountinfo::mount_at(&p)));
+    let Some(entry) = entry else {
+        return Err(Error(format!("{mp} is not a mount point")));
+    };
+    if !entry.is_modelcache() {
+        return Err(Error(format!(
+            "{mp} is a {} mount, not a modelcache mount; not touching it",
+            entry.fstype
+        )));
+    }
+    match unmount(&entry.mountpoint, lazy) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error(format!(
+            "{mp} is busy: {}. Close those, or detach it now with `modelcache umount --lazy {mp}` \
+             (it disappears at once and is released when the last user closes it)",
+            describe_holders(&entry.mountpoint)
+        ))),
+        Err(e) => Err(Error(format!("cannot unmount {mp}: {e}"))),
+    }
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local value.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
+    }
+}
+
+/// Blocks the stop signals in this thread and every thread spawned after, so
+/// that only `wait_signal` receives them.
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: valid set; the old mask is not needed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+fn wait_signal(timeout: Duration) -> Option<i32> {
+    let set = signal_set();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as _,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    // SAFETY: valid set and timeout; siginfo is not needed.
+    let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
+}
+
+/// Tells a parent waiting in `--background` mode that the mount is live.
+fn notify_ready() {
+    let Some(fd) = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    // SAFETY: the fd was handed to us by our parent for this single message.
+    let mut pipe = unsafe { File::from_raw_fd(fd) };
+    let _ = pipe.write_all(b"ready\n");
+    // SAFETY: removing our own variable before any other thread reads it.
+    unsafe { std::env::remove_var(READY_FD_ENV) };
+}
+
+/// `modelcache mount --background`: runs the daemon as a detached child and
+/// returns once its mount is live (exit code 0), or with its error.
+pub fn run_in_background(args: Vec<std::ffi::OsString>) -> Result<(), Error> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error(format!("pipe: {}", io::Error::last_os_error())));
+    }
+    // SAFETY: both fds were just created and are ours.
+    let (read_end, write_end) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let write_fd = write_end.as_raw_fd();
+    let exe = std::env::current_exe().map_err(|e| Error(format!("cannot find own binary: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args.iter().filter(|a| a.as_os_str() != OsStr::new("--background")))
+        .env(READY_FD_ENV, write_fd.to_string())
+        .stdin(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if libc::fcntl(write_fd, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error(format!("cannot start the daemon: {e}")))?;
+    drop(write_end);
+    let mut answer = String::new();
+    let _ = (&read_end).read_to_string(&mut answer);
+    if answer.starts_with("ready") {
+        return Ok(());
+    }
+    // The child failed before its mount went live; it printed why.
+    let status = child.wait().map_err(|e| Error(format!("daemon: {e}")))?;
+    Err(Error(format!("the daemon exited ({status}) before mounting")))
+}
+
+/// Raises the open-file limit to its hard maximum: one fd per known inode.
+fn raise_nofile_limit() {
+    // SAFETY: plain get/set of a resource limit.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// `modelcache mount`: mounts, serves until unmounted or signalled, and
+/// unmounts. Returns once the mount is gone.
+pub fn run(config: MountConfig) -> Result<(), Error> {
+    let Checked {
+        backing,
+        mountpoint,
+    } = check(&config)?;
+    // Open the backing directory *before* mounting: in place, it is about to
+    // be hidden under the mount.
+    let root = backing::open_root(&backing)
+        .map_err(|e| Error(format!("cannot open {}: {e}", backing.display())))?;
+    let overlay = Overlay::new(root).map_err(|e| Error(format!("{}: {e}", backing.display())))?;
+
+    raise_nofile_limit();
+    // The kernel applies the caller's umask before a create reaches us; ours
+    // must not mask the mode a second time.
+    // SAFETY: process-wide but harmless here; no path of ours relies on it.
+    unsafe { libc::umask(0) };
+    // Hold no directory busy (ours could be inside another mount).
+    let _ = std::env::set_current_dir("/");
+    block_signals();
+
+    let fuse_fd = fuse_mount(&mountpoint, &backing, config.allow_other)?;
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.n_threads = Some(config.threads);
+    fuse_config.clone_fd = true;
+    let acl = if config.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    fuse_config.acl = acl;
+    let session = match fuser::Session::from_fd(FuseAdapter::new(overlay), fuse_fd, acl, fuse_config)
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = unmount(&mountpoint, true);
+            return Err(Error(format!("FUSE handshake failed: {e}")));
+        }
+    };
+    let session = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || session.run())
+        .map_err(|e| Error(format!("cannot start the FUSE session: {e}")))?;
+    let how = if backing == mountpoint {
+        "in place".to_string()
+    } else {
+        format!("from {}", backing.display())
+    };
+    info!(
+        "mounted {} {how} ({} threads{})",
+        mountpoint.display(),
+        config.threads,
+        if config.allow_other { ", allow_other" } else { "" }
+    );
+    notify_ready();
+    serve_until_unmounted(&mountpoint, session)
+}
+
+fn serve_until_unmounted(
+    mountpoint: &Path,
+    session: JoinHandle<io::Result<()>>,
+) -> Result<(), Error> {
+    let mp = mountpoint.display();
+    let mut stopping = false;
+    while !session.is_finished() {
+        match wait_signal(Duration::from_millis(200)) {
+            Some(libc::SIGHUP) => info!("SIGHUP received: nothing to reload"),
+            Some(_) if stopping => {
+                warn!("second stop signal: exiting now; files still open on {mp} will fail");
+                return Ok(());
+            }
+            Some(_) => {
+                stopping = true;
+                stop(mountpoint);
+            }
+            None => {}
+        }
+    }
+    match session.join() {
+        Ok(Ok(())) => {
+            info!("unmounted {mp}");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(Error(format!("FUSE session for {mp} ended with an error: {e}"))),
+        Err(_) => Err(Error(format!("FUSE session for {mp} panicked"))),
+    }
+}
+
+/// Unmounts on a stop signal. A busy mount is reported with its holders and
+/// detached lazily: it disappears for new users at once, files already open
+/// keep working, and the daemon exits when the last is closed.
+fn stop(mountpoint: &Path) {
+    let mp = mountpoint.display();
+    info!("unmounting {mp}");
+    match unmount(mountpoint, false) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            warn!(
+                "{mp} is busy: {}; detaching it lazily: new opens no longer see it, open files keep \
+                 working, and modelcache exits when the last is closed (send the signal again to exit now)",
+                describe_holders(mountpoint)
+            );
+            if let Err(e) = unmount(mountpoint, true) {
+                error!("cannot detach {mp}: {e}");
+            }
+        }
+        Err(e) => error!("cannot unmount {mp}: {e}"),
+    }
+}
