@@ -67,36 +67,74 @@ fn absolute(path: &Path) -> Result<PathBuf, Error> {
 }
 
 fn find_fusermount() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
         .map(|dir| dir.join("fusermount3"))
         .find(|p| p.is_file())
 }
 
-/// Clears a mount left behind by a daemon that died ("Transport endpoint is
-/// not connected"), if it is ours.
+/// Whether the daemon behind a FUSE mount answers.
+#[derive(Debug, PartialEq)]
+enum Liveness {
+    Alive,
+    /// The daemon is gone: "Transport endpoint is not connected".
+    Dead,
+    /// The daemon does not answer within the probe's time.
+    Silent,
+}
+
+/// Asks the mount for statfs, which the kernel never answers from a cache
+/// (a stat could be served from cached attributes for a second after the
+/// daemon died). Runs on a helper thread so a hung daemon cannot hang us.
+fn probe(mountpoint: &Path) -> Liveness {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = CString::new(mountpoint.as_os_str().as_bytes()).expect("checked for NUL");
+    std::thread::spawn(move || {
+        // SAFETY: valid path and output buffer.
+        let ret = unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            libc::statvfs(path.as_ptr(), &mut st)
+        };
+        let err = io::Error::last_os_error().raw_os_error();
+        let _ = tx.send(if ret != 0 && err == Some(libc::ENOTCONN) {
+            Liveness::Dead
+        } else {
+            Liveness::Alive
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(3))
+        .unwrap_or(Liveness::Silent)
+}
+
+/// Refuses a mount point that already is a live modelcache mount, and
+/// clears one left behind by a daemon that died ("Transport endpoint is not
+/// connected"). A dead mount of another filesystem is reported, not touched.
 fn clear_stale_mount(mountpoint: &Path) -> Result<(), Error> {
-    match std::fs::metadata(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
-        _ => return Ok(()),
-    }
     let mp = mountpoint.display();
     match mountinfo::mount_at(mountpoint) {
-        Some(m) if m.is_modelcache() => {
-            unmount(mountpoint, true)
-                .map_err(|e| Error(format!("cannot clear the stale mount at {mp}: {e}")))?;
-            warn!("cleared a stale modelcache mount at {mp} (its daemon had exited)");
-            Ok(())
-        }
-        Some(m) => Err(Error(format!(
+        Some(m) if m.is_modelcache() => match probe(mountpoint) {
+            Liveness::Alive => Err(Error(format!(
+                "{mp} is already a modelcache mount (of {}); unmount it first with \
+                 `modelcache umount {mp}`",
+                m.source
+            ))),
+            Liveness::Silent => Err(Error(format!(
+                "{mp} is a modelcache mount whose daemon does not answer; \
+                 detach it with `modelcache umount --lazy {mp}`"
+            ))),
+            Liveness::Dead => {
+                unmount(mountpoint, true)
+                    .map_err(|e| Error(format!("cannot clear the stale mount at {mp}: {e}")))?;
+                warn!("cleared a stale modelcache mount at {mp} (its daemon had exited)");
+                Ok(())
+            }
+        },
+        Some(m) if probe(mountpoint) == Liveness::Dead => Err(Error(format!(
             "{mp} is a dead {} mount that modelcache did not make; \
              unmount it first with `fusermount3 -u {mp}` (or `umount -l {mp}` as root)",
             m.fstype
         ))),
-        None => Err(Error(format!(
-            "{mp}: transport endpoint is not connected, and no mount is listed there"
-        ))),
+        _ => Ok(()),
     }
 }
 
@@ -120,16 +158,14 @@ fn check(config: &MountConfig) -> Result<Checked, Error> {
         Ok(m) if !m.is_dir() => return Err(Error(format!("mount point {mp} is not a directory"))),
         Ok(_) => {}
     }
-    let mountpoint = mountpoint
+    let canonical = mountpoint
         .canonicalize()
         .map_err(|e| Error(format!("mount point {mp}: {e}")))?;
-    if let Some(m) = mountinfo::mount_at(&mountpoint).filter(|m| m.is_modelcache()) {
-        let mp = mountpoint.display();
-        return Err(Error(format!(
-            "{mp} is already a modelcache mount (of {}); unmount it first with `modelcache umount {mp}`",
-            m.source
-        )));
+    if canonical != mountpoint {
+        // Given through a symlink: check the directory it names, too.
+        clear_stale_mount(&canonical)?;
     }
+    let mountpoint = canonical;
 
     let backing = match &config.backing {
         None => mountpoint.clone(),
@@ -281,6 +317,9 @@ fn fusermount(mountpoint: &Path, backing: &Path, allow_other: bool) -> Result<Ow
             let msg = String::from_utf8_lossy(&output.stderr).trim().to_string();
             let hint = if msg.contains("user_allow_other") {
                 " (add `user_allow_other` to /etc/fuse.conf to allow --allow-other)"
+            } else if msg.contains("/dev/fuse") {
+                " (users need read-write access to /dev/fuse, mode 0666 as the fuse3 \
+                 udev rule sets it: `sudo chmod 0666 /dev/fuse`)"
             } else {
                 ""
             };

@@ -1,0 +1,249 @@
+//! Shared test support: starting a real mount and always tearing it down.
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_modelcache")
+}
+
+/// The `fuse.modelcache` mount at exactly `path`, if any.
+pub fn our_mount_at(path: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .filter_map(modelcache::mountinfo::parse_line)
+        .any(|m| m.mountpoint == path && m.is_modelcache())
+}
+
+/// Detaches our mount at `path`, whatever state its daemon is in.
+pub fn force_unmount(path: &Path) {
+    if !our_mount_at(path) {
+        return;
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z", "-q", "--"])
+            .arg(path)
+            .status();
+    }
+}
+
+fn statfs_answers(path: &Path) -> bool {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid path and output buffer.
+    let ret = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(c.as_ptr(), &mut st)
+    };
+    ret == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EACCES)
+}
+
+/// A running `modelcache mount` daemon. Dropping it always unmounts (lazily
+/// if needed) and reaps the daemon, also when a test fails.
+pub struct Mounted {
+    pub mountpoint: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mounted {
+    /// `modelcache mount --backing BACKING MOUNTPOINT [extra…]`
+    pub fn separate(backing: &Path, mountpoint: &Path, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(bin());
+        cmd.arg("mount").arg("--backing").arg(backing).arg(mountpoint);
+        cmd.args(extra);
+        Self::start(cmd, mountpoint)
+    }
+
+    /// `modelcache mount DIR [extra…]`
+    pub fn in_place(dir: &Path, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(bin());
+        cmd.arg("mount").arg(dir).args(extra);
+        Self::start(cmd, dir)
+    }
+
+    /// Starts `cmd` (a daemon that mounts at `mountpoint`) and waits until
+    /// the mount answers.
+    pub fn start(mut cmd: Command, mountpoint: &Path) -> Self {
+        let mountpoint = mountpoint.canonicalize().unwrap();
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!(
+            "modelcache-test-{}-{n}.log",
+            std::process::id()
+        ));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start modelcache");
+        let mut m = Self {
+            mountpoint,
+            child: Some(child),
+            log,
+        };
+        m.wait_live();
+        m
+    }
+
+    fn wait_live(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // statfs always reaches the daemon (a stat may be answered from
+            // cached attributes of a dead mount). A mount of another user
+            // answers root with EACCES: live too.
+            let answers = statfs_answers(&self.mountpoint);
+            if our_mount_at(&self.mountpoint) && answers {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "modelcache exited ({status}) before mounting:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount not live after 20 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// Sends `signal` to the daemon and waits (at most 20 s) for it to exit.
+    pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit after signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Clean stop: SIGTERM, expect exit 0 and the mount gone.
+    pub fn unmount(mut self) {
+        let status = self.stop_with(libc::SIGTERM);
+        assert!(status.success(), "exit {status}:\n{}", self.log_text());
+        assert!(!our_mount_at(&self.mountpoint), "still mounted after exit");
+    }
+
+    /// Waits for the daemon to exit by itself (after an external unmount).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon still running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        force_unmount(&self.mountpoint);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A temporary directory that other users can traverse (for tests that run
+/// processes as `nobody`).
+pub fn shared_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    dir
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+pub fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+}
+
+pub const NOBODY: u32 = 65534;
+pub const NOGROUP: u32 = 65534;
+
+/// A command that runs `program` as `uid:gid` with no supplementary groups.
+pub fn as_user(uid: u32, gid: u32, program: &str) -> Command {
+    let mut cmd = Command::new("/usr/bin/setpriv");
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A 64-bit FNV-1a checksum of a file, read in 1 MiB chunks.
+pub fn checksum(path: &Path) -> (u64, u64) {
+    use std::io::Read;
+    let mut f = File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut len = 0;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return (h, len);
+        }
+        len += n as u64;
+        for b in &buf[..n] {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! The life of a mount, end to end on real FUSE mounts: data integrity,
+//! in-place mounts, ownership, unprivileged mounts, stale mounts, signals,
+//! busy unmounts and bad input.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// Backing and mount point directories side by side in a temp dir.
+fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = shared_tempdir();
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    (tmp, backing, mnt)
+}
+
+/// Every file under `root` with its contents, sorted: what a user would
+/// compare after unmounting.
+fn snapshot(root: &Path) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Option<Vec<u8>>)>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                out.push((rel + "/", None));
+                walk(root, &e.path(), out);
+            } else if t.is_symlink() {
+                let target = fs::read_link(e.path()).unwrap();
+                out.push((rel + " ->", Some(target.into_os_string().into_encoded_bytes())));
+            } else {
+                out.push((rel, Some(fs::read(e.path()).unwrap())));
+            }
+        }
+    }
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn a_256_mib_file_written_through_the_mount_is_identical_in_the_backing_dir() {
+    let (_tmp, backing, mnt) = dirs();
+    let m = Mounted::separate(&backing, &mnt, &[]);
+    let data = pseudo_random(256 << 20, 42);
+    {
+        let mut f = File::create(m.path("model.safetensors")).unwrap();
+        for chunk in data.chunks(1 << 20) {
+            f.write_all(chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let through_mount = checksum(&m.path("model.safetensors"));
+    m.unmount();
+    let expected = {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("x"), &data).unwrap();
+        checksum(&dir.path().join("x"))
+    };
+    assert_eq!(checksum(&backing.join("model.safetensors")), expected);
+    assert_eq!(through_mount, expected);
+}
+
+#[test]
+fn four_threads_writing_different_files_lose_nothing() {
+    let (_tmp, backing, mnt) = dirs();
+    let m = Mounted::separate(&backing, &mnt, &[]);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let path = m.path(&format!("w{t}.bin"));
+            s.spawn(move || {
+                let data = pseudo_random(16 << 20, t + 1);
+                let mut f = File::create(path).unwrap();
+                // Uneven chunk sizes so writes do not line up with pages.
+                for chunk in data.chunks(100_003) {
+                    f.write_all(chunk).unwrap();
+                }
+            });
+        }
+    });
+    m.unmount();
+    for t in 0..4u64 {
+        let got = fs::read(backing.join(format!("w{t}.bin"))).unwrap();
+        assert!(got == pseudo_random(16 << 20, t + 1), "w{t}.bin differs");
+    }
+}
+
+#[test]
+fn rename_while_another_process_reads_the_file() {
+    let (_tmp, backing, mnt) = dirs();
+    let data = pseudo_random(8 << 20, 7);
+    fs::write(backing.join("a.ckpt"), &data).unwrap();
+    let m = Mounted::separate(&backing, &mnt, &[]);
+    // The reader opens the file, waits for the rename, then reads it all.
+    let mut reader = Command::new("sh")
+        .arg("-c")
+        .arg("exec 3< \"$1\"; read -r _; cat <&3 | cksum")
+        .arg("sh")
+        .arg(m.path("a.ckpt"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fs::create_dir(m.path("moved")).unwrap();
+    fs::rename(m.path("a.ckpt"), m.path("moved/b.ckpt")).unwrap();
+    reader.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = reader.wait_with_output().unwrap();
+    let expected = Command::new("sh")
+        .arg("-c")
+        .arg("cksum < \"$1\"")
+        .arg("sh")
+        .arg(backing.join("moved/b.ckpt"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&expected.stdout)
+    );
+    assert_eq!(fs::read(m.path("moved/b.ckpt")).unwrap(), data);
+    assert!(!m.path("a.ckpt").exists());
+    m.unmount();
+}
+
+#[test]
+fn in_place_mount_leaves_exactly_what_was_written() {
+    let tmp = shared_tempdir();
+    let models = tmp.path().join("models");
+    fs::create_dir_all(models.join("checkpoints")).unwrap();
+    fs::write(models.join("checkpoints/old.safetensors"), b"old").unwrap();
+    fs::write(models.join("keep.txt"), b"keep").unwrap();
+    fs::write(models.join("gone.txt"), b"gone").unwrap();
+
+    let m = Mounted::in_place(&models, &[]);
+    // The mount shows the directory's own files...
+    assert_eq!(fs::read(m.path("keep.txt")).unwrap(), b"keep");
+    // ...and takes writes of every kind.
+    fs::write(m.path("checkpoints/new.safetensors"), b"new weights").unwrap();
+    fs::write(m.path("checkpoints/old.safetensors"), b"replaced").unwrap();
+    fs::remove_file(m.path("gone.txt")).unwrap();
+    fs::create_dir(m.path("loras")).unwrap();
+    std::os::unix::fs::symlink("../keep.txt", m.path("loras/link")).unwrap();
+    // A download: staging file, then rename into place.
+    fs::write(m.path("loras/.part"), b"lora").unwrap();
+    fs::rename(m.path("loras/.part"), m.path("loras/style.safetensors")).unwrap();
+    let seen_through_mount = snapshot(&m.mountpoint);
+    m.unmount();
+
+    let after = snapshot(&models);
+    assert_eq!(after, seen_through_mount);
+    let expected: Vec<(String, Option<Vec<u8>>)> = vec![
+        ("checkpoints/".into(), None),
+        ("checkpoints/new.safetensors".into(), Some(b"new weights".to_vec())),
+        ("checkpoints/old.safetensors".into(), Some(b"replaced".to_vec())),
+        ("keep.txt".into(), Some(b"keep".to_vec())),
+        ("loras/".into(), None),
+        ("loras/link ->".into(), Some(b"../keep.txt".to_vec())),
+        ("loras/style.safetensors".into(), Some(b"lora".to_vec())),
+    ];
+    assert_eq!(after, expected);
+}
+
+#[test]
+fn files_created_by_another_user_belong_to_that_user() {
+    let (_tmp, backing, mnt) = dirs();
+    fs::create_dir(backing.join("shared")).unwrap();
+    set_mode(&backing.join("shared"), 0o777);
+    // A setgid directory: new entries take its group, as on the backing fs.
+    fs::create_dir(backing.join("team")).unwrap();
+    chown(&backing.join("team"), 0, 100);
+    set_mode(&backing.join("team"), 0o2777);
+    let m = Mounted::separate(&backing, &mnt, &["--allow-other"]);
+    let script = "set -e; cd \"$1\"; echo data > shared/f; mkdir shared/d; \
+                  ln -s f shared/l; mkfifo shared/p; echo x > team/g; mkdir team/sub";
+    let status = as_user(NOBODY, NOGROUP, "sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .arg(&m.mountpoint)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    m.unmount();
+    for name in ["shared/f", "shared/d", "shared/l", "shared/p"] {
+        let md = fs::symlink_metadata(backing.join(name)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (NOBODY, NOGROUP), "{name}");
+    }
+    for name in ["team/g", "team/sub"] {
+        let md = fs::symlink_metadata(backing.join(name)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (NOBODY, 100), "{name}");
+    }
+    let sub = fs::metadata(backing.join("team/sub")).unwrap();
+    assert!(sub.mode() & 0o2000 != 0, "setgid inherited by subdirectory");
+    assert_eq!(fs::read(backing.join("shared/f")).unwrap(), b"data\n");
+}
+
+#[test]
+fn a_normal_user_mounts_through_fusermount3() {
+    let (_tmp, backing, mnt) = dirs();
+    chown(&backing, NOBODY, NOGROUP);
+    chown(&mnt, NOBODY, NOGROUP);
+    fs::write(backing.join("model.gguf"), b"weights").unwrap();
+    chown(&backing.join("model.gguf"), NOBODY, NOGROUP);
+
+    let mut daemon = as_user(NOBODY, NOGROUP, bin());
+    daemon.arg("mount").arg("--backing").arg(&backing).arg(&mnt);
+    let mut m = Mounted::start(daemon, &mnt);
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(&*mnt.to_string_lossy()))
+        .unwrap();
+    assert!(line.contains("fuse.modelcache"), "{line}");
+    assert!(line.contains("user_id=65534"), "mounted by nobody: {line}");
+
+    let out = as_user(NOBODY, NOGROUP, "sh")
+        .arg("-c")
+        .arg("cat \"$1/model.gguf\" && echo new > \"$1/new.txt\"")
+        .arg("sh")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"weights");
+    assert_eq!(fs::read(backing.join("new.txt")).unwrap(), b"new\n");
+
+    // The user unmounts it with the CLI; the daemon then exits 0 by itself.
+    let out = as_user(NOBODY, NOGROUP, bin())
+        .arg("umount")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    assert!(!our_mount_at(&m.mountpoint));
+}
+
+#[test]
+fn a_stale_mount_after_sigkill_is_cleared_by_the_next_mount() {
+    let (_tmp, backing, mnt) = dirs();
+    fs::write(backing.join("a.pt"), b"a").unwrap();
+    let mut m = Mounted::separate(&backing, &mnt, &[]);
+    m.stop_with(libc::SIGKILL);
+    // What a user sees: listing the directory fails.
+    let err = fs::read_dir(&mnt).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN));
+    assert!(our_mount_at(&m.mountpoint), "the dead mount is still listed");
+
+    let again = Mounted::separate(&backing, &mnt, &[]);
+    assert!(
+        again.log_text().contains("cleared a stale modelcache mount"),
+        "{}",
+        again.log_text()
+    );
+    assert_eq!(fs::read(again.path("a.pt")).unwrap(), b"a");
+    again.unmount();
+}
+
+#[test]
+fn sigint_unmounts_cleanly_and_exits_0() {
+    let (_tmp, backing, mnt) = dirs();
+    let mut m = Mounted::separate(&backing, &mnt, &[]);
+    assert!(m.stop_with(libc::SIGINT).success(), "{}", m.log_text());
+    assert!(!our_mount_at(&m.mountpoint));
+}
+
+#[test]
+fn external_unmount_ends_the_daemon_with_exit_0() {
+    let (_tmp, backing, mnt) = dirs();
+    let mut m = Mounted::separate(&backing, &mnt, &[]);
+    let out = Command::new(bin()).arg("umount").arg(&mnt).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(m.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn background_mode_returns_once_the_mount_is_live() {
+    let (_tmp, backing, mnt) = dirs();
+    fs::write(backing.join("x.bin"), b"x").unwrap();
+    let status = Command::new(bin())
+        .args(["mount", "--background", "--backing"])
+        .arg(&backing)
+        .arg(&mnt)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let mnt = mnt.canonicalize().unwrap();
+    // Whatever happens next, the mount goes away with this guard.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            force_unmount(&self.0);
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    assert!(status.success());
+    assert!(our_mount_at(&mnt), "mount is live when the command returns");
+    assert_eq!(fs::read(mnt.join("x.bin")).unwrap(), b"x");
+    let out = Command::new(bin()).arg("umount").arg(&mnt).output().unwrap();
+    assert!(out.status.success());
+    assert!(!our_mount_at(&mnt));
+}
+
+/// Starts a process that keeps `file` open until its stdin closes.
+fn hold_open(file: &Path) -> std::process::Child {
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("exec 3< \"$1\"; read -r _; cat <&3")
+        .arg("sh")
+        .arg(file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Give the shell time to open the file.
+    std::thread::sleep(Duration::from_millis(300));
+    child
+}
+
+#[test]
+fn umount_of_a_busy_mount_names_the_holder_and_lazy_detaches() {
+    let (_tmp, backing, mnt) = dirs();
+    fs::write(backing.join("held.bin"), b"held").unwrap();
+    let mut m = Mounted::separate(&backing, &mnt, &[]);
+    let mut holder = hold_open(&m.path("held.bin"));
+
+    let out = Command::new(bin()).arg("umount").arg(&mnt).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("busy"), "{err}");
+    assert!(err.contains(&format!("pid {}", holder.id())), "{err}");
+    assert!(err.contains("--lazy"), "{err}");
+    assert!(our_mount_at(&m.mountpoint), "still mounted after a refused umount");
+
+    let out = Command::new(bin())
+        .args(["umount", "--lazy"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!our_mount_at(&m.mountpoint), "detached at once");
+    // The holder's open file keeps working after the detach.
+    holder.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut got = Vec::new();
+    holder.stdout.take().unwrap().read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"held");
+    assert!(holder.wait().unwrap().success());
+    assert!(m.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn sigterm_on_a_busy_mount_reports_the_holder_and_finishes_after_it_closes() {
+    let (_tmp, backing, mnt) = dirs();
+    fs::write(backing.join("held.bin"), b"held").unwrap();
+    let mut m = Mounted::separate(&backing, &mnt, &[]);
+    let mut holder = hold_open(&m.path("held.bin"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(500));
+    let log = m.log_text();
+    assert!(log.contains("busy"), "{log}");
+    assert!(log.contains(&format!("pid {}", holder.id())), "{log}");
+    assert!(!our_mount_at(&m.mountpoint), "detached lazily");
+    holder.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut got = Vec::new();
+    holder.stdout.take().unwrap().read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"held", "open file still readable after the detach");
+    holder.wait().unwrap();
+    assert!(m.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// Runs `modelcache ARGS` (optionally as another user, or with a changed
+/// environment) and expects a one-line error containing `needle`.
+fn expect_error(mut cmd: Command, needle: &str) {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one clear line, got: {err}");
+    assert!(lines[0].starts_with("modelcache: "), "{err}");
+    assert!(lines[0].contains(needle), "expected {needle:?} in {err}");
+}
+
+fn modelcache(args: &[&Path]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    cmd
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_changes_nothing() {
+    let (tmp, backing, mnt) = dirs();
+    let file = tmp.path().join("file.txt");
+    fs::write(&file, b"f").unwrap();
+    let missing = tmp.path().join("missing");
+    let p = |s: &str| PathBuf::from(s);
+    let before = snapshot(tmp.path());
+
+    let cases: Vec<(Command, &str)> = vec![
+        (
+            modelcache(&[&p("mount"), &p("--backing"), &backing, &missing]),
+            "does not exist",
+        ),
+        (
+            modelcache(&[&p("mount"), &p("--backing"), &backing, &file]),
+            "is not a directory",
+        ),
+        (
+            modelcache(&[&p("mount"), &p("--backing"), &missing, &mnt]),
+            "backing directory",
+        ),
+        (
+            modelcache(&[&p("mount"), &p("--backing"), &file, &mnt]),
+            "is not a directory",
+        ),
+        (modelcache(&[&p("mount"), &missing]), "does not exist"),
+        (
+            modelcache(&[&p("mount"), &p("--backing"), tmp.path(), &mnt]),
+            "inside the backing directory",
+        ),
+        (modelcache(&[&p("umount"), tmp.path()]), "not a mount point"),
+        (
+            modelcache(&[&p("umount"), &p("/proc")]),
+            "not a modelcache mount",
+        ),
+    ];
+    for (cmd, needle) in cases {
+        expect_error(cmd, needle);
+    }
+
+    // Unreadable backing directory, for a normal user.
+    let secret = tmp.path().join("secret");
+    fs::create_dir(&secret).unwrap();
+    set_mode(&secret, 0o700);
+    let user_mnt = tmp.path().join("user_mnt");
+    fs::create_dir(&user_mnt).unwrap();
+    chown(&user_mnt, NOBODY, NOGROUP);
+    let mut cmd = as_user(NOBODY, NOGROUP, bin());
+    cmd.args(["mount", "--backing"]).arg(&secret).arg(&user_mnt);
+    expect_error(cmd, "cannot read the backing directory");
+
+    // fusermount3 missing, for a normal user.
+    chown(&backing, NOBODY, NOGROUP);
+    let mut cmd = as_user(NOBODY, NOGROUP, bin());
+    cmd.env("PATH", "/nonexistent")
+        .args(["mount", "--backing"])
+        .arg(&backing)
+        .arg(&user_mnt);
+    expect_error(cmd, "fusermount3 was not found");
+
+    // No /dev/fuse: hide /dev in a private mount namespace.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t tmpfs tmpfs /dev && exec \"$0\" mount --backing \"$1\" \"$2\"")
+        .arg(bin())
+        .arg(&backing)
+        .arg(&mnt);
+    expect_error(cmd, "/dev/fuse does not exist");
+
+    assert!(!our_mount_at(&mnt.canonicalize().unwrap()));
+    assert_eq!(snapshot(tmp.path()), {
+        let mut b = before;
+        b.push(("secret/".into(), None));
+        b.push(("user_mnt/".into(), None));
+        b.sort();
+        b
+    });
+}
+
+#[test]
+fn mounting_the_same_directory_twice_is_refused() {
+    let tmp = shared_tempdir();
+    let models = tmp.path().join("models");
+    fs::create_dir(&models).unwrap();
+    fs::write(models.join("a.sft"), b"a").unwrap();
+    let m = Mounted::in_place(&models, &[]);
+    expect_error(
+        modelcache(&[Path::new("mount"), &models]),
+        "already a modelcache mount",
+    );
+    let other = tmp.path().join("other");
+    fs::create_dir(&other).unwrap();
+    expect_error(
+        modelcache(&[Path::new("mount"), Path::new("--backing"), &other, &models]),
+        "already a modelcache mount",
+    );
+    // The first mount is untouched and still serves.
+    assert_eq!(fs::read(m.path("a.sft")).unwrap(), b"a");
+    m.unmount();
+    assert_eq!(fs::read(models.join("a.sft")).unwrap(), b"a");
+}
