@@ -37,6 +37,12 @@ pub enum Command {
         /// FUSE worker threads (default: the number of cores, clamped to 2..8).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
         threads: Option<u16>,
+        /// How long the kernel may cache names, attributes and directory
+        /// listings, in seconds (default: 60 in place, where every change goes
+        /// through the mount; 1 with --backing, whose directory may change
+        /// behind the mount).
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(0..=3600))]
+        metadata_ttl: Option<u32>,
         /// Return once the mount is live and keep serving in the background.
         #[arg(long)]
         background: bool,

@@ -1,5 +1,6 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use modelcache::cli::{Cli, Command};
@@ -28,12 +29,14 @@ fn main() -> ExitCode {
             backing,
             allow_other,
             threads,
+            metadata_ttl,
             background: false,
         } => mount::run(MountConfig {
             backing,
             mountpoint,
             allow_other,
             threads: threads.map_or_else(mount::default_threads, usize::from),
+            metadata_ttl: metadata_ttl.map(|s| Duration::from_secs(s.into())),
         }),
         Command::Umount { path, lazy } => mount::umount_command(&path, lazy),
     };

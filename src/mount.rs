@@ -27,6 +27,16 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     pub allow_other: bool,
     pub threads: usize,
+    /// How long the kernel may cache metadata; `None` = the mode's default.
+    pub metadata_ttl: Option<Duration>,
+}
+
+/// In place, the backing directory is hidden under the mount: every change
+/// goes through it and the kernel keeps its caches coherent, so metadata can
+/// be cached long. A separate backing directory may change behind the
+/// mount: its changes show within a second.
+fn default_metadata_ttl(in_place: bool) -> Duration {
+    Duration::from_secs(if in_place { 60 } else { 1 })
 }
 
 /// The environment variable naming the pipe on which a daemon started by
@@ -49,8 +59,7 @@ pub fn default_threads() -> usize {
 /// An absolute path whose parent is resolved, without touching the last
 /// component (which may be a dead mount that cannot be stat'ed).
 fn absolute(path: &Path) -> Result<PathBuf, Error> {
-    let abs = std::path::absolute(path)
-        .map_err(|e| Error(format!("{}: {e}", path.display())))?;
+    let abs = std::path::absolute(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
     match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) => match parent.canonicalize() {
             Ok(parent) => Ok(parent.join(name)),
@@ -409,7 +418,11 @@ fn describe_holders(mountpoint: &Path) -> String {
         .map(|m| mountinfo::holders(&m))
         .unwrap_or_default();
     if holders.is_empty() {
-        let who = if is_root() { "" } else { " (other users' processes cannot be inspected)" };
+        let who = if is_root() {
+            ""
+        } else {
+            " (other users' processes cannot be inspected)"
+        };
         return format!("no holder found{who}");
     }
     let list: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
@@ -420,8 +433,12 @@ fn describe_holders(mountpoint: &Path) -> String {
 pub fn umount_command(path: &Path, lazy: bool) -> Result<(), Error> {
     let mountpoint = absolute(path)?;
     let mp = mountpoint.display();
-    let entry = mountinfo::mount_at(&mountpoint)
-        .or_else(|| mountpoint.canonicalize().ok().and_then(|p| mountinfo::mount_at(&p)));
+    let entry = mountinfo::mount_at(&mountpoint).or_else(|| {
+        mountpoint
+            .canonicalize()
+            .ok()
+            .and_then(|p| mountinfo::mount_at(&p))
+    });
     let Some(entry) = entry else {
         return Err(Error(format!("{mp} is not a mount point")));
     };
@@ -484,6 +501,17 @@ fn notify_ready() {
     // SAFETY: the fd was handed to us by our parent for this single message.
     let mut pipe = unsafe { File::from_raw_fd(fd) };
     let _ = pipe.write_all(b"ready\n");
+    // The parent has returned: leave its terminal or pipe, so that a caller
+    // reading our output (`$(mount …)`) is not kept waiting for our exit.
+    // SAFETY: /dev/null replaces fds 1 and 2; nothing else is touched.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+            libc::close(null);
+        }
+    }
     // SAFETY: removing our own variable before any other thread reads it.
     unsafe { std::env::remove_var(READY_FD_ENV) };
 }
@@ -497,13 +525,17 @@ pub fn run_in_background(args: Vec<std::ffi::OsString>) -> Result<(), Error> {
         return Err(Error(format!("pipe: {}", io::Error::last_os_error())));
     }
     // SAFETY: both fds were just created and are ours.
-    let (read_end, write_end) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let write_fd = write_end.as_raw_fd();
     let exe = std::env::current_exe().map_err(|e| Error(format!("cannot find own binary: {e}")))?;
     let mut cmd = Command::new(exe);
-    cmd.args(args.iter().filter(|a| a.as_os_str() != OsStr::new("--background")))
-        .env(READY_FD_ENV, write_fd.to_string())
-        .stdin(Stdio::null());
+    cmd.args(
+        args.iter()
+            .filter(|a| a.as_os_str() != OsStr::new("--background")),
+    )
+    .env(READY_FD_ENV, write_fd.to_string())
+    .stdin(Stdio::null());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -525,7 +557,9 @@ pub fn run_in_background(args: Vec<std::ffi::OsString>) -> Result<(), Error> {
     }
     // The child failed before its mount went live; it printed why.
     let status = child.wait().map_err(|e| Error(format!("daemon: {e}")))?;
-    Err(Error(format!("the daemon exited ({status}) before mounting")))
+    Err(Error(format!(
+        "the daemon exited ({status}) before mounting"
+    )))
 }
 
 /// Raises the open-file limit to its hard maximum: one fd per known inode.
@@ -572,8 +606,11 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         fuser::SessionACL::Owner
     };
     fuse_config.acl = acl;
-    let session = match fuser::Session::from_fd(FuseAdapter::new(overlay), fuse_fd, acl, fuse_config)
-    {
+    let ttl = config
+        .metadata_ttl
+        .unwrap_or_else(|| default_metadata_ttl(backing == mountpoint));
+    let adapter = FuseAdapter::new(overlay, ttl);
+    let session = match fuser::Session::from_fd(adapter, fuse_fd, acl, fuse_config) {
         Ok(s) => s,
         Err(e) => {
             let _ = unmount(&mountpoint, true);
@@ -590,10 +627,15 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         format!("from {}", backing.display())
     };
     info!(
-        "mounted {} {how} ({} threads{})",
+        "mounted {} {how} ({} threads, metadata TTL {} s{})",
         mountpoint.display(),
         config.threads,
-        if config.allow_other { ", allow_other" } else { "" }
+        ttl.as_secs(),
+        if config.allow_other {
+            ", allow_other"
+        } else {
+            ""
+        }
     );
     notify_ready();
     serve_until_unmounted(&mountpoint, session)
@@ -624,7 +666,9 @@ fn serve_until_unmounted(
             info!("unmounted {mp}");
             Ok(())
         }
-        Ok(Err(e)) => Err(Error(format!("FUSE session for {mp} ended with an error: {e}"))),
+        Ok(Err(e)) => Err(Error(format!(
+            "FUSE session for {mp} ended with an error: {e}"
+        ))),
         Err(_) => Err(Error(format!("FUSE session for {mp} panicked"))),
     }
 }

@@ -29,7 +29,9 @@ fn unescape(field: &str) -> OsString {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match (b[i], octal) {
             (b'\\', Some(d)) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -54,7 +56,9 @@ pub fn parse_line(line: &str) -> Option<MountEntry> {
         dev: (maj.parse().ok()?, min.parse().ok()?),
         mountpoint: PathBuf::from(unescape(fields.get(4)?)),
         fstype: fields.get(sep + 1)?.to_string(),
-        source: unescape(fields.get(sep + 2)?).to_string_lossy().into_owned(),
+        source: unescape(fields.get(sep + 2)?)
+            .to_string_lossy()
+            .into_owned(),
     })
 }
 
@@ -156,7 +160,10 @@ fn hold_of(proc_dir: &Path, mount: &MountEntry) -> Option<&'static str> {
             }
         }
     }
-    for (link, how) in [("cwd", "its working directory"), ("root", "its root directory")] {
+    for (link, how) in [
+        ("cwd", "its working directory"),
+        ("root", "its root directory"),
+    ] {
         if std::fs::read_link(proc_dir.join(link)).is_ok_and(|p| inside(&p, &mount.mountpoint)) {
             return Some(how);
         }

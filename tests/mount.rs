@@ -37,7 +37,10 @@ fn snapshot(root: &Path) -> Vec<(String, Option<Vec<u8>>)> {
                 walk(root, &e.path(), out);
             } else if t.is_symlink() {
                 let target = fs::read_link(e.path()).unwrap();
-                out.push((rel + " ->", Some(target.into_os_string().into_encoded_bytes())));
+                out.push((
+                    rel + " ->",
+                    Some(target.into_os_string().into_encoded_bytes()),
+                ));
             } else {
                 out.push((rel, Some(fs::read(e.path()).unwrap())));
             }
@@ -160,8 +163,14 @@ fn in_place_mount_leaves_exactly_what_was_written() {
     assert_eq!(after, seen_through_mount);
     let expected: Vec<(String, Option<Vec<u8>>)> = vec![
         ("checkpoints/".into(), None),
-        ("checkpoints/new.safetensors".into(), Some(b"new weights".to_vec())),
-        ("checkpoints/old.safetensors".into(), Some(b"replaced".to_vec())),
+        (
+            "checkpoints/new.safetensors".into(),
+            Some(b"new weights".to_vec()),
+        ),
+        (
+            "checkpoints/old.safetensors".into(),
+            Some(b"replaced".to_vec()),
+        ),
         ("keep.txt".into(), Some(b"keep".to_vec())),
         ("loras/".into(), None),
         ("loras/link ->".into(), Some(b"../keep.txt".to_vec())),
@@ -230,7 +239,11 @@ fn a_normal_user_mounts_through_fusermount3() {
         .arg(&mnt)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, b"weights");
     assert_eq!(fs::read(backing.join("new.txt")).unwrap(), b"new\n");
 
@@ -240,7 +253,11 @@ fn a_normal_user_mounts_through_fusermount3() {
         .arg(&mnt)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(m.wait_exit(Duration::from_secs(10)).success());
     assert!(!our_mount_at(&m.mountpoint));
 }
@@ -254,11 +271,16 @@ fn a_stale_mount_after_sigkill_is_cleared_by_the_next_mount() {
     // What a user sees: listing the directory fails.
     let err = fs::read_dir(&mnt).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN));
-    assert!(our_mount_at(&m.mountpoint), "the dead mount is still listed");
+    assert!(
+        our_mount_at(&m.mountpoint),
+        "the dead mount is still listed"
+    );
 
     let again = Mounted::separate(&backing, &mnt, &[]);
     assert!(
-        again.log_text().contains("cleared a stale modelcache mount"),
+        again
+            .log_text()
+            .contains("cleared a stale modelcache mount"),
         "{}",
         again.log_text()
     );
@@ -278,8 +300,16 @@ fn sigint_unmounts_cleanly_and_exits_0() {
 fn external_unmount_ends_the_daemon_with_exit_0() {
     let (_tmp, backing, mnt) = dirs();
     let mut m = Mounted::separate(&backing, &mnt, &[]);
-    let out = Command::new(bin()).arg("umount").arg(&mnt).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin())
+        .arg("umount")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(m.wait_exit(Duration::from_secs(10)).success());
 }
 
@@ -306,7 +336,11 @@ fn background_mode_returns_once_the_mount_is_live() {
     assert!(status.success());
     assert!(our_mount_at(&mnt), "mount is live when the command returns");
     assert_eq!(fs::read(mnt.join("x.bin")).unwrap(), b"x");
-    let out = Command::new(bin()).arg("umount").arg(&mnt).output().unwrap();
+    let out = Command::new(bin())
+        .arg("umount")
+        .arg(&mnt)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert!(!our_mount_at(&mnt));
 }
@@ -334,20 +368,31 @@ fn umount_of_a_busy_mount_names_the_holder_and_lazy_detaches() {
     let mut m = Mounted::separate(&backing, &mnt, &[]);
     let mut holder = hold_open(&m.path("held.bin"));
 
-    let out = Command::new(bin()).arg("umount").arg(&mnt).output().unwrap();
+    let out = Command::new(bin())
+        .arg("umount")
+        .arg(&mnt)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("busy"), "{err}");
     assert!(err.contains(&format!("pid {}", holder.id())), "{err}");
     assert!(err.contains("--lazy"), "{err}");
-    assert!(our_mount_at(&m.mountpoint), "still mounted after a refused umount");
+    assert!(
+        our_mount_at(&m.mountpoint),
+        "still mounted after a refused umount"
+    );
 
     let out = Command::new(bin())
         .args(["umount", "--lazy"])
         .arg(&mnt)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!our_mount_at(&m.mountpoint), "detached at once");
     // The holder's open file keeps working after the detach.
     holder.stdin.take().unwrap().write_all(b"go\n").unwrap();

@@ -93,6 +93,21 @@ pub fn stat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// Attributes of `name` in `dir` (a symlink's own attributes for links).
+pub fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
+    let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: valid fd and name; `st` is written by the kernel on success.
+    cvt(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(unsafe { st.assume_init() })
+}
+
 /// Opens the inode held by the `O_PATH` fd for I/O with the given flags.
 pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<File> {
     let p = proc_path(fd);
@@ -283,7 +298,12 @@ pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<u
     let p = proc_path(fd);
     // SAFETY: buffer valid for its length.
     cvt_size(unsafe {
-        libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        libc::getxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
     })
 }
 
@@ -322,8 +342,9 @@ pub struct DirEntry {
     pub kind: u8,
 }
 
-/// Lists the directory held by `fd` (without `.` and `..`).
-pub fn list_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
+/// Opens the directory held by the `O_PATH` fd for reading (ENOTDIR for
+/// anything else).
+pub fn open_dir(fd: BorrowedFd<'_>) -> io::Result<File> {
     // SAFETY: valid fd; "." relative to it opens the directory itself.
     let dfd = cvt(unsafe {
         libc::openat(
@@ -332,6 +353,13 @@ pub fn list_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
         )
     })?;
+    Ok(File::from(owned(dfd)))
+}
+
+/// Lists an open directory from its start (without `.` and `..`).
+pub fn list_dir(dir: &File) -> io::Result<Vec<DirEntry>> {
+    // SAFETY: dup of a valid fd; the duplicate is ours.
+    let dfd = cvt(unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
     // SAFETY: `dfd` is ours; fdopendir takes ownership of it.
     let dir = unsafe { libc::fdopendir(dfd) };
     if dir.is_null() {
@@ -339,6 +367,9 @@ pub fn list_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
         drop(owned(dfd));
         return Err(err);
     }
+    // The duplicate shares the file position with earlier listings.
+    // SAFETY: valid DIR*.
+    unsafe { libc::rewinddir(dir) };
     let mut entries = Vec::new();
     let result = loop {
         // readdir reports errors only through errno.

@@ -19,18 +19,23 @@ use fuser::{
 
 use super::{Caller, Entry, Overlay, SetAttr, Stat, TimeSpec, XattrReply};
 
-/// How long the kernel may cache attributes and names. Short enough that a
-/// change made behind a separate-backing mount shows within a second; long
-/// enough that a `find` + `stat` walk costs one round trip per file.
-const TTL: Duration = Duration::from_secs(1);
+/// Listings of directories are kept in the kernel (FOPEN_CACHE_DIR) only
+/// when names and attributes live at least this long: a cached listing
+/// carries no attributes, so with a shorter TTL every `stat` after it would
+/// cost a LOOKUP round trip, more than the READDIRPLUS it saved.
+const DIR_CACHE_MIN_TTL: Duration = Duration::from_secs(10);
 
 pub struct FuseAdapter {
     overlay: Overlay,
+    /// How long the kernel may cache names, attributes (and, when long
+    /// enough, directory listings). A cached listing is re-read when the
+    /// directory's mtime has changed.
+    ttl: Duration,
 }
 
 impl FuseAdapter {
-    pub fn new(overlay: Overlay) -> Self {
-        Self { overlay }
+    pub fn new(overlay: Overlay, ttl: Duration) -> Self {
+        Self { overlay, ttl }
     }
 }
 
@@ -101,9 +106,9 @@ fn attr(id: u64, st: &Stat) -> FileAttr {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, result: io::Result<Entry>) {
+fn reply_entry(reply: ReplyEntry, ttl: Duration, result: io::Result<Entry>) {
     match result {
-        Ok(e) => reply.entry(&TTL, &attr(e.id, &e.stat), Generation(0)),
+        Ok(e) => reply.entry(&ttl, &attr(e.id, &e.stat), Generation(0)),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -164,7 +169,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.overlay.lookup(parent.0, name));
+        reply_entry(reply, self.ttl, self.overlay.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -173,7 +178,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.overlay.getattr(ino.0) {
-            Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+            Ok(st) => reply.attr(&self.ttl, &attr(ino.0, &st)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -206,7 +211,7 @@ impl Filesystem for FuseAdapter {
             fh: fh.map(|f| f.0),
         };
         match self.overlay.setattr(ino.0, change) {
-            Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+            Ok(st) => reply.attr(&self.ttl, &attr(ino.0, &st)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -231,7 +236,7 @@ impl Filesystem for FuseAdapter {
         let result = self
             .overlay
             .mknod(caller(req), parent.0, name, mode, rdev.into());
-        reply_entry(reply, result);
+        reply_entry(reply, self.ttl, result);
     }
 
     fn mkdir(
@@ -243,7 +248,11 @@ impl Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.overlay.mkdir(caller(req), parent.0, name, mode));
+        reply_entry(
+            reply,
+            self.ttl,
+            self.overlay.mkdir(caller(req), parent.0, name, mode),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -265,7 +274,7 @@ impl Filesystem for FuseAdapter {
         let result = self
             .overlay
             .symlink(caller(req), parent.0, link_name, target.as_os_str());
-        reply_entry(reply, result);
+        reply_entry(reply, self.ttl, result);
     }
 
     fn rename(
@@ -292,7 +301,11 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.overlay.link(ino.0, newparent.0, newname));
+        reply_entry(
+            reply,
+            self.ttl,
+            self.overlay.link(ino.0, newparent.0, newname),
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -374,8 +387,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let flags = if self.ttl >= DIR_CACHE_MIN_TTL {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
         match self.overlay.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -388,63 +406,39 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let items = match self.overlay.readdir(fh.0, offset) {
-            Ok(items) => items,
-            Err(e) => return reply.error(errno(e)),
-        };
-        for item in items {
-            // Plain readdir (only used where READDIRPLUS is unavailable)
-            // carries no attributes; the inode number is informational.
-            if reply.add(ino, item.next_offset, dirent_type(item.kind), &item.name) {
-                break;
-            }
+        // Plain readdir (used only where READDIRPLUS is unavailable) carries
+        // no attributes; its inode numbers are informational.
+        let result = self.overlay.readdir(fh.0, offset, |item| {
+            reply.add(ino, item.next_offset, dirent_type(item.kind), item.name)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        reply.ok();
     }
 
     fn readdirplus(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let items = match self.overlay.readdir(fh.0, offset) {
-            Ok(items) => items,
-            Err(e) => return reply.error(errno(e)),
-        };
-        for item in items {
-            let dots = item.name == "." || item.name == "..";
-            // The kernel counts a lookup for every entry it receives except
-            // `.` and `..`; an entry that vanished since the listing is skipped.
-            let (id, st) = if dots {
-                match self.overlay.getattr(ino.0) {
-                    Ok(st) => (ino.0, st),
-                    Err(_) => continue,
-                }
-            } else {
-                match self.overlay.lookup(ino.0, &item.name) {
-                    Ok(e) => (e.id, e.stat),
-                    Err(_) => continue,
-                }
-            };
-            let full = reply.add(
-                INodeNo(id),
+        let result = self.overlay.readdirplus(fh.0, offset, |item, entry| {
+            reply.add(
+                INodeNo(entry.id),
                 item.next_offset,
-                &item.name,
-                &TTL,
-                &attr(id, &st),
+                item.name,
+                &self.ttl,
+                &attr(entry.id, &entry.stat),
                 Generation(0),
-            );
-            if full {
-                if !dots {
-                    self.overlay.forget(id, 1);
-                }
-                break;
-            }
+            )
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        reply.ok();
     }
 
     fn releasedir(
@@ -457,6 +451,17 @@ impl Filesystem for FuseAdapter {
     ) {
         self.overlay.releasedir(fh.0);
         reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.overlay.fsyncdir(fh.0, datasync));
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
@@ -515,7 +520,7 @@ impl Filesystem for FuseAdapter {
             .create(caller(req), parent.0, name, mode, flags)
         {
             Ok((e, fh)) => reply.created(
-                &TTL,
+                &self.ttl,
                 &attr(e.id, &e.stat),
                 Generation(0),
                 FileHandle(fh),

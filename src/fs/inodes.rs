@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -33,7 +34,8 @@ impl Node {
 struct Slot {
     node: Arc<Node>,
     /// Outstanding kernel lookups; the node goes when this reaches zero.
-    lookups: u64,
+    /// Atomic so that a repeated lookup needs only the shared lock.
+    lookups: AtomicU64,
 }
 
 struct Table {
@@ -41,6 +43,17 @@ struct Table {
     by_key: HashMap<InodeKey, u64>,
     /// Node ids are never reused, so a stale id can never name another file.
     next_id: u64,
+}
+
+impl Table {
+    /// Counts one more lookup of a known inode. Needs only `&self`: forget
+    /// removes slots under the exclusive lock, so a slot found here stays.
+    fn acquire(&self, key: InodeKey) -> Option<u64> {
+        let id = *self.by_key.get(&key)?;
+        let slot = self.by_id.get(&id).expect("by_key and by_id agree");
+        slot.lookups.fetch_add(1, Ordering::Relaxed);
+        Some(id)
+    }
 }
 
 pub struct InodeTable {
@@ -57,7 +70,7 @@ impl InodeTable {
                     fd: root,
                     key: root_key,
                 }),
-                lookups: 1,
+                lookups: AtomicU64::new(1),
             },
         );
         Self {
@@ -78,14 +91,17 @@ impl InodeTable {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
     }
 
+    /// Records one kernel lookup of an inode already known by its key.
+    pub fn acquire(&self, key: InodeKey) -> Option<u64> {
+        self.table.read().acquire(key)
+    }
+
     /// Records one kernel lookup of the inode `fd` holds and returns its node
     /// id. When the inode is already known, `fd` is dropped and the existing
     /// node is reused.
     pub fn remember(&self, fd: OwnedFd, key: InodeKey) -> u64 {
         let mut table = self.table.write();
-        if let Some(&id) = table.by_key.get(&key) {
-            let slot = table.by_id.get_mut(&id).expect("by_key and by_id agree");
-            slot.lookups += 1;
+        if let Some(id) = table.acquire(key) {
             return id;
         }
         let id = table.next_id;
@@ -95,7 +111,7 @@ impl InodeTable {
             id,
             Slot {
                 node: Arc::new(Node { fd, key }),
-                lookups: 1,
+                lookups: AtomicU64::new(1),
             },
         );
         id
@@ -110,8 +126,9 @@ impl InodeTable {
         let Some(slot) = table.by_id.get_mut(&id) else {
             return;
         };
-        slot.lookups = slot.lookups.saturating_sub(count);
-        if slot.lookups == 0 {
+        let left = slot.lookups.get_mut();
+        *left = left.saturating_sub(count);
+        if *left == 0 {
             let key = slot.node.key;
             table.by_id.remove(&id);
             if table.by_key.get(&key) == Some(&id) {
@@ -121,7 +138,7 @@ impl InodeTable {
     }
 
     /// Number of nodes currently known (the root included).
-    pub fn len(&self) -> usize {
+    pub fn node_count(&self) -> usize {
         self.table.read().by_id.len()
     }
 }
@@ -143,12 +160,12 @@ mod tests {
         assert_eq!(a, b, "same (dev, ino) must be one node");
         let c = table.remember(fd(), (1, 11));
         assert_ne!(a, c);
-        assert_eq!(table.len(), 3);
+        assert_eq!(table.node_count(), 3);
         table.forget(a, 1);
         assert!(table.get(a).is_ok(), "one lookup still outstanding");
         table.forget(a, 1);
         assert!(table.get(a).is_err());
-        assert_eq!(table.len(), 2);
+        assert_eq!(table.node_count(), 2);
         // A new lookup of the same inode gets a fresh id, never the old one.
         let d = table.remember(fd(), (1, 10));
         assert_ne!(d, a);

@@ -8,7 +8,7 @@ pub mod fuse;
 pub mod inodes;
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 pub use backing::{Stat, TimeSpec};
-pub use creds::Caller;
 use creds::ActingAs;
+pub use creds::Caller;
 use inodes::{InodeTable, Node};
 
 /// A node the kernel now knows, with its attributes.
@@ -43,12 +43,18 @@ pub struct SetAttr {
 }
 
 /// One entry of a directory stream, at a stable offset.
-pub struct DirItem {
+pub struct DirItem<'a> {
     /// The offset of the *next* entry, as readdir wants it.
     pub next_offset: u64,
-    pub name: OsString,
+    pub name: &'a OsStr,
     /// `DT_*` type.
     pub kind: u8,
+}
+
+impl DirItem<'_> {
+    fn is_dot(&self) -> bool {
+        self.name == "." || self.name == ".."
+    }
 }
 
 /// A table of open handles: file handle numbers for the kernel.
@@ -88,7 +94,9 @@ impl<T> Handles<T> {
 /// the kernel rewinds to offset 0), so offsets stay stable while entries are
 /// added or removed between readdir calls.
 struct DirStream {
+    id: u64,
     node: Arc<Node>,
+    dir: File,
     entries: Mutex<Vec<backing::DirEntry>>,
 }
 
@@ -120,14 +128,22 @@ impl Overlay {
 
     /// Nodes the kernel holds references to (the root included).
     pub fn known_inodes(&self) -> usize {
-        self.inodes.len()
+        self.inodes.node_count()
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<Entry> {
         let parent = self.inodes.get(parent)?;
-        let name = backing::component(name)?;
-        let fd = backing::open_path(parent.fd(), &name)?;
-        self.remember(fd)
+        self.lookup_in(&parent, &backing::component(name)?)
+    }
+
+    /// One kernel lookup of `name` in `parent`. A known inode costs one
+    /// `fstatat`; only a new one is opened (`O_PATH`).
+    fn lookup_in(&self, parent: &Node, name: &std::ffi::CStr) -> io::Result<Entry> {
+        let stat = backing::stat_at(parent.fd(), name)?;
+        if let Some(id) = self.inodes.acquire(key(&stat)) {
+            return Ok(Entry { id, stat });
+        }
+        self.remember(backing::open_path(parent.fd(), name)?)
     }
 
     fn remember(&self, fd: OwnedFd) -> io::Result<Entry> {
@@ -330,35 +346,83 @@ impl Overlay {
 
     pub fn opendir(&self, id: u64) -> io::Result<u64> {
         let node = self.inodes.get(id)?;
-        let entries = backing::list_dir(node.fd())?;
+        let dir = backing::open_dir(node.fd())?;
+        // The listing is read by the first readdir (offset 0).
         Ok(self.dirs.insert(DirStream {
+            id,
             node,
-            entries: Mutex::new(entries),
+            dir,
+            entries: Mutex::new(Vec::new()),
         }))
     }
 
-    /// Entries of an open directory from `offset` on: `.` and `..` first,
-    /// then the listing.
-    pub fn readdir(&self, fh: u64, offset: u64) -> io::Result<Vec<DirItem>> {
+    /// Hands the entries of an open directory from `offset` on to `emit`
+    /// (`.` and `..` first, then the listing) until it returns true (full).
+    pub fn readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut emit: impl FnMut(&DirItem<'_>) -> bool,
+    ) -> io::Result<()> {
         let dir = self.dirs.get(fh)?;
         let mut entries = dir.entries.lock();
         if offset == 0 {
-            *entries = backing::list_dir(dir.node.fd())?;
+            *entries = backing::list_dir(&dir.dir)?;
         }
-        let dots = [(".", libc::DT_DIR), ("..", libc::DT_DIR)];
+        let dots = [
+            (OsStr::new("."), libc::DT_DIR),
+            (OsStr::new(".."), libc::DT_DIR),
+        ];
         let all = dots
-            .iter()
-            .map(|(n, k)| (OsStr::new(n), *k))
+            .into_iter()
             .chain(entries.iter().map(|e| (e.name.as_os_str(), e.kind)));
-        Ok(all
-            .enumerate()
-            .skip(offset as usize)
-            .map(|(i, (name, kind))| DirItem {
+        for (i, (name, kind)) in all.enumerate().skip(offset as usize) {
+            let item = DirItem {
                 next_offset: i as u64 + 1,
-                name: name.to_owned(),
+                name,
                 kind,
-            })
-            .collect())
+            };
+            if emit(&item) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Like `readdir`, with each entry looked up (one kernel lookup counted
+    /// per entry handed out, as READDIRPLUS requires; `.` and `..` carry the
+    /// directory's own attributes and are not counted). Entries that vanished
+    /// since the listing are skipped; the one that did not fit is not counted.
+    pub fn readdirplus(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut emit: impl FnMut(&DirItem<'_>, &Entry) -> bool,
+    ) -> io::Result<()> {
+        let dir = self.dirs.get(fh)?;
+        let own = Entry {
+            id: dir.id,
+            stat: backing::stat(dir.node.fd())?,
+        };
+        self.readdir(fh, offset, |item| {
+            if item.is_dot() {
+                return emit(item, &own);
+            }
+            let Ok(entry) =
+                backing::component(item.name).and_then(|name| self.lookup_in(&dir.node, &name))
+            else {
+                return false;
+            };
+            let full = emit(item, &entry);
+            if full {
+                self.forget(entry.id, 1);
+            }
+            full
+        })
+    }
+
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> io::Result<()> {
+        backing::fsync(&self.dirs.get(fh)?.dir, datasync)
     }
 
     pub fn releasedir(&self, fh: u64) {
@@ -432,4 +496,152 @@ fn xattr_query(
 /// requests, and the data is the same either way.
 fn io_flags(flags: i32) -> i32 {
     flags & !libc::O_DIRECT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    fn overlay() -> (tempfile::TempDir, Overlay) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = backing::open_root(dir.path()).unwrap();
+        (dir, Overlay::new(root).unwrap())
+    }
+
+    fn me() -> Caller {
+        // SAFETY: plain getters.
+        unsafe {
+            Caller {
+                uid: libc::geteuid(),
+                gid: libc::getegid(),
+                pid: std::process::id(),
+            }
+        }
+    }
+
+    fn errno_of<T>(r: io::Result<T>) -> Option<i32> {
+        r.err().and_then(|e| e.raw_os_error())
+    }
+
+    #[test]
+    fn names_that_could_leave_the_directory_are_refused() {
+        let (_dir, fs) = overlay();
+        for name in ["..", ".", "", "a/b", "../etc"] {
+            assert_eq!(
+                errno_of(fs.lookup(inodes::ROOT, OsStr::new(name))),
+                Some(libc::EINVAL),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lookups_are_counted_and_forget_releases_the_node() {
+        let (dir, fs) = overlay();
+        std::fs::write(dir.path().join("a"), b"x").unwrap();
+        std::fs::hard_link(dir.path().join("a"), dir.path().join("b")).unwrap();
+        let a = fs.lookup(inodes::ROOT, OsStr::new("a")).unwrap();
+        let b = fs.lookup(inodes::ROOT, OsStr::new("b")).unwrap();
+        assert_eq!(a.id, b.id, "hard links are one node");
+        assert_eq!(fs.known_inodes(), 2);
+        fs.forget(a.id, 2);
+        assert_eq!(fs.known_inodes(), 1, "only the root is left");
+        assert_eq!(errno_of(fs.getattr(a.id)), Some(libc::ESTALE));
+    }
+
+    #[test]
+    fn symlinks_are_never_followed() {
+        let (dir, fs) = overlay();
+        std::os::unix::fs::symlink("/etc", dir.path().join("etc")).unwrap();
+        let e = fs.lookup(inodes::ROOT, OsStr::new("etc")).unwrap();
+        assert_eq!(e.stat.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(fs.readlink(e.id).unwrap(), b"/etc");
+        // Looking up a name *inside* the link is a lookup in a symlink node.
+        assert_eq!(
+            errno_of(fs.lookup(e.id, OsStr::new("passwd"))),
+            Some(libc::ENOTDIR)
+        );
+        assert_eq!(errno_of(fs.opendir(e.id)), Some(libc::ENOTDIR));
+    }
+
+    #[test]
+    fn create_write_read_and_rename_flags() {
+        let (dir, fs) = overlay();
+        let (e, fh) = fs
+            .create(
+                me(),
+                inodes::ROOT,
+                OsStr::new("m.safetensors"),
+                0o640,
+                libc::O_RDWR,
+            )
+            .unwrap();
+        assert_eq!(e.stat.st_mode & 0o777, 0o640);
+        assert_eq!(fs.write(fh, 3, b"abc").unwrap(), 3);
+        assert_eq!(fs.read(fh, 0, 100).unwrap(), b"\0\0\0abc");
+        fs.flush(fh).unwrap();
+        fs.release(fh);
+        std::fs::write(dir.path().join("other"), b"o").unwrap();
+        let root = inodes::ROOT;
+        let (m, o) = (OsStr::new("m.safetensors"), OsStr::new("other"));
+        assert_eq!(
+            errno_of(fs.rename(root, m, root, o, libc::RENAME_NOREPLACE)),
+            Some(libc::EEXIST)
+        );
+        fs.rename(root, m, root, o, libc::RENAME_EXCHANGE).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("m.safetensors")).unwrap(),
+            b"o"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("other")).unwrap(),
+            b"\0\0\0abc"
+        );
+    }
+
+    #[test]
+    fn readdir_offsets_stay_stable_while_the_directory_changes() {
+        let (dir, fs) = overlay();
+        for n in ["a", "b", "c"] {
+            std::fs::write(dir.path().join(n), b"").unwrap();
+        }
+        let fh = fs.opendir(inodes::ROOT).unwrap();
+        let list = |offset| {
+            let mut items = Vec::new();
+            fs.readdir(fh, offset, |i| {
+                items.push((i.name.to_owned(), i.next_offset));
+                false
+            })
+            .unwrap();
+            items
+        };
+        let first = list(0);
+        assert_eq!(first.len(), 5, "., .. and three files");
+        std::fs::remove_file(dir.path().join(&first[2].0)).unwrap();
+        // Continuing from an offset walks the same listing, no entry twice.
+        assert_eq!(list(first[2].1), first[3..].to_vec());
+        fs.releasedir(fh);
+    }
+
+    #[test]
+    fn xattr_size_query_then_value() {
+        let (dir, fs) = overlay();
+        std::fs::write(dir.path().join("f"), b"").unwrap();
+        let e = fs.lookup(inodes::ROOT, OsStr::new("f")).unwrap();
+        fs.setxattr(e.id, OsStr::new("user.k"), b"value", 0)
+            .unwrap();
+        match fs.getxattr(e.id, OsStr::new("user.k"), 0).unwrap() {
+            XattrReply::Size(n) => assert_eq!(n, 5),
+            XattrReply::Data(_) => panic!("size query answered with data"),
+        }
+        match fs.getxattr(e.id, OsStr::new("user.k"), 64).unwrap() {
+            XattrReply::Data(d) => assert_eq!(d, b"value"),
+            XattrReply::Size(_) => panic!("value query answered with a size"),
+        }
+        assert_eq!(
+            errno_of(fs.getxattr(e.id, OsStr::new("user.k"), 2)),
+            Some(libc::ERANGE)
+        );
+    }
 }

@@ -57,7 +57,10 @@ impl Mounted {
     /// `modelcache mount --backing BACKING MOUNTPOINT [extra…]`
     pub fn separate(backing: &Path, mountpoint: &Path, extra: &[&str]) -> Self {
         let mut cmd = Command::new(bin());
-        cmd.arg("mount").arg("--backing").arg(backing).arg(mountpoint);
+        cmd.arg("mount")
+            .arg("--backing")
+            .arg(backing)
+            .arg(mountpoint);
         cmd.args(extra);
         Self::start(cmd, mountpoint)
     }
@@ -75,10 +78,8 @@ impl Mounted {
         let mountpoint = mountpoint.canonicalize().unwrap();
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = std::env::temp_dir().join(format!(
-            "modelcache-test-{}-{n}.log",
-            std::process::id()
-        ));
+        let log =
+            std::env::temp_dir().join(format!("modelcache-test-{}-{n}.log", std::process::id()));
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

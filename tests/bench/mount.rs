@@ -1,0 +1,489 @@
+//! Mount overhead benchmark: the same workloads run on the backing directory
+//! and through a `modelcache` mount of it, in one run, so the ratio is what
+//! the mount costs. Run with `cargo bench --bench mount`.
+//!
+//! Environment: `MODELCACHE_BENCH_REPS` (default 5, at least 5) sets the
+//! repetitions per measurement; `TMPDIR` picks where the 1 GiB file goes.
+
+use std::ffi::{CString, OsString};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+const GIB: usize = 1 << 30;
+const READ_CHUNK: usize = 4 << 20;
+const DIRS: usize = 100;
+const FILES_PER_DIR: usize = 100;
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer than the mount's 1 s entry/attribute TTL, so each timed metadata
+/// pass through the mount goes back to the daemon instead of the kernel cache.
+const ATTR_SETTLE: Duration = Duration::from_millis(1200);
+const FSTYPE: &str = "fuse.modelcache";
+
+// ---------------------------------------------------------------------------
+// Mount lifecycle
+// ---------------------------------------------------------------------------
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(field: &str) -> PathBuf {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
+/// Mount ids of `fuse.modelcache` mounts at exactly `path`.
+fn modelcache_mount_ids(path: &Path) -> Vec<u64> {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            let id = fields.first()?.parse().ok()?;
+            let at = unescape(fields.get(4)?);
+            let fstype = *fields.get(sep + 1)?;
+            (fstype == FSTYPE && at == path).then_some(id)
+        })
+        .collect()
+}
+
+/// A `modelcache mount` daemon started by this benchmark. Dropping it (also
+/// while unwinding from a panic) stops the daemon and makes sure the mount it
+/// created is gone; it only ever detaches that one mount, found by its id.
+struct Mounted {
+    mountpoint: PathBuf,
+    mount_id: Option<u64>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mounted {
+    fn start(backing: &Path, mountpoint: &Path, log: &Path) -> Self {
+        let mountpoint = mountpoint.canonicalize().expect("canonical mountpoint");
+        assert!(
+            modelcache_mount_ids(&mountpoint).is_empty(),
+            "{} is already a modelcache mount",
+            mountpoint.display()
+        );
+        let child = Command::new(env!("CARGO_BIN_EXE_modelcache"))
+            .arg("mount")
+            .arg("--backing")
+            .arg(backing)
+            .arg(&mountpoint)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(log).expect("create daemon log"))
+            .spawn()
+            .expect("start modelcache");
+        let mut m = Self {
+            mountpoint,
+            mount_id: None,
+            child: Some(child),
+            log: log.to_path_buf(),
+        };
+        m.wait_mounted();
+        m
+    }
+
+    fn wait_mounted(&mut self) {
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        loop {
+            if let Some(&id) = modelcache_mount_ids(&self.mountpoint).last() {
+                self.mount_id = Some(id);
+                return;
+            }
+            let child = self.child.as_mut().expect("daemon handle");
+            if let Some(status) = child.try_wait().expect("poll daemon") {
+                self.child = None;
+                panic!(
+                    "modelcache exited with {status} before mounting; log:\n{}",
+                    fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {FSTYPE} mount at {} after {MOUNT_TIMEOUT:?}; log:\n{}",
+                self.mountpoint.display(),
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then wait; SIGKILL only if the daemon ignores it.
+    fn stop_daemon(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: plain syscall on our own, not yet reaped, child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        while Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    if !status.success() {
+                        eprintln!("modelcache daemon exited with {status}");
+                    }
+                    return;
+                }
+                Ok(None) => sleep(Duration::from_millis(20)),
+                Err(_) => return,
+            }
+        }
+        eprintln!("modelcache daemon ignored SIGTERM for {EXIT_TIMEOUT:?}; killing it");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.stop_daemon();
+        let Some(id) = self.mount_id else {
+            return;
+        };
+        if !modelcache_mount_ids(&self.mountpoint).contains(&id) {
+            return;
+        }
+        eprintln!(
+            "{} still mounted after the daemon exited; detaching it",
+            self.mountpoint.display()
+        );
+        let c = CString::new(self.mountpoint.as_os_str().as_bytes()).expect("path without NUL");
+        // SAFETY: NUL-terminated path that outlives the call.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!(
+                "umount2({}): {}",
+                self.mountpoint.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+/// xorshift64*: incompressible enough that no layer can shortcut the bytes.
+fn fill_random(buf: &mut [u8], state: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        let v = state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+fn create_big_file(path: &Path) {
+    let mut f = File::create(path).expect("create big file");
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..GIB / READ_CHUNK {
+        fill_random(&mut buf, &mut state);
+        f.write_all(&buf).expect("write big file");
+    }
+    f.sync_all().expect("sync big file");
+}
+
+fn create_tree(root: &Path) {
+    for d in 0..DIRS {
+        let dir = root.join(format!("d{d:03}"));
+        fs::create_dir(&dir).expect("mkdir");
+        for f in 0..FILES_PER_DIR {
+            fs::write(dir.join(format!("f{f:03}.txt")), format!("file {d}/{f}\n")).expect("write");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Workloads
+// ---------------------------------------------------------------------------
+
+/// Reads the whole file with `READ_CHUNK` read() calls; returns a checksum
+/// (so a warm-up pass can check both paths serve the same bytes).
+fn read_file(path: &Path, buf: &mut [u8]) -> (usize, u64) {
+    let mut f = File::open(path).expect("open for reading");
+    let (mut total, mut sum) = (0usize, 0u64);
+    loop {
+        let n = f.read(buf).expect("read");
+        if n == 0 {
+            return (total, sum);
+        }
+        total += n;
+        // One word per 4 KiB page: cheap, but catches misplaced pages.
+        for page in buf[..n].chunks(4096) {
+            let mut w = [0u8; 8];
+            let k = page.len().min(8);
+            w[..k].copy_from_slice(&page[..k]);
+            sum = sum.rotate_left(7) ^ u64::from_le_bytes(w);
+        }
+    }
+}
+
+/// `find -type f -exec stat` in Rust: readdir recursion plus stat per file.
+fn stat_walk(dir: &Path) -> usize {
+    let mut files = 0;
+    for entry in fs::read_dir(dir).expect("read_dir") {
+        let entry = entry.expect("dir entry");
+        let ty = entry.file_type().expect("file type");
+        if ty.is_dir() {
+            files += stat_walk(&entry.path());
+        } else if ty.is_file() {
+            std::hint::black_box(fs::metadata(entry.path()).expect("stat"));
+            files += 1;
+        }
+    }
+    files
+}
+
+fn find_exec_stat(dir: &Path) {
+    let status = Command::new("find")
+        .arg(dir)
+        .args(["-type", "f", "-exec", "stat", "-c", "%s", "{}", "+"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("run find");
+    assert!(
+        status.success(),
+        "find on {} failed: {status}",
+        dir.display()
+    );
+}
+
+fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
+    let t = Instant::now();
+    let out = f();
+    (t.elapsed(), out)
+}
+
+fn median(xs: &[Duration]) -> Duration {
+    let mut v = xs.to_vec();
+    v.sort();
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2
+    }
+}
+
+fn gbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn ratio(mount: Duration, direct: Duration) -> f64 {
+    mount.as_secs_f64() / direct.as_secs_f64()
+}
+
+struct Pair {
+    direct: Duration,
+    mount: Duration,
+}
+
+fn seq_read(direct: &Path, mounted: &Path, reps: usize) -> Pair {
+    let mut buf = vec![0u8; READ_CHUNK];
+    // Warm-up: fills the page cache on both paths and checks the bytes match.
+    let (n_direct, sum_direct) = read_file(direct, &mut buf);
+    let (n_mount, sum_mount) = read_file(mounted, &mut buf);
+    assert_eq!(n_direct, GIB, "short direct read");
+    assert_eq!(
+        (n_mount, sum_mount),
+        (n_direct, sum_direct),
+        "mount serves different bytes"
+    );
+    println!(
+        "seq read 1 GiB, {} MiB read() calls, hot cache (after one warm-up each)",
+        READ_CHUNK >> 20
+    );
+    let (mut td, mut tm) = (Vec::new(), Vec::new());
+    for i in 1..=reps {
+        let (d, (n, _)) = time(|| read_file(direct, &mut buf));
+        assert_eq!(n, GIB);
+        let (m, (n, _)) = time(|| read_file(mounted, &mut buf));
+        assert_eq!(n, GIB);
+        println!(
+            "  rep {i}: direct {:8.1} ms ({:5.2} GB/s)   mount {:8.1} ms ({:5.2} GB/s)",
+            ms(d),
+            gbps(GIB, d),
+            ms(m),
+            gbps(GIB, m)
+        );
+        td.push(d);
+        tm.push(m);
+    }
+    let p = Pair {
+        direct: median(&td),
+        mount: median(&tm),
+    };
+    println!(
+        "  median: direct {:.2} GB/s, mount {:.2} GB/s, ratio mount/direct time {:.2}x",
+        gbps(GIB, p.direct),
+        gbps(GIB, p.mount),
+        ratio(p.mount, p.direct)
+    );
+    p
+}
+
+/// Times `work` on both trees; sleeps `ATTR_SETTLE` before every mount pass
+/// so it starts with the kernel's FUSE entry/attribute cache expired.
+fn metadata(
+    label: &str,
+    direct: &Path,
+    mounted: &Path,
+    reps: usize,
+    work: impl Fn(&Path) -> usize,
+) -> Pair {
+    let files = DIRS * FILES_PER_DIR;
+    // Warm-up: backing dentries/inodes in memory, daemon's inode table filled.
+    assert_eq!(work(direct), files, "direct walk saw the wrong file count");
+    assert_eq!(work(mounted), files, "mount walk saw the wrong file count");
+    println!(
+        "{label}: {files} files in {DIRS} dirs; waits {} ms before each mount pass (attr/entry TTL is 1 s)",
+        ATTR_SETTLE.as_millis()
+    );
+    let (mut td, mut tm) = (Vec::new(), Vec::new());
+    for i in 1..=reps {
+        let (d, _) = time(|| work(direct));
+        sleep(ATTR_SETTLE);
+        let (m, _) = time(|| work(mounted));
+        println!(
+            "  rep {i}: direct {:8.1} ms   mount {:8.1} ms",
+            ms(d),
+            ms(m)
+        );
+        td.push(d);
+        tm.push(m);
+    }
+    let p = Pair {
+        direct: median(&td),
+        mount: median(&tm),
+    };
+    println!(
+        "  median: direct {:.1} ms, mount {:.1} ms, ratio {:.2}x (metadata target <= 2.0x)",
+        ms(p.direct),
+        ms(p.mount),
+        ratio(p.mount, p.direct)
+    );
+    p
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; without it (`cargo test --all-targets`)
+    // only check that the target builds, rather than run minutes of I/O.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("mount benchmark: skipped (run it with `cargo bench --bench mount`)");
+        return;
+    }
+    let reps: usize = std::env::var("MODELCACHE_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(5);
+
+    let tmp = tempfile::Builder::new()
+        .prefix("modelcache-bench-")
+        .tempdir()
+        .expect("temp dir");
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&backing).expect("mkdir backing");
+    fs::create_dir(&mnt).expect("mkdir mnt");
+
+    let big = "model.bin";
+    let tree = "tree";
+    let t = Instant::now();
+    create_big_file(&backing.join(big));
+    fs::create_dir(backing.join(tree)).expect("mkdir tree");
+    create_tree(&backing.join(tree));
+    println!(
+        "fixtures in {}: 1 GiB file + {} small files ({:.1} s)",
+        backing.display(),
+        DIRS * FILES_PER_DIR,
+        t.elapsed().as_secs_f64()
+    );
+
+    // Declared after `tmp`, so it is dropped (unmounted) before the temp dir
+    // is removed.
+    let mount = Mounted::start(&backing, &mnt, &tmp.path().join("daemon.log"));
+    println!(
+        "mounted {} (repetitions: {reps})\n",
+        mount.mountpoint.display()
+    );
+
+    let read = seq_read(&backing.join(big), &mount.mountpoint.join(big), reps);
+    println!();
+    let walk = metadata(
+        "stat walk (Rust read_dir + metadata)",
+        &backing.join(tree),
+        &mount.mountpoint.join(tree),
+        reps,
+        stat_walk,
+    );
+    println!();
+    let find = metadata(
+        "find DIR -type f -exec stat -c %s {} +",
+        &backing.join(tree),
+        &mount.mountpoint.join(tree),
+        reps,
+        |dir| {
+            find_exec_stat(dir);
+            DIRS * FILES_PER_DIR
+        },
+    );
+    drop(mount);
+
+    println!("\n== modelcache mount benchmark (medians of {reps}) ==");
+    println!(
+        "seq read 1 GiB, hot cache: direct {:.2} GB/s, mount {:.2} GB/s, ratio mount/direct time {:.2}x",
+        gbps(GIB, read.direct),
+        gbps(GIB, read.mount),
+        ratio(read.mount, read.direct)
+    );
+    println!(
+        "stat walk 10k files (Rust): direct {:.1} ms, mount {:.1} ms, ratio {:.2}x (metadata target <= 2.0x)",
+        ms(walk.direct),
+        ms(walk.mount),
+        ratio(walk.mount, walk.direct)
+    );
+    println!(
+        "find -exec stat 10k files: direct {:.1} ms, mount {:.1} ms, ratio {:.2}x (metadata target <= 2.0x)",
+        ms(find.direct),
+        ms(find.mount),
+        ratio(find.mount, find.direct)
+    );
+    println!(
+        "(metadata: {} ms wait before each timed mount pass, so the 1 s attr/entry TTL has expired)",
+        ATTR_SETTLE.as_millis()
+    );
+}
