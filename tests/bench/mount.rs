@@ -5,10 +5,10 @@
 //! Environment: `MODELCACHE_BENCH_REPS` (default 5, at least 5) sets the
 //! repetitions per measurement; `TMPDIR` picks where the 1 GiB file goes.
 
-use std::ffi::{CString, OsString};
+use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
@@ -20,50 +20,23 @@ const DIRS: usize = 100;
 const FILES_PER_DIR: usize = 100;
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longer than the mount's 1 s entry/attribute TTL, so each timed metadata
-/// pass through the mount goes back to the daemon instead of the kernel cache.
+/// Longer than the 1 s metadata TTL of a `--backing` mount, so each timed
+/// metadata pass through it goes back to the daemon, not the kernel cache.
 const ATTR_SETTLE: Duration = Duration::from_millis(1200);
-const FSTYPE: &str = "fuse.modelcache";
+/// The metadata TTL an in-place mount uses by default.
+const IN_PLACE_TTL: &str = "60";
+const FSTYPE: &str = modelcache::mountinfo::FSTYPE;
 
 // ---------------------------------------------------------------------------
 // Mount lifecycle
 // ---------------------------------------------------------------------------
 
-/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape(field: &str) -> PathBuf {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(OsString::from_vec(out))
-}
-
 /// Mount ids of `fuse.modelcache` mounts at exactly `path`.
 fn modelcache_mount_ids(path: &Path) -> Vec<u64> {
-    let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let id = fields.first()?.parse().ok()?;
-            let at = unescape(fields.get(4)?);
-            let fstype = *fields.get(sep + 1)?;
-            (fstype == FSTYPE && at == path).then_some(id)
-        })
+    modelcache::mountinfo::mounts()
+        .into_iter()
+        .filter(|m| m.is_modelcache() && m.mountpoint == path)
+        .map(|m| m.id)
         .collect()
 }
 
@@ -78,7 +51,7 @@ struct Mounted {
 }
 
 impl Mounted {
-    fn start(backing: &Path, mountpoint: &Path, log: &Path) -> Self {
+    fn start(backing: &Path, mountpoint: &Path, extra: &[&str], log: &Path) -> Self {
         let mountpoint = mountpoint.canonicalize().expect("canonical mountpoint");
         assert!(
             modelcache_mount_ids(&mountpoint).is_empty(),
@@ -90,6 +63,7 @@ impl Mounted {
             .arg("--backing")
             .arg(backing)
             .arg(&mountpoint)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(log).expect("create daemon log"))
@@ -355,13 +329,14 @@ fn seq_read(direct: &Path, mounted: &Path, reps: usize) -> Pair {
     p
 }
 
-/// Times `work` on both trees; sleeps `ATTR_SETTLE` before every mount pass
-/// so it starts with the kernel's FUSE entry/attribute cache expired.
+/// Times `work` on both trees; sleeps `settle` before every mount pass (to
+/// let the kernel's metadata cache expire, or not).
 fn metadata(
     label: &str,
     direct: &Path,
     mounted: &Path,
     reps: usize,
+    settle: Duration,
     work: impl Fn(&Path) -> usize,
 ) -> Pair {
     let files = DIRS * FILES_PER_DIR;
@@ -369,13 +344,13 @@ fn metadata(
     assert_eq!(work(direct), files, "direct walk saw the wrong file count");
     assert_eq!(work(mounted), files, "mount walk saw the wrong file count");
     println!(
-        "{label}: {files} files in {DIRS} dirs; waits {} ms before each mount pass (attr/entry TTL is 1 s)",
-        ATTR_SETTLE.as_millis()
+        "{label}: {files} files in {DIRS} dirs; waits {} ms before each mount pass",
+        settle.as_millis()
     );
     let (mut td, mut tm) = (Vec::new(), Vec::new());
     for i in 1..=reps {
         let (d, _) = time(|| work(direct));
-        sleep(ATTR_SETTLE);
+        sleep(settle);
         let (m, _) = time(|| work(mounted));
         println!(
             "  rep {i}: direct {:8.1} ms   mount {:8.1} ms",
@@ -396,6 +371,45 @@ fn metadata(
         ratio(p.mount, p.direct)
     );
     p
+}
+
+/// Both metadata workloads on one mount.
+fn metadata_pair(direct: &Path, mounted: &Path, reps: usize, settle: Duration) -> (Pair, Pair) {
+    let walk = metadata(
+        "stat walk (Rust read_dir + metadata)",
+        direct,
+        mounted,
+        reps,
+        settle,
+        stat_walk,
+    );
+    println!();
+    let find = metadata(
+        "find DIR -type f -exec stat -c %s {} +",
+        direct,
+        mounted,
+        reps,
+        settle,
+        |dir| {
+            find_exec_stat(dir);
+            DIRS * FILES_PER_DIR
+        },
+    );
+    (walk, find)
+}
+
+fn print_metadata(label: &str, walk: &Pair, find: &Pair) {
+    for (what, p) in [
+        ("stat walk 10k files (Rust)", walk),
+        ("find -exec stat 10k files", find),
+    ] {
+        println!(
+            "{what}, {label}: direct {:.1} ms, mount {:.1} ms, ratio {:.2}x (target <= 2.0x)",
+            ms(p.direct),
+            ms(p.mount),
+            ratio(p.mount, p.direct)
+        );
+    }
 }
 
 fn main() {
@@ -433,33 +447,43 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
 
+    let (direct_big, direct_tree) = (backing.join(big), backing.join(tree));
+
+    // 1. A `--backing` mount with its defaults (metadata TTL 1 s).
     // Declared after `tmp`, so it is dropped (unmounted) before the temp dir
     // is removed.
-    let mount = Mounted::start(&backing, &mnt, &tmp.path().join("daemon.log"));
+    let mount = Mounted::start(&backing, &mnt, &[], &tmp.path().join("daemon.log"));
     println!(
-        "mounted {} (repetitions: {reps})\n",
+        "mounted {} with --backing defaults (repetitions: {reps})\n",
         mount.mountpoint.display()
     );
-
-    let read = seq_read(&backing.join(big), &mount.mountpoint.join(big), reps);
+    let read = seq_read(&direct_big, &mount.mountpoint.join(big), reps);
     println!();
-    let walk = metadata(
-        "stat walk (Rust read_dir + metadata)",
-        &backing.join(tree),
+    let (walk_cold, find_cold) = metadata_pair(
+        &direct_tree,
         &mount.mountpoint.join(tree),
         reps,
-        stat_walk,
+        ATTR_SETTLE,
     );
-    println!();
-    let find = metadata(
-        "find DIR -type f -exec stat -c %s {} +",
-        &backing.join(tree),
+    drop(mount);
+
+    // 2. The in-place default: metadata TTL 60 s, directory listings kept by
+    // the kernel. Same tree, so `direct` stays comparable.
+    let mount = Mounted::start(
+        &backing,
+        &mnt,
+        &["--metadata-ttl", IN_PLACE_TTL],
+        &tmp.path().join("daemon2.log"),
+    );
+    println!(
+        "\nmounted {} with --metadata-ttl {IN_PLACE_TTL}\n",
+        mount.mountpoint.display()
+    );
+    let (walk_warm, find_warm) = metadata_pair(
+        &direct_tree,
         &mount.mountpoint.join(tree),
         reps,
-        |dir| {
-            find_exec_stat(dir);
-            DIRS * FILES_PER_DIR
-        },
+        Duration::ZERO,
     );
     drop(mount);
 
@@ -470,20 +494,13 @@ fn main() {
         gbps(GIB, read.mount),
         ratio(read.mount, read.direct)
     );
-    println!(
-        "stat walk 10k files (Rust): direct {:.1} ms, mount {:.1} ms, ratio {:.2}x (metadata target <= 2.0x)",
-        ms(walk.direct),
-        ms(walk.mount),
-        ratio(walk.mount, walk.direct)
+    print_metadata(
+        &format!(
+            "--backing mount, TTL 1 s expired ({} ms wait)",
+            ATTR_SETTLE.as_millis()
+        ),
+        &walk_cold,
+        &find_cold,
     );
-    println!(
-        "find -exec stat 10k files: direct {:.1} ms, mount {:.1} ms, ratio {:.2}x (metadata target <= 2.0x)",
-        ms(find.direct),
-        ms(find.mount),
-        ratio(find.mount, find.direct)
-    );
-    println!(
-        "(metadata: {} ms wait before each timed mount pass, so the 1 s attr/entry TTL has expired)",
-        ATTR_SETTLE.as_millis()
-    );
+    print_metadata("in-place default (TTL 60 s)", &walk_warm, &find_warm);
 }
