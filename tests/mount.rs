@@ -544,3 +544,50 @@ fn mounting_the_same_directory_twice_is_refused() {
     m.unmount();
     assert_eq!(fs::read(models.join("a.sft")).unwrap(), b"a");
 }
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn cached_listings_of_an_in_place_mount_follow_every_change_made_through_it() {
+    let tmp = shared_tempdir();
+    let models = tmp.path().join("models");
+    fs::create_dir_all(models.join("vae")).unwrap();
+    fs::write(models.join("vae/a.safetensors"), b"a").unwrap();
+    let m = Mounted::in_place(&models, &[]);
+    let vae = m.path("vae");
+    assert_eq!(names(&vae), ["a.safetensors"]);
+    fs::write(vae.join("b.safetensors"), b"b").unwrap();
+    assert_eq!(names(&vae), ["a.safetensors", "b.safetensors"]);
+    fs::rename(vae.join("a.safetensors"), vae.join("c.safetensors")).unwrap();
+    assert_eq!(names(&vae), ["b.safetensors", "c.safetensors"]);
+    fs::remove_file(vae.join("b.safetensors")).unwrap();
+    assert_eq!(names(&vae), ["c.safetensors"]);
+    fs::write(vae.join("c.safetensors"), b"longer").unwrap();
+    assert_eq!(fs::metadata(vae.join("c.safetensors")).unwrap().len(), 6);
+    m.unmount();
+}
+
+#[test]
+fn changes_behind_a_separate_mount_show_within_its_one_second_ttl() {
+    let (_tmp, backing, mnt) = dirs();
+    fs::write(backing.join("a.bin"), b"a").unwrap();
+    let m = Mounted::separate(&backing, &mnt, &[]);
+    assert_eq!(names(&m.mountpoint), ["a.bin"]);
+    assert_eq!(fs::metadata(m.path("a.bin")).unwrap().len(), 1);
+    // Changed behind the mount, not through it.
+    fs::write(backing.join("b.bin"), b"b").unwrap();
+    fs::write(backing.join("a.bin"), b"aaaa").unwrap();
+    // A new name is visible at once (listings are not cached with a short TTL).
+    assert_eq!(names(&m.mountpoint), ["a.bin", "b.bin"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(fs::metadata(m.path("a.bin")).unwrap().len(), 4);
+    assert_eq!(fs::read(m.path("a.bin")).unwrap(), b"aaaa");
+    m.unmount();
+}

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 pub use backing::{Stat, TimeSpec};
 use creds::ActingAs;
@@ -57,36 +57,37 @@ impl DirItem<'_> {
     }
 }
 
-/// A table of open handles: file handle numbers for the kernel.
+/// A table of open handles: file handle numbers for the kernel. Every read
+/// and write looks its handle up, hence the shared lock.
 struct Handles<T> {
-    map: Mutex<HashMap<u64, Arc<T>>>,
+    map: RwLock<HashMap<u64, Arc<T>>>,
     next: AtomicU64,
 }
 
 impl<T> Handles<T> {
     fn new() -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
+            map: RwLock::new(HashMap::new()),
             next: AtomicU64::new(1),
         }
     }
 
     fn insert(&self, value: T) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed);
-        self.map.lock().insert(fh, Arc::new(value));
+        self.map.write().insert(fh, Arc::new(value));
         fh
     }
 
     fn get(&self, fh: u64) -> io::Result<Arc<T>> {
         self.map
-            .lock()
+            .read()
             .get(&fh)
             .cloned()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
     }
 
     fn remove(&self, fh: u64) -> Option<Arc<T>> {
-        self.map.lock().remove(&fh)
+        self.map.write().remove(&fh)
     }
 }
 
