@@ -281,6 +281,29 @@ pub fn pwrite(file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
     file.write_all_at(data, offset).map(|()| data.len())
 }
 
+pub fn fallocate(file: &File, offset: u64, length: u64, mode: i32) -> io::Result<()> {
+    // SAFETY: valid fd, plain integers.
+    cvt(unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            length as libc::off_t,
+        )
+    })
+    .map(drop)
+}
+
+pub fn lseek(file: &File, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: valid fd, plain integers.
+    let pos = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if pos < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(pos)
+    }
+}
+
 pub fn fsync(file: &File, datasync: bool) -> io::Result<()> {
     if datasync {
         file.sync_data()

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::{Caller, Entry, Overlay, SetAttr, Stat, TimeSpec, XattrReply};
@@ -132,22 +132,16 @@ fn timespec(t: TimeOrNow) -> TimeSpec {
     match t {
         TimeOrNow::Now => TimeSpec::Now,
         TimeOrNow::SpecificTime(t) => {
-            let (sec, nsec) = match t.duration_since(UNIX_EPOCH) {
+            let (tv_sec, tv_nsec) = match t.duration_since(UNIX_EPOCH) {
                 Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
-                Err(e) => {
-                    let d = e.duration();
-                    let nsec = d.subsec_nanos() as i64;
-                    if nsec == 0 {
-                        (-(d.as_secs() as i64), 0)
-                    } else {
-                        (-(d.as_secs() as i64) - 1, 1_000_000_000 - nsec)
-                    }
-                }
+                // fuser 0.18 decodes a time before 1970, `sec + nsec` with
+                // `sec < 0`, as `EPOCH - (|sec| + nsec)`: undo exactly that.
+                Err(e) => (
+                    -(e.duration().as_secs() as i64),
+                    e.duration().subsec_nanos() as i64,
+                ),
             };
-            TimeSpec::At(libc::timespec {
-                tv_sec: sec,
-                tv_nsec: nsec,
-            })
+            TimeSpec::At(libc::timespec { tv_sec, tv_nsec })
         }
     }
 }
@@ -373,6 +367,34 @@ impl Filesystem for FuseAdapter {
     ) {
         self.overlay.release(fh.0);
         reply.ok();
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.overlay.fallocate(fh.0, offset, length, mode));
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.overlay.lseek(fh.0, offset, whence) {
+            Ok(pos) => reply.offset(pos),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn fsync(

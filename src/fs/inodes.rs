@@ -41,7 +41,11 @@ struct Slot {
 struct Table {
     by_id: HashMap<u64, Slot>,
     by_key: HashMap<InodeKey, u64>,
-    /// Node ids are never reused, so a stale id can never name another file.
+    /// Ids of inodes the kernel has forgotten. A later lookup of the same
+    /// inode gets its old id back, so `st_ino` (the node id) stays the same
+    /// for a file for the life of the mount, as it does on the backing
+    /// filesystem. An id only ever names one `(dev, ino)`.
+    retired: HashMap<InodeKey, u64>,
     next_id: u64,
 }
 
@@ -77,6 +81,7 @@ impl InodeTable {
             table: RwLock::new(Table {
                 by_id,
                 by_key: HashMap::from([(root_key, ROOT)]),
+                retired: HashMap::new(),
                 next_id: ROOT + 1,
             }),
         }
@@ -104,8 +109,13 @@ impl InodeTable {
         if let Some(id) = table.acquire(key) {
             return id;
         }
-        let id = table.next_id;
-        table.next_id += 1;
+        let id = match table.retired.remove(&key) {
+            Some(id) => id,
+            None => {
+                table.next_id += 1;
+                table.next_id - 1
+            }
+        };
         table.by_key.insert(key, id);
         table.by_id.insert(
             id,
@@ -131,9 +141,8 @@ impl InodeTable {
         if *left == 0 {
             let key = slot.node.key;
             table.by_id.remove(&id);
-            if table.by_key.get(&key) == Some(&id) {
-                table.by_key.remove(&key);
-            }
+            table.by_key.remove(&key);
+            table.retired.insert(key, id);
         }
     }
 
@@ -166,9 +175,10 @@ mod tests {
         table.forget(a, 1);
         assert!(table.get(a).is_err());
         assert_eq!(table.node_count(), 2);
-        // A new lookup of the same inode gets a fresh id, never the old one.
-        let d = table.remember(fd(), (1, 10));
-        assert_ne!(d, a);
+        // A new lookup of the same inode gets its old id back (a stable
+        // st_ino); another inode never does.
+        assert_eq!(table.remember(fd(), (1, 10)), a);
+        assert_ne!(table.remember(fd(), (1, 12)), a);
     }
 
     #[test]
