@@ -232,32 +232,18 @@ fn a_normal_user_mounts_through_fusermount3() {
     assert!(line.contains("fuse.modelcache"), "{line}");
     assert!(line.contains("user_id=65534"), "mounted by nobody: {line}");
 
-    let out = as_user(NOBODY, NOGROUP, "sh")
-        .arg("-c")
-        .arg("cat \"$1/model.gguf\" && echo new > \"$1/new.txt\"")
-        .arg("sh")
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        &mut as_user(NOBODY, NOGROUP, "sh")
+            .arg("-c")
+            .arg("cat \"$1/model.gguf\" && echo new > \"$1/new.txt\"")
+            .arg("sh")
+            .arg(&mnt),
     );
     assert_eq!(out.stdout, b"weights");
     assert_eq!(fs::read(backing.join("new.txt")).unwrap(), b"new\n");
 
     // The user unmounts it with the CLI; the daemon then exits 0 by itself.
-    let out = as_user(NOBODY, NOGROUP, bin())
-        .arg("umount")
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut as_user(NOBODY, NOGROUP, bin()).arg("umount").arg(&mnt));
     assert!(m.wait_exit(Duration::from_secs(10)).success());
     assert!(!our_mount_at(&m.mountpoint));
 }
@@ -300,16 +286,7 @@ fn sigint_unmounts_cleanly_and_exits_0() {
 fn external_unmount_ends_the_daemon_with_exit_0() {
     let (_tmp, backing, mnt) = dirs();
     let mut m = Mounted::separate(&backing, &mnt, &[]);
-    let out = Command::new(bin())
-        .arg("umount")
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut Command::new(bin()).arg("umount").arg(&mnt));
     assert!(m.wait_exit(Duration::from_secs(10)).success());
 }
 
@@ -383,16 +360,7 @@ fn umount_of_a_busy_mount_names_the_holder_and_lazy_detaches() {
         "still mounted after a refused umount"
     );
 
-    let out = Command::new(bin())
-        .args(["umount", "--lazy"])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut Command::new(bin()).args(["umount", "--lazy"]).arg(&mnt));
     assert!(!our_mount_at(&m.mountpoint), "detached at once");
     // The holder's open file keeps working after the detach.
     holder.stdin.take().unwrap().write_all(b"go\n").unwrap();
