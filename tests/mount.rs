@@ -233,7 +233,7 @@ fn a_normal_user_mounts_through_fusermount3() {
     assert!(line.contains("user_id=65534"), "mounted by nobody: {line}");
 
     let out = run_ok(
-        &mut as_user(NOBODY, NOGROUP, "sh")
+        as_user(NOBODY, NOGROUP, "sh")
             .arg("-c")
             .arg("cat \"$1/model.gguf\" && echo new > \"$1/new.txt\"")
             .arg("sh")
@@ -243,7 +243,7 @@ fn a_normal_user_mounts_through_fusermount3() {
     assert_eq!(fs::read(backing.join("new.txt")).unwrap(), b"new\n");
 
     // The user unmounts it with the CLI; the daemon then exits 0 by itself.
-    run_ok(&mut as_user(NOBODY, NOGROUP, bin()).arg("umount").arg(&mnt));
+    run_ok(as_user(NOBODY, NOGROUP, bin()).arg("umount").arg(&mnt));
     assert!(m.wait_exit(Duration::from_secs(10)).success());
     assert!(!our_mount_at(&m.mountpoint));
 }
@@ -286,7 +286,7 @@ fn sigint_unmounts_cleanly_and_exits_0() {
 fn external_unmount_ends_the_daemon_with_exit_0() {
     let (_tmp, backing, mnt) = dirs();
     let mut m = Mounted::separate(&backing, &mnt, &[]);
-    run_ok(&mut Command::new(bin()).arg("umount").arg(&mnt));
+    run_ok(Command::new(bin()).arg("umount").arg(&mnt));
     assert!(m.wait_exit(Duration::from_secs(10)).success());
 }
 
@@ -360,7 +360,7 @@ fn umount_of_a_busy_mount_names_the_holder_and_lazy_detaches() {
         "still mounted after a refused umount"
     );
 
-    run_ok(&mut Command::new(bin()).args(["umount", "--lazy"]).arg(&mnt));
+    run_ok(Command::new(bin()).args(["umount", "--lazy"]).arg(&mnt));
     assert!(!our_mount_at(&m.mountpoint), "detached at once");
     // The holder's open file keeps working after the detach.
     holder.stdin.take().unwrap().write_all(b"go\n").unwrap();
