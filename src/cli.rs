@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::fs::fuse::ReadMode;
+use crate::size::SizeSpec;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "modelcache",
@@ -43,6 +46,20 @@ pub enum Command {
         /// behind the mount).
         #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(0..=3600))]
         metadata_ttl: Option<u32>,
+        /// The cap on RAM used by the cache: bytes with a unit (48GiB, 500M) or a
+        /// share of RAM (20%). Default: 50% of RAM. 0 turns the cache off.
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<SizeSpec>,
+        /// Smaller model files are not cached (default 1MiB).
+        #[arg(long, value_name = "SIZE", default_value = "1MiB")]
+        min_file_size: SizeSpec,
+        /// Threads that load files into the cache.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
+        loader_threads: u16,
+        /// How the kernel serves reads of model files (a tuning knob; the
+        /// default was chosen by measurement, see README).
+        #[arg(long, value_enum, default_value = "direct")]
+        read_mode: ReadMode,
         /// Return once the mount is live and keep serving in the background.
         #[arg(long)]
         background: bool,

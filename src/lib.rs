@@ -3,10 +3,12 @@
 //! `fs` is the overlay (a filesystem core plus a thin FUSE adapter),
 //! `mount` the life of a mount, `mountinfo` what /proc says about mounts.
 
+pub mod cache;
 pub mod cli;
 pub mod fs;
 pub mod mount;
 pub mod mountinfo;
+pub mod size;
 
 /// A user-facing error: one line saying what is wrong and how to fix it.
 #[derive(Debug)]

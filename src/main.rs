@@ -30,6 +30,10 @@ fn main() -> ExitCode {
             allow_other,
             threads,
             metadata_ttl,
+            max_size,
+            min_file_size,
+            loader_threads,
+            read_mode,
             background: false,
         } => mount::run(MountConfig {
             backing,
@@ -37,6 +41,8 @@ fn main() -> ExitCode {
             allow_other,
             threads: threads.map_or_else(mount::default_threads, usize::from),
             metadata_ttl: metadata_ttl.map(|s| Duration::from_secs(s.into())),
+            cache: mount::cache_config(max_size, min_file_size, loader_threads.into()),
+            read_mode,
         }),
         Command::Umount { path, lazy } => mount::umount_command(&path, lazy),
     };

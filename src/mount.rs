@@ -15,10 +15,13 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use crate::Error;
+use crate::cache::{Cache, CacheConfig};
 use crate::fs::Overlay;
 use crate::fs::backing;
 use crate::fs::fuse::FuseAdapter;
+use crate::fs::fuse::ReadMode;
 use crate::mountinfo::{self, FSTYPE};
+use crate::size::{Bytes, SizeSpec};
 
 /// What `modelcache mount` was asked to do.
 pub struct MountConfig {
@@ -29,6 +32,37 @@ pub struct MountConfig {
     pub threads: usize,
     /// How long the kernel may cache metadata; `None` = the mode's default.
     pub metadata_ttl: Option<Duration>,
+    pub cache: CacheConfig,
+    pub read_mode: ReadMode,
+}
+
+/// The machine's RAM in bytes.
+pub fn total_ram() -> u64 {
+    // SAFETY: sysinfo fills the struct.
+    unsafe {
+        let mut info: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut info) != 0 {
+            return 0;
+        }
+        info.totalram as u64 * info.mem_unit as u64
+    }
+}
+
+/// The cache settings from the command line; the cap defaults to half the RAM.
+pub fn cache_config(
+    max_size: Option<SizeSpec>,
+    min_file_size: SizeSpec,
+    loader_threads: usize,
+) -> CacheConfig {
+    let ram = total_ram();
+    let mut config = CacheConfig::with_cap(
+        max_size
+            .unwrap_or(SizeSpec::PercentOfRam(50.0))
+            .resolve(ram),
+    );
+    config.min_file_size = min_file_size.resolve(ram);
+    config.loader_threads = loader_threads;
+    config
 }
 
 /// In place, the backing directory is hidden under the mount: every change
@@ -585,7 +619,9 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     // be hidden under the mount.
     let root = backing::open_root(&backing)
         .map_err(|e| Error(format!("cannot open {}: {e}", backing.display())))?;
-    let overlay = Overlay::new(root).map_err(|e| Error(format!("{}: {e}", backing.display())))?;
+    let cap = config.cache.max_size;
+    let overlay = Overlay::new(root, Cache::new(config.cache.clone()))
+        .map_err(|e| Error(format!("{}: {e}", backing.display())))?;
 
     raise_nofile_limit();
     // The kernel applies the caller's umask before a create reaches us; ours
@@ -609,7 +645,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let ttl = config
         .metadata_ttl
         .unwrap_or_else(|| default_metadata_ttl(backing == mountpoint));
-    let adapter = FuseAdapter::new(overlay, ttl);
+    let adapter = FuseAdapter::new(overlay, ttl, config.read_mode);
     let session = match fuser::Session::from_fd(adapter, fuse_fd, acl, fuse_config) {
         Ok(s) => s,
         Err(e) => {
@@ -627,10 +663,12 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         format!("from {}", backing.display())
     };
     info!(
-        "mounted {} {how} ({} threads, metadata TTL {} s{})",
+        "mounted {} {how} ({} threads, metadata TTL {} s, cache cap {}, reads {:?}{})",
         mountpoint.display(),
         config.threads,
         ttl.as_secs(),
+        Bytes(cap),
+        config.read_mode,
         if config.allow_other {
             ", allow_other"
         } else {

@@ -84,6 +84,11 @@ pub fn path_of_open(file: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     Ok(owned(fd))
 }
 
+/// The current path of the inode `fd` holds, as the kernel names it.
+pub fn path_name(fd: BorrowedFd<'_>) -> io::Result<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// Attributes of the inode `fd` holds (a symlink's own attributes for links).
 pub fn stat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     let mut st = MaybeUninit::<Stat>::uninit();

@@ -25,8 +25,35 @@ use super::{Caller, Entry, Overlay, SetAttr, Stat, TimeSpec, XattrReply};
 /// cost a LOOKUP round trip, more than the READDIRPLUS it saved.
 const DIR_CACHE_MIN_TTL: Duration = Duration::from_secs(10);
 
+/// How the kernel serves reads of a cacheable (model) file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadMode {
+    /// FOPEN_DIRECT_IO: every read comes to the daemon and is answered from
+    /// the cache's memory; no second copy in the kernel's page cache, and
+    /// nothing a reader or the kernel drops can send it back to disk. mmap
+    /// keeps working (FUSE_DIRECT_IO_ALLOW_MMAP).
+    Direct,
+    /// The kernel's page cache of the mounted file, dropped at each open.
+    PageCache,
+    /// The page cache kept across opens (FOPEN_KEEP_CACHE): a second copy.
+    KeepCache,
+}
+
+impl ReadMode {
+    fn open_flags(self) -> FopenFlags {
+        match self {
+            ReadMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
+            ReadMode::PageCache => FopenFlags::empty(),
+            ReadMode::KeepCache => FopenFlags::FOPEN_KEEP_CACHE,
+        }
+    }
+}
+
 pub struct FuseAdapter {
     overlay: Overlay,
+    /// The configured mode, until `init` learns whether the kernel can mmap
+    /// a direct-I/O file; without that it falls back to the page cache.
+    read_mode: ReadMode,
     /// How long the kernel may cache names, attributes (and, when long
     /// enough, directory listings). A cached listing is re-read when the
     /// directory's mtime has changed.
@@ -34,8 +61,12 @@ pub struct FuseAdapter {
 }
 
 impl FuseAdapter {
-    pub fn new(overlay: Overlay, ttl: Duration) -> Self {
-        Self { overlay, ttl }
+    pub fn new(overlay: Overlay, ttl: Duration, read_mode: ReadMode) -> Self {
+        Self {
+            overlay,
+            read_mode,
+            ttl,
+        }
     }
 }
 
@@ -153,11 +184,23 @@ impl Filesystem for FuseAdapter {
         // answers the stat of every entry, which is what ComfyUI's model
         // scan and `find` do next. PARALLEL_DIROPS: lookups in one directory
         // need not be serialized, every backing call is *at-relative.
+        // DIRECT_IO_ALLOW_MMAP: mmap of a file opened with FOPEN_DIRECT_IO.
         for cap in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ] {
             let _ = config.add_capabilities(cap);
+        }
+        let mmap_ok = config
+            .capabilities()
+            .contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        if self.read_mode == ReadMode::Direct && !mmap_ok {
+            tracing::warn!(
+                "this kernel cannot mmap direct-I/O files (Linux < 6.6): model files are read \
+                 through the page cache instead"
+            );
+            self.read_mode = ReadMode::PageCache;
         }
         Ok(())
     }
@@ -304,7 +347,8 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.overlay.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(o) if o.cacheable => reply.opened(FileHandle(o.fh), self.read_mode.open_flags()),
+            Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -320,9 +364,16 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.overlay.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(e)),
+        // The reply goes out from inside the read, straight from the cache's
+        // memory when the range is loaded.
+        let mut reply = Some(reply);
+        let sent = self.overlay.read(fh.0, offset, size, |data| {
+            if let Some(r) = reply.take() {
+                r.data(data)
+            }
+        });
+        if let (Err(e), Some(r)) = (sent, reply.take()) {
+            r.error(errno(e));
         }
     }
 
@@ -484,6 +535,22 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         reply_empty(reply, self.overlay.fsyncdir(fh.0, datasync));
+    }
+
+    /// No ioctls are passed on (Python's `open` probes TCGETS, for one):
+    /// ENOTTY, what a regular file answers, without a log line.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::cache::{Cache, CacheRef, Identity, WriteGuard};
 pub use backing::{Stat, TimeSpec};
 use creds::ActingAs;
 pub use creds::Caller;
@@ -101,11 +102,31 @@ struct DirStream {
     entries: Mutex<Vec<backing::DirEntry>>,
 }
 
+/// An open file: the backing file, and the cache's hold on it.
+struct OpenFile {
+    file: File,
+    /// For a cacheable file opened for reading: the entry serving it.
+    cached: Option<CacheRef>,
+    /// For a file opened for writing: keeps it out of the cache.
+    _writing: Option<WriteGuard>,
+}
+
+/// What `open` decided.
+pub struct Opened {
+    pub fh: u64,
+    /// A model file opened for reading: its reads are served by the cache
+    /// (from RAM once loaded), so the kernel should send every read here.
+    pub cacheable: bool,
+}
+
 /// The overlay of one backing directory.
 pub struct Overlay {
     inodes: InodeTable,
-    files: Handles<File>,
+    files: Handles<OpenFile>,
     dirs: Handles<DirStream>,
+    cache: Cache,
+    /// The backing directory's path, to name files relative to it.
+    root_path: std::path::PathBuf,
 }
 
 fn key(st: &Stat) -> inodes::InodeKey {
@@ -115,16 +136,36 @@ fn key(st: &Stat) -> inodes::InodeKey {
 impl Overlay {
     /// `root` is the backing directory, opened `O_PATH|O_DIRECTORY` before
     /// anything is mounted over it.
-    pub fn new(root: OwnedFd) -> io::Result<Self> {
+    pub fn new(root: OwnedFd, cache: Cache) -> io::Result<Self> {
         let st = backing::stat(root.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
         }
+        let root_path = backing::path_name(root.as_fd())?;
         Ok(Self {
             inodes: InodeTable::new(root, key(&st)),
             files: Handles::new(),
             dirs: Handles::new(),
+            cache,
+            root_path,
         })
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// The path of a node relative to the backing root (one of its names,
+    /// as of now).
+    fn relative_name(&self, node: &Node) -> String {
+        backing::path_name(node.fd())
+            .ok()
+            .and_then(|p| {
+                p.strip_prefix(&self.root_path)
+                    .ok()
+                    .map(|r| r.display().to_string())
+            })
+            .unwrap_or_default()
     }
 
     /// Nodes the kernel holds references to (the root included).
@@ -176,9 +217,10 @@ impl Overlay {
         }
         if let Some(size) = change.size {
             match change.fh {
-                Some(fh) => self.files.get(fh)?.set_len(size)?,
+                Some(fh) => self.files.get(fh)?.file.set_len(size)?,
                 None => backing::truncate(fd, size)?,
             }
+            self.cache.invalidate(node.key);
         }
         if change.atime.is_some() || change.mtime.is_some() {
             backing::utimens(
@@ -255,7 +297,13 @@ impl Overlay {
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> io::Result<()> {
         let parent = self.inodes.get(parent)?;
-        backing::unlink(parent.fd(), &backing::component(name)?, false)
+        let name = backing::component(name)?;
+        let gone = backing::stat_at(parent.fd(), &name).map(|st| key(&st));
+        backing::unlink(parent.fd(), &name, false)?;
+        if let Ok(gone) = gone {
+            self.cache.invalidate(gone);
+        }
+        Ok(())
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> io::Result<()> {
@@ -274,19 +322,56 @@ impl Overlay {
     ) -> io::Result<()> {
         let from = self.inodes.get(parent)?;
         let to = self.inodes.get(new_parent)?;
+        let new_name = backing::component(new_name)?;
+        // A file replaced by the rename leaves the cache.
+        let replaced = backing::stat_at(to.fd(), &new_name).map(|st| key(&st));
         backing::rename(
             from.fd(),
             &backing::component(name)?,
             to.fd(),
-            &backing::component(new_name)?,
+            &new_name,
             flags,
-        )
+        )?;
+        if let Ok(replaced) = replaced {
+            self.cache.invalidate(replaced);
+        }
+        Ok(())
     }
 
-    pub fn open(&self, id: u64, flags: i32) -> io::Result<u64> {
+    pub fn open(&self, id: u64, flags: i32) -> io::Result<Opened> {
         let node = self.inodes.get(id)?;
         let file = backing::reopen(node.fd(), io_flags(flags))?;
-        Ok(self.files.insert(file))
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            let writing = Some(self.cache.open_for_write(node.key));
+            let fh = self.files.insert(OpenFile {
+                file,
+                cached: None,
+                _writing: writing,
+            });
+            return Ok(Opened {
+                fh,
+                cacheable: false,
+            });
+        }
+        // The identity check of every open: what the backing file is now.
+        let st = backing::stat(file.as_fd())?;
+        let name = self.relative_name(&node);
+        let cacheable = st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && self
+                .cache
+                .is_cacheable(OsStr::new(&name), st.st_size as u64);
+        let cached = if cacheable {
+            let source = || backing::reopen(node.fd(), libc::O_RDONLY);
+            self.cache.open_for_read(Identity::of(&st), &name, source)
+        } else {
+            None
+        };
+        let fh = self.files.insert(OpenFile {
+            file,
+            cached,
+            _writing: None,
+        });
+        Ok(Opened { fh, cacheable })
     }
 
     pub fn create(
@@ -306,28 +391,48 @@ impl Overlay {
         // The node comes from the open file itself, not from the name, which
         // another process could already have replaced.
         let entry = self.remember(backing::path_of_open(file.as_fd())?)?;
-        Ok((entry, self.files.insert(file)))
+        let writing = Some(self.cache.open_for_write(key(&entry.stat)));
+        let fh = self.files.insert(OpenFile {
+            file,
+            cached: None,
+            _writing: writing,
+        });
+        Ok((entry, fh))
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
-        let file = self.files.get(fh)?;
+    /// Hands `reply` the bytes at `offset`: from the cache when that range
+    /// is loaded, else read from the backing file.
+    pub fn read<R>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> io::Result<R> {
+        let open = self.files.get(fh)?;
+        if let Some(bytes) = open
+            .cached
+            .as_ref()
+            .and_then(|c| c.entry().bytes(offset, size))
+        {
+            return Ok(reply(bytes));
+        }
         let mut buf = vec![0u8; size as usize];
-        let n = backing::pread(&file, &mut buf, offset)?;
-        buf.truncate(n);
-        Ok(buf)
+        let n = backing::pread(&open.file, &mut buf, offset)?;
+        Ok(reply(&buf[..n]))
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<usize> {
-        backing::pwrite(&*self.files.get(fh)?, data, offset)
+        backing::pwrite(&self.files.get(fh)?.file, data, offset)
     }
 
     /// Called at every close(2) of a descriptor: reports a deferred write
     /// error of the backing file, as close(2) on it would.
     pub fn flush(&self, fh: u64) -> io::Result<()> {
-        let file = self.files.get(fh)?;
+        let open = self.files.get(fh)?;
         // close() of a dup reports errors the backing filesystem deferred
         // (NFS, quota) without closing our own descriptor.
-        let dup = file.try_clone()?;
+        let dup = open.file.try_clone()?;
         let fd: OwnedFd = dup.into();
         let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
         // SAFETY: `raw` is a descriptor we own and close exactly once.
@@ -339,17 +444,17 @@ impl Overlay {
 
     /// `fallocate(2)` on the backing file (preallocation, punching holes).
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> io::Result<()> {
-        backing::fallocate(&*self.files.get(fh)?, offset, length, mode)
+        backing::fallocate(&self.files.get(fh)?.file, offset, length, mode)
     }
 
     /// `lseek(2)` on the backing file, for `SEEK_DATA` and `SEEK_HOLE`; the
     /// position itself is unused (all I/O is positional).
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> io::Result<i64> {
-        backing::lseek(&*self.files.get(fh)?, offset, whence)
+        backing::lseek(&self.files.get(fh)?.file, offset, whence)
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> io::Result<()> {
-        backing::fsync(&*self.files.get(fh)?, datasync)
+        backing::fsync(&self.files.get(fh)?.file, datasync)
     }
 
     pub fn release(&self, fh: u64) {
@@ -522,9 +627,18 @@ mod tests {
     use std::ffi::OsStr;
 
     fn overlay() -> (tempfile::TempDir, Overlay) {
+        overlay_with_cache(0)
+    }
+
+    fn overlay_with_cache(cap: u64) -> (tempfile::TempDir, Overlay) {
         let dir = tempfile::tempdir().unwrap();
         let root = backing::open_root(dir.path()).unwrap();
-        (dir, Overlay::new(root).unwrap())
+        let cache = Cache::new(crate::cache::CacheConfig::with_cap(cap));
+        (dir, Overlay::new(root, cache).unwrap())
+    }
+
+    pub(super) fn read_all(fs: &Overlay, fh: u64, offset: u64, size: u32) -> Vec<u8> {
+        fs.read(fh, offset, size, |d| d.to_vec()).unwrap()
     }
 
     fn me() -> Caller {
@@ -597,7 +711,7 @@ mod tests {
             .unwrap();
         assert_eq!(e.stat.st_mode & 0o777, 0o640);
         assert_eq!(fs.write(fh, 3, b"abc").unwrap(), 3);
-        assert_eq!(fs.read(fh, 0, 100).unwrap(), b"\0\0\0abc");
+        assert_eq!(read_all(&fs, fh, 0, 100), b"\0\0\0abc");
         fs.flush(fh).unwrap();
         fs.release(fh);
         std::fs::write(dir.path().join("other"), b"o").unwrap();
@@ -660,6 +774,113 @@ mod tests {
         assert_eq!(
             errno_of(fs.getxattr(e.id, OsStr::new("user.k"), 2)),
             Some(libc::ERANGE)
+        );
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::tests::read_all;
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn setup(cap: u64, files: &[(&str, usize)]) -> (tempfile::TempDir, Overlay) {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (name, len)) in files.iter().enumerate() {
+            let data: Vec<u8> = (0..*len).map(|b| (b * 7 + i) as u8).collect();
+            std::fs::write(dir.path().join(name), data).unwrap();
+        }
+        let root = backing::open_root(dir.path()).unwrap();
+        let cache = Cache::new(crate::cache::CacheConfig::with_cap(cap));
+        (dir, Overlay::new(root, cache).unwrap())
+    }
+
+    fn open(fs: &Overlay, name: &str, flags: i32) -> (Opened, u64) {
+        let e = fs.lookup(inodes::ROOT, OsStr::new(name)).unwrap();
+        (fs.open(e.id, flags).unwrap(), e.id)
+    }
+
+    fn wait_loaded(fs: &Overlay, bytes: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs.cache().loaded_bytes() != bytes {
+            assert!(
+                Instant::now() < deadline,
+                "loaded {} != {bytes}",
+                fs.cache().loaded_bytes()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn model_files_are_cacheable_other_files_are_not() {
+        let (_d, fs) = setup(
+            64 << 20,
+            &[
+                ("a.safetensors", 2 << 20),
+                ("a.txt", 2 << 20),
+                ("tiny.ckpt", 1000),
+            ],
+        );
+        assert!(open(&fs, "a.safetensors", libc::O_RDONLY).0.cacheable);
+        assert!(!open(&fs, "a.txt", libc::O_RDONLY).0.cacheable);
+        assert!(
+            !open(&fs, "tiny.ckpt", libc::O_RDONLY).0.cacheable,
+            "under min_file_size"
+        );
+        assert!(
+            !open(&fs, "a.safetensors", libc::O_RDWR).0.cacheable,
+            "open for writing"
+        );
+    }
+
+    #[test]
+    fn opening_for_writing_drops_the_cached_copy() {
+        let (_d, fs) = setup(64 << 20, &[("m.gguf", 4 << 20)]);
+        let (r, _) = open(&fs, "m.gguf", libc::O_RDONLY);
+        wait_loaded(&fs, 4 << 20);
+        let (w, _) = open(&fs, "m.gguf", libc::O_WRONLY);
+        fs.release(r.fh);
+        assert_eq!(fs.cache().charged_bytes(), 0);
+        // While it is open for writing, a reader is not served from a cache.
+        let (r2, _) = open(&fs, "m.gguf", libc::O_RDONLY);
+        assert_eq!(fs.cache().charged_bytes(), 0);
+        fs.release(r2.fh);
+        fs.release(w.fh);
+    }
+
+    #[test]
+    fn a_reader_sees_writes_made_while_it_holds_the_cached_file() {
+        let (_d, fs) = setup(64 << 20, &[("m.safetensors", 2 << 20)]);
+        let (r, _) = open(&fs, "m.safetensors", libc::O_RDONLY);
+        wait_loaded(&fs, 2 << 20);
+        let (w, _) = open(&fs, "m.safetensors", libc::O_WRONLY);
+        fs.write(w.fh, 100, b"new bytes").unwrap();
+        assert_eq!(read_all(&fs, r.fh, 100, 9), b"new bytes");
+        fs.release(w.fh);
+        fs.release(r.fh);
+    }
+
+    #[test]
+    fn reads_match_the_file_during_and_after_the_load() {
+        let (dir, fs) = setup(64 << 20, &[("big.safetensors", 24 << 20)]);
+        let want = std::fs::read(dir.path().join("big.safetensors")).unwrap();
+        let (o, _) = open(&fs, "big.safetensors", libc::O_RDONLY);
+        let check = || {
+            for (off, len) in [(0u64, 4096u32), (20 << 20, 1 << 20), ((24 << 20) - 10, 100)] {
+                let got = read_all(&fs, o.fh, off, len);
+                let end = (off as usize + len as usize).min(want.len());
+                assert_eq!(got, &want[off as usize..end]);
+            }
+        };
+        check();
+        wait_loaded(&fs, 24 << 20);
+        check();
+        fs.release(o.fh);
+        assert_eq!(
+            fs.cache().charged_bytes(),
+            24 << 20,
+            "stays cached after close"
         );
     }
 }

@@ -260,3 +260,102 @@ pub fn checksum(path: &Path) -> (u64, u64) {
         }
     }
 }
+
+/// Writes a valid safetensors file of `tensors` F32 tensors of
+/// `tensor_bytes` each: an 8-byte little-endian header length, a JSON
+/// header, then the tensor data (pseudo-random). Returns the file offset and
+/// length of every tensor, in file order.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: usize,
+    tensor_bytes: usize,
+    seed: u64,
+) -> Vec<(u64, u64)> {
+    assert_eq!(tensor_bytes % 4, 0, "whole F32 values");
+    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    for i in 0..tensors {
+        let (begin, end) = (i * tensor_bytes, (i + 1) * tensor_bytes);
+        header.push_str(&format!(
+            ",\"layer.{i}.weight\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{begin},{end}]}}",
+            tensor_bytes / 4
+        ));
+    }
+    header.push('}');
+    // The data starts 8-byte aligned, as the format recommends.
+    while (8 + header.len()) % 8 != 0 {
+        header.push(' ');
+    }
+    let data_start = 8 + header.len() as u64;
+    let mut f = std::io::BufWriter::new(File::create(path).unwrap());
+    use std::io::Write;
+    f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(header.as_bytes()).unwrap();
+    for i in 0..tensors {
+        f.write_all(&pseudo_random(
+            tensor_bytes,
+            seed.wrapping_add(i as u64 * 7919),
+        ))
+        .unwrap();
+    }
+    f.into_inner().unwrap().sync_all().unwrap();
+    (0..tensors)
+        .map(|i| (data_start + (i * tensor_bytes) as u64, tensor_bytes as u64))
+        .collect()
+}
+
+/// Drops a file's pages from the page cache (so tests start cold).
+pub fn drop_from_page_cache(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).unwrap();
+    // SAFETY: advice on a valid fd.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+/// Bytes of `path` that are in the page cache now (mincore).
+pub fn page_cache_bytes(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    if len == 0 {
+        return 0;
+    }
+    let page = 4096usize;
+    // SAFETY: a read-only shared mapping of an open file, unmapped below;
+    // mincore writes one byte per page into `vec`.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+        libc::munmap(addr, len);
+        vec.iter().filter(|b| **b & 1 != 0).count() as u64 * page as u64
+    }
+}
+
+/// The daemon's cache memfds: (count, total size, total allocated bytes).
+pub fn memfd_usage(pid: u32) -> (usize, u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = (0, 0, 0);
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if !target.to_string_lossy().starts_with("/memfd:modelcache") {
+            continue;
+        }
+        if let Ok(md) = std::fs::metadata(fd.path()) {
+            out.0 += 1;
+            out.1 += md.len();
+            out.2 += md.blocks() * 512;
+        }
+    }
+    out
+}

@@ -1,0 +1,374 @@
+//! The RAM cache of whole model files.
+//!
+//! `policy` decides (pure, no I/O); `entry` holds one file's bytes in a
+//! memfd; this module ties them together under one lock and runs the loader
+//! pool. Readers hold a `CacheRef` per open file, writers a `WriteGuard`.
+
+pub mod entry;
+pub mod policy;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+use tracing::{info, warn};
+
+pub use entry::{Entry, Identity};
+use policy::{Admission, EntryId, EvictReason, Key, Policy};
+
+use crate::size::Bytes;
+
+/// Model file extensions cached by default.
+pub const DEFAULT_EXTENSIONS: &[&str] = &[
+    "safetensors",
+    "sft",
+    "ckpt",
+    "pt",
+    "pt2",
+    "pth",
+    "bin",
+    "gguf",
+    "pkl",
+    "onnx",
+];
+
+/// How much the loader copies per step: large enough for the disk to
+/// stream, small enough that a reader soon finds its range loaded.
+const LOAD_CHUNK: u64 = 8 << 20;
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// The cap on cached bytes; 0 disables the cache.
+    pub max_size: u64,
+    /// Smaller files are not worth an entry.
+    pub min_file_size: u64,
+    pub loader_threads: usize,
+    /// Lower-case extensions, without the dot.
+    pub extensions: Vec<String>,
+}
+
+impl CacheConfig {
+    pub fn with_cap(max_size: u64) -> Self {
+        Self {
+            max_size,
+            min_file_size: 1 << 20,
+            loader_threads: 2,
+            extensions: DEFAULT_EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+}
+
+struct State {
+    policy: Policy,
+    /// The entries the policy holds resident. An entry dropped from here
+    /// lives on while readers hold it and is freed with their last close.
+    resident: HashMap<EntryId, Arc<Entry>>,
+    /// Files open for writing through the mount: never cached meanwhile.
+    writers: HashMap<Key, u32>,
+}
+
+/// Why entries leave the cache, for the log and for what open handles may
+/// still read.
+#[derive(Clone, Copy)]
+enum Why {
+    /// The file changed: its cached bytes are stale.
+    Changed(&'static str),
+    /// Room was needed: the bytes still match the file.
+    Room(&'static str),
+}
+
+impl std::fmt::Display for Why {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Why::Changed(s) | Why::Room(s) => f.write_str(s),
+        }
+    }
+}
+
+struct Shared {
+    config: CacheConfig,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    /// Removes evicted entries from the resident set and stops their loads.
+    /// Entries evicted because their file changed are also marked stale, so
+    /// that handles still holding them read the backing file instead.
+    fn drop_resident(state: &mut State, ids: impl IntoIterator<Item = EntryId>, why: Why) {
+        for id in ids {
+            if let Some(entry) = state.resident.remove(&id) {
+                match why {
+                    Why::Changed(_) => entry.mark_stale(),
+                    Why::Room(_) => entry.cancel(),
+                }
+                info!("evicted {} ({}, {why})", entry.name, Bytes(entry.size()));
+            }
+        }
+    }
+
+    fn invalidate(&self, key: Key, why: &'static str) {
+        let mut state = self.state.lock();
+        let evicted = state.policy.evict(key, EvictReason::Invalidated);
+        Self::drop_resident(&mut state, evicted, Why::Changed(why));
+    }
+
+    /// Drops `entry` if it is still the resident entry of its file (a failed
+    /// or stale load).
+    fn discard(&self, entry: &Entry) {
+        let mut state = self.state.lock();
+        let key = entry.identity.key();
+        if state.policy.lookup(key) == Some(entry.id) {
+            let evicted = state.policy.evict(key, EvictReason::Invalidated);
+            Self::drop_resident(&mut state, evicted, Why::Changed("load failed"));
+        }
+    }
+}
+
+/// A reader's hold on a cache entry: its bytes stay mapped while it lives.
+pub struct CacheRef {
+    shared: Arc<Shared>,
+    entry: Arc<Entry>,
+}
+
+impl CacheRef {
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+impl Drop for CacheRef {
+    fn drop(&mut self) {
+        self.shared.state.lock().policy.close(self.entry.id);
+    }
+}
+
+/// A writer's hold on a file: while any is alive the file is not cached,
+/// and the cache forgets it again when the last one goes (its bytes may
+/// have changed).
+pub struct WriteGuard {
+    shared: Arc<Shared>,
+    key: Key,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        {
+            let mut state = self.shared.state.lock();
+            if let Some(n) = state.writers.get_mut(&self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    state.writers.remove(&self.key);
+                }
+            }
+        }
+        self.shared.invalidate(self.key, "written");
+    }
+}
+
+struct LoadJob {
+    entry: Arc<Entry>,
+    source: File,
+    name: String,
+}
+
+pub struct Cache {
+    shared: Arc<Shared>,
+    loads: Option<Sender<LoadJob>>,
+    loaders: Vec<JoinHandle<()>>,
+}
+
+impl Cache {
+    pub fn new(config: CacheConfig) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                policy: Policy::new(config.max_size),
+                resident: HashMap::new(),
+                writers: HashMap::new(),
+            }),
+            config,
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let loaders = (0..shared.config.loader_threads.max(1))
+            .map(|i| {
+                let rx = rx.clone();
+                let shared = Arc::downgrade(&shared);
+                std::thread::Builder::new()
+                    .name(format!("loader-{i}"))
+                    .spawn(move || load_loop(rx, shared))
+                    .expect("spawn a loader thread")
+            })
+            .collect();
+        Self {
+            shared,
+            loads: Some(tx),
+            loaders,
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.shared.config
+    }
+
+    /// A regular file whose extension is a model extension and whose size
+    /// is within `[min_file_size, max_size]`.
+    pub fn is_cacheable(&self, name: &OsStr, size: u64) -> bool {
+        let config = &self.shared.config;
+        let ext = std::path::Path::new(name)
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase());
+        config.max_size > 0
+            && size >= config.min_file_size
+            && size <= config.max_size
+            && ext.is_some_and(|e| config.extensions.contains(&e))
+    }
+
+    /// An open for reading of a cacheable file whose backing file is now
+    /// `identity`. Returns the entry to serve it from: a cached one if it
+    /// still matches the backing file, else a new one whose load is queued
+    /// (`source` opens the backing file for the loader). `None` when the
+    /// file is open for writing or the cap cannot make room.
+    pub fn open_for_read(
+        &self,
+        identity: Identity,
+        name: &str,
+        source: impl FnOnce() -> io::Result<File>,
+    ) -> Option<CacheRef> {
+        let key = identity.key();
+        let mut state = self.shared.state.lock();
+        if state.writers.contains_key(&key) {
+            return None;
+        }
+        if let Some(id) = state.policy.lookup(key) {
+            let entry = state.resident[&id].clone();
+            if entry.identity == identity {
+                state.policy.open(id);
+                return Some(CacheRef {
+                    shared: self.shared.clone(),
+                    entry,
+                });
+            }
+            let evicted = state.policy.evict(key, EvictReason::Invalidated);
+            Shared::drop_resident(
+                &mut state,
+                evicted,
+                Why::Changed("changed behind the mount"),
+            );
+        }
+        let id = match state.policy.admit(key, identity.size) {
+            Admission::Admitted { id, evicted } => {
+                Shared::drop_resident(&mut state, evicted, Why::Room("cap"));
+                id
+            }
+            Admission::Declined => return None,
+        };
+        let created = Entry::new(id, identity, name).and_then(|e| Ok((e, source()?)));
+        let (entry, source) = match created {
+            Ok((entry, source)) => (Arc::new(entry), source),
+            Err(e) => {
+                warn!("cannot cache {name}: {e}");
+                state.policy.evict(key, EvictReason::Invalidated);
+                return None;
+            }
+        };
+        state.resident.insert(id, entry.clone());
+        state.policy.open(id);
+        drop(state);
+        let job = LoadJob {
+            entry: entry.clone(),
+            source,
+            name: name.to_string(),
+        };
+        if let Some(loads) = &self.loads {
+            let _ = loads.send(job);
+        }
+        Some(CacheRef {
+            shared: self.shared.clone(),
+            entry,
+        })
+    }
+
+    /// An open for writing: drops the cached copy and keeps the file out of
+    /// the cache until the returned guard (and every other) is dropped.
+    pub fn open_for_write(&self, key: Key) -> WriteGuard {
+        *self.shared.state.lock().writers.entry(key).or_insert(0) += 1;
+        self.shared.invalidate(key, "opened for writing");
+        WriteGuard {
+            shared: self.shared.clone(),
+            key,
+        }
+    }
+
+    /// The file changed through the mount (truncated, replaced, removed).
+    pub fn invalidate(&self, key: Key) {
+        self.shared.invalidate(key, "changed through the mount");
+    }
+
+    /// Bytes of resident entries loaded so far.
+    pub fn loaded_bytes(&self) -> u64 {
+        let state = self.shared.state.lock();
+        state.resident.values().map(|e| e.loaded()).sum()
+    }
+
+    /// Bytes charged against the cap (resident, and evicted but still held).
+    pub fn charged_bytes(&self) -> u64 {
+        self.shared.state.lock().policy.charged_bytes()
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        for entry in self.shared.state.lock().resident.values() {
+            entry.cancel();
+        }
+        self.loads = None;
+        for loader in self.loaders.drain(..) {
+            let _ = loader.join();
+        }
+    }
+}
+
+fn load_loop(jobs: Receiver<LoadJob>, shared: Weak<Shared>) {
+    for job in jobs {
+        let entry = &job.entry;
+        if entry.is_cancelled() {
+            continue;
+        }
+        let started = Instant::now();
+        let result = entry.fill_from(&job.source, LOAD_CHUNK).and_then(|()| {
+            // A change during the load makes the copy stale.
+            let st = crate::fs::backing::stat(std::os::fd::AsFd::as_fd(&job.source))?;
+            if Identity::of(&st) != entry.identity {
+                return Err(io::Error::other("the file changed while loading"));
+            }
+            entry.seal()
+        });
+        match result {
+            Ok(()) => {
+                let secs = started.elapsed().as_secs_f64();
+                info!(
+                    "loaded {} ({}) in {secs:.2} s, {:.2} GB/s",
+                    job.name,
+                    Bytes(entry.size()),
+                    entry.size() as f64 / secs.max(1e-9) / 1e9
+                );
+            }
+            Err(_) if entry.is_cancelled() => {}
+            Err(e) => {
+                warn!(
+                    "loading {} failed: {e}; it is served from the backing file",
+                    job.name
+                );
+                if let Some(shared) = shared.upgrade() {
+                    shared.discard(entry);
+                }
+            }
+        }
+    }
+}

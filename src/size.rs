@@ -1,0 +1,119 @@
+//! Sizes as users write them: `48GiB`, `500M`, `1.5G`, `20%` (of RAM).
+
+use std::fmt;
+
+/// A size given in bytes or as a share of the machine's RAM.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SizeSpec {
+    Bytes(u64),
+    PercentOfRam(f64),
+}
+
+impl SizeSpec {
+    /// The size in bytes on a machine with `ram` bytes of memory.
+    pub fn resolve(self, ram: u64) -> u64 {
+        match self {
+            SizeSpec::Bytes(b) => b,
+            SizeSpec::PercentOfRam(p) => (ram as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+impl std::str::FromStr for SizeSpec {
+    type Err = String;
+
+    /// Units are binary whichever way they are written (`G` = `GB` = `GiB`
+    /// = 2^30): memory is counted in binary units, and a cap that came out
+    /// 7% smaller than the user meant would surprise more than one 7% larger.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let s = text.trim();
+        let bad = || {
+            format!(
+                "invalid size {text:?}: use a number with a unit (500M, 48GiB, 1.5G) or a share of RAM (20%)"
+            )
+        };
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(format!(
+                    "invalid size {text:?}: a share of RAM must be above 0% and at most 100%"
+                ));
+            }
+            return Ok(SizeSpec::PercentOfRam(p));
+        }
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let number: f64 = number.parse().map_err(|_| bad())?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            _ => return Err(bad()),
+        };
+        let bytes = number * (1u64 << shift) as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(bad());
+        }
+        Ok(SizeSpec::Bytes(bytes as u64))
+    }
+}
+
+/// Bytes as a person reads them: `1.5 GiB`.
+pub struct Bytes(pub u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < units.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{value:.1} {}", units[unit])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_in_every_spelling() {
+        let cases = [
+            ("48GiB", SizeSpec::Bytes(48 << 30)),
+            ("48G", SizeSpec::Bytes(48 << 30)),
+            ("500M", SizeSpec::Bytes(500 << 20)),
+            ("500 mb", SizeSpec::Bytes(500 << 20)),
+            ("1.5G", SizeSpec::Bytes(3 << 29)),
+            ("4096", SizeSpec::Bytes(4096)),
+            ("20%", SizeSpec::PercentOfRam(20.0)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(text.parse::<SizeSpec>(), Ok(want), "{text}");
+        }
+        assert_eq!(SizeSpec::PercentOfRam(50.0).resolve(64 << 30), 32 << 30);
+    }
+
+    #[test]
+    fn bad_sizes_say_what_is_accepted() {
+        for text in ["", "G", "12 parsecs", "-5G", "0%", "150%", "1e999G"] {
+            let err = text.parse::<SizeSpec>().unwrap_err();
+            assert!(err.contains(&format!("{text:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn bytes_display() {
+        assert_eq!(Bytes(512).to_string(), "512 B");
+        assert_eq!(Bytes(3 << 29).to_string(), "1.5 GiB");
+    }
+}
