@@ -35,15 +35,19 @@ fn main() -> ExitCode {
             loader_threads,
             read_mode,
             background: false,
-        } => mount::run(MountConfig {
-            backing,
-            mountpoint,
-            allow_other,
-            threads: threads.map_or_else(mount::default_threads, usize::from),
-            metadata_ttl: metadata_ttl.map(|s| Duration::from_secs(s.into())),
-            cache: mount::cache_config(max_size, min_file_size, loader_threads.into()),
-            read_mode,
-        }),
+        } => {
+            mount::cache_config(max_size, min_file_size, loader_threads.into()).and_then(|cache| {
+                mount::run(MountConfig {
+                    backing,
+                    mountpoint,
+                    allow_other,
+                    threads: threads.map_or_else(mount::default_threads, usize::from),
+                    metadata_ttl: metadata_ttl.map(|s| Duration::from_secs(s.into())),
+                    cache,
+                    read_mode,
+                })
+            })
+        }
         Command::Umount { path, lazy } => mount::umount_command(&path, lazy),
     };
     match result {

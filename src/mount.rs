@@ -48,21 +48,29 @@ pub fn total_ram() -> u64 {
     }
 }
 
-/// The cache settings from the command line; the cap defaults to half the RAM.
+/// The cache settings from the command line; the cap defaults to half the
+/// RAM, and a cap beyond the RAM is refused (the cache would push the rest
+/// of the system into the OOM killer before it ever filled).
 pub fn cache_config(
     max_size: Option<SizeSpec>,
     min_file_size: SizeSpec,
     loader_threads: usize,
-) -> CacheConfig {
+) -> Result<CacheConfig, Error> {
     let ram = total_ram();
-    let mut config = CacheConfig::with_cap(
-        max_size
-            .unwrap_or(SizeSpec::PercentOfRam(50.0))
-            .resolve(ram),
-    );
+    let cap = max_size
+        .unwrap_or(SizeSpec::PercentOfRam(50.0))
+        .resolve(ram);
+    if ram > 0 && cap > ram {
+        return Err(Error(format!(
+            "--max-size {} is more than this machine's RAM ({}); give a smaller size or a share such as 50%",
+            Bytes(cap),
+            Bytes(ram)
+        )));
+    }
+    let mut config = CacheConfig::with_cap(cap);
     config.min_file_size = min_file_size.resolve(ram);
     config.loader_threads = loader_threads;
-    config
+    Ok(config)
 }
 
 /// In place, the backing directory is hidden under the mount: every change

@@ -441,6 +441,10 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
             modelcache(&[&p("mount"), &p("--backing"), tmp.path(), &mnt]),
             "inside the backing directory",
         ),
+        (
+            modelcache(&[&p("mount"), &p("--max-size"), &p("100TiB"), &mnt]),
+            "more than this machine's RAM",
+        ),
         (modelcache(&[&p("umount"), tmp.path()]), "not a mount point"),
         (
             modelcache(&[&p("umount"), &p("/proc")]),

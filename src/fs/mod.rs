@@ -322,18 +322,16 @@ impl Overlay {
     ) -> io::Result<()> {
         let from = self.inodes.get(parent)?;
         let to = self.inodes.get(new_parent)?;
-        let new_name = backing::component(new_name)?;
-        // A file replaced by the rename leaves the cache.
-        let replaced = backing::stat_at(to.fd(), &new_name).map(|st| key(&st));
-        backing::rename(
-            from.fd(),
-            &backing::component(name)?,
-            to.fd(),
-            &new_name,
-            flags,
-        )?;
-        if let Ok(replaced) = replaced {
-            self.cache.invalidate(replaced);
+        let (name, new_name) = (backing::component(name)?, backing::component(new_name)?);
+        // Both files leave the cache: the one replaced, and the one renamed
+        // (a rename changes its ctime, so its next open would reload anyway).
+        let moved = [
+            backing::stat_at(from.fd(), &name),
+            backing::stat_at(to.fd(), &new_name),
+        ];
+        backing::rename(from.fd(), &name, to.fd(), &new_name, flags)?;
+        for st in moved.iter().flatten() {
+            self.cache.invalidate(key(st));
         }
         Ok(())
     }
