@@ -39,6 +39,17 @@ impl Identity {
     }
 }
 
+/// `modelcache:<path>`, shown in /proc/PID/fd. memfd_create takes at most
+/// 249 bytes: a long path keeps its end (the file name).
+fn memfd_name(path: &str) -> String {
+    const MAX: usize = 249 - "modelcache:".len();
+    let mut start = path.len().saturating_sub(MAX);
+    while !path.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("modelcache:{}", &path[start..])
+}
+
 pub struct Entry {
     pub id: EntryId,
     pub identity: Identity,
@@ -61,8 +72,8 @@ pub struct Entry {
 impl Entry {
     /// An empty entry of the file's size: a sealable memfd, not yet filled.
     pub fn new(id: EntryId, identity: Identity, name: &str) -> io::Result<Self> {
-        let cname = std::ffi::CString::new(format!("modelcache:{name}"))
-            .unwrap_or_else(|_| c"modelcache".to_owned());
+        let cname =
+            std::ffi::CString::new(memfd_name(name)).unwrap_or_else(|_| c"modelcache".to_owned());
         // SAFETY: valid NUL-terminated name; the fd returned is ours.
         let fd = unsafe {
             libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
@@ -209,5 +220,19 @@ impl Entry {
     /// The memfd, for handing to the kernel (passthrough).
     pub fn memfd(&self) -> &File {
         &self.memfd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memfd_name;
+
+    #[test]
+    fn memfd_names_fit_the_kernel_limit_and_keep_the_file_name() {
+        assert_eq!(memfd_name("vae/a.sft"), "modelcache:vae/a.sft");
+        let long = format!("{}/é/model.safetensors", "d".repeat(300));
+        let name = memfd_name(&long);
+        assert!(name.len() <= 249, "{}", name.len());
+        assert!(name.ends_with("/é/model.safetensors"));
     }
 }

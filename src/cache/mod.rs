@@ -261,6 +261,22 @@ impl Cache {
                 Why::Changed("changed behind the mount"),
             );
         }
+        // The same name cached as another inode: the file was replaced
+        // behind the mount (a download renamed over it). Its old bytes go.
+        let replaced: Vec<Key> = state
+            .resident
+            .values()
+            .filter(|e| e.name == name && e.identity.key() != key)
+            .map(|e| e.identity.key())
+            .collect();
+        for old in replaced {
+            let evicted = state.policy.evict(old, EvictReason::Invalidated);
+            Shared::drop_resident(
+                &mut state,
+                evicted,
+                Why::Changed("replaced behind the mount"),
+            );
+        }
         let id = match state.policy.admit(key, identity.size) {
             Admission::Admitted { id, evicted } => {
                 Shared::drop_resident(&mut state, evicted, Why::Room("cap"));
