@@ -128,22 +128,23 @@ impl InodeTable {
     }
 
     /// Drops `count` kernel lookups of `id`; the root is never dropped.
-    pub fn forget(&self, id: u64, count: u64) {
+    /// Returns the node when this was its last lookup.
+    pub fn forget(&self, id: u64, count: u64) -> Option<Arc<Node>> {
         if id == ROOT {
-            return;
+            return None;
         }
         let mut table = self.table.write();
-        let Some(slot) = table.by_id.get_mut(&id) else {
-            return;
-        };
+        let slot = table.by_id.get_mut(&id)?;
         let left = slot.lookups.get_mut();
         *left = left.saturating_sub(count);
-        if *left == 0 {
-            let key = slot.node.key;
-            table.by_id.remove(&id);
-            table.by_key.remove(&key);
-            table.retired.insert(key, id);
+        if *left > 0 {
+            return None;
         }
+        let slot = table.by_id.remove(&id)?;
+        let key = slot.node.key;
+        table.by_key.remove(&key);
+        table.retired.insert(key, id);
+        Some(slot.node)
     }
 
     /// Number of nodes currently known (the root included).

@@ -194,8 +194,14 @@ impl Overlay {
         Ok(Entry { id, stat })
     }
 
+    /// When the kernel lets go of a file that no name leads to any more
+    /// (deleted behind the mount), its cached copy goes too.
     pub fn forget(&self, id: u64, count: u64) {
-        self.inodes.forget(id, count);
+        if let Some(node) = self.inodes.forget(id, count)
+            && backing::stat(node.fd()).is_ok_and(|st| st.st_nlink == 0)
+        {
+            self.cache.invalidate(node.key);
+        }
     }
 
     pub fn getattr(&self, id: u64) -> io::Result<Stat> {
@@ -845,6 +851,18 @@ mod cache_tests {
         assert_eq!(fs.cache().charged_bytes(), 0);
         fs.release(r2.fh);
         fs.release(w.fh);
+    }
+
+    #[test]
+    fn a_file_deleted_behind_the_mount_leaves_the_cache_when_forgotten() {
+        let (dir, fs) = setup(64 << 20, &[("gone.ckpt", 2 << 20)]);
+        let (o, id) = open(&fs, "gone.ckpt", libc::O_RDONLY);
+        wait_loaded(&fs, 2 << 20);
+        fs.release(o.fh);
+        std::fs::remove_file(dir.path().join("gone.ckpt")).unwrap();
+        assert_eq!(fs.cache().charged_bytes(), 2 << 20);
+        fs.forget(id, 1);
+        assert_eq!(fs.cache().charged_bytes(), 0);
     }
 
     #[test]
