@@ -174,7 +174,6 @@ impl Drop for WriteGuard {
 struct LoadJob {
     entry: Arc<Entry>,
     source: File,
-    name: String,
 }
 
 pub struct Cache {
@@ -299,7 +298,6 @@ impl Cache {
         let job = LoadJob {
             entry: entry.clone(),
             source,
-            name: name.to_string(),
         };
         if let Some(loads) = &self.loads {
             let _ = loads.send(job);
@@ -370,7 +368,7 @@ fn load_loop(jobs: Receiver<LoadJob>, shared: Weak<Shared>) {
                 let secs = started.elapsed().as_secs_f64();
                 info!(
                     "loaded {} ({}) in {secs:.2} s, {:.2} GB/s",
-                    job.name,
+                    entry.name,
                     Bytes(entry.size()),
                     entry.size() as f64 / secs.max(1e-9) / 1e9
                 );
@@ -379,7 +377,7 @@ fn load_loop(jobs: Receiver<LoadJob>, shared: Weak<Shared>) {
             Err(e) => {
                 warn!(
                     "loading {} failed: {e}; it is served from the backing file",
-                    job.name
+                    entry.name
                 );
                 if let Some(shared) = shared.upgrade() {
                     shared.discard(entry);
