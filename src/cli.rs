@@ -37,7 +37,8 @@ pub enum Command {
         /// `user_allow_other` in /etc/fuse.conf.
         #[arg(long)]
         allow_other: bool,
-        /// FUSE worker threads (default: the number of cores, clamped to 2..8).
+        /// FUSE worker threads (default 8, whatever the core count: workers
+        /// mostly wait on the disk or on the kernel's copy of a reply).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
         threads: Option<u16>,
         /// How long the kernel may cache names, attributes and directory

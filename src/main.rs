@@ -41,7 +41,7 @@ fn main() -> ExitCode {
                     backing,
                     mountpoint,
                     allow_other,
-                    threads: threads.map_or_else(mount::default_threads, usize::from),
+                    threads: threads.map_or(mount::DEFAULT_THREADS, usize::from),
                     metadata_ttl: metadata_ttl.map(|s| Duration::from_secs(s.into())),
                     cache,
                     read_mode,

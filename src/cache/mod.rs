@@ -361,7 +361,9 @@ fn load_loop(jobs: Receiver<LoadJob>, shared: Weak<Shared>) {
             if Identity::of(&st) != entry.identity {
                 return Err(io::Error::other("the file changed while loading"));
             }
-            entry.seal()
+            entry.seal()?;
+            entry.prefault();
+            Ok(())
         });
         match result {
             Ok(()) => {
