@@ -185,8 +185,9 @@ impl Filesystem for FuseAdapter {
         // scan and `find` do next. PARALLEL_DIROPS: lookups in one directory
         // need not be serialized, every backing call is *at-relative.
         // DIRECT_IO_ALLOW_MMAP: mmap of a file opened with FOPEN_DIRECT_IO.
-        // ASYNC_DIO: one large direct read goes out as several requests at
-        // once, served by several threads, instead of one after another.
+        // ASYNC_DIO: an asynchronous (aio, io_uring) direct read goes out as
+        // several requests at once; a plain read() still sends its requests
+        // one after another.
         for cap in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_PARALLEL_DIROPS,
