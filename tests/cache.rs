@@ -8,7 +8,7 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -20,16 +20,6 @@ const MIB: u64 = 1 << 20;
 
 /// Loads and releases take milliseconds; this only bounds a hang.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Backing and mount point directories side by side in a temp dir.
-fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let tmp = shared_tempdir();
-    let backing = tmp.path().join("backing");
-    let mnt = tmp.path().join("mnt");
-    fs::create_dir(&backing).unwrap();
-    fs::create_dir(&mnt).unwrap();
-    (tmp, backing, mnt)
-}
 
 /// Writes `data` to `path` and waits for it to reach the disk: only clean
 /// pages can leave the page cache, which several tests measure.

@@ -13,16 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Backing and mount point directories side by side in a temp dir.
-fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let tmp = shared_tempdir();
-    let backing = tmp.path().join("backing");
-    let mnt = tmp.path().join("mnt");
-    fs::create_dir(&backing).unwrap();
-    fs::create_dir(&mnt).unwrap();
-    (tmp, backing, mnt)
-}
-
 /// Every file under `root` with its contents, sorted: what a user would
 /// compare after unmounting.
 fn snapshot(root: &Path) -> Vec<(String, Option<Vec<u8>>)> {

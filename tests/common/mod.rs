@@ -192,6 +192,17 @@ pub fn shared_tempdir() -> tempfile::TempDir {
     dir
 }
 
+/// Backing and mount point directories side by side in a temp dir that
+/// other users can traverse.
+pub fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = shared_tempdir();
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    (tmp, backing, mnt)
+}
+
 pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
