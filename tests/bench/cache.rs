@@ -8,16 +8,17 @@
 //! repetitions per measurement; `TMPDIR` picks where the 2 GiB file goes (a
 //! disk-backed filesystem, or "cold" means nothing).
 
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
+
+#[path = "support.rs"]
+mod support;
+use support::Mounted;
 
 const MIB: usize = 1 << 20;
 const FILE_SIZE: usize = 2 << 30;
@@ -31,95 +32,16 @@ const SEQ_CHUNK: usize = 4 * MIB;
 const PREAD_CHUNK: usize = 2 * MIB;
 const PREAD_THREADS: usize = 8;
 const PAGE: usize = 4096;
-const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_PAGES_LIMIT: &str = "/proc/sys/fs/fuse/max_pages_limit";
 const RAISED_MAX_PAGES: u32 = 1024;
 const MODEL: &str = "model.safetensors";
 
 // ---------------------------------------------------------------------------
-// Mount lifecycle (as in tests/bench/mount.rs, plus cache-load tracking)
+// Cache-load tracking on top of the shared daemon guard
 // ---------------------------------------------------------------------------
 
-/// Mount ids of `fuse.modelcache` mounts at exactly `path`.
-fn modelcache_mount_ids(path: &Path) -> Vec<u64> {
-    modelcache::mountinfo::mounts()
-        .into_iter()
-        .filter(|m| m.is_modelcache() && m.mountpoint == path)
-        .map(|m| m.id)
-        .collect()
-}
-
-/// A `modelcache mount` daemon started here. Dropping it (also while
-/// unwinding from a panic) stops the daemon and makes sure its mount is gone;
-/// it only ever detaches that one mount, found by its id.
-struct Mounted {
-    mountpoint: PathBuf,
-    mount_id: Option<u64>,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
 impl Mounted {
-    fn start(backing: &Path, mountpoint: &Path, extra: &[String], log: &Path) -> Self {
-        let mountpoint = mountpoint.canonicalize().expect("canonical mountpoint");
-        assert!(
-            modelcache_mount_ids(&mountpoint).is_empty(),
-            "{} is already a modelcache mount",
-            mountpoint.display()
-        );
-        let child = Command::new(env!("CARGO_BIN_EXE_modelcache"))
-            .arg("mount")
-            .arg("--backing")
-            .arg(backing)
-            .arg(&mountpoint)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(log).expect("create daemon log"))
-            .spawn()
-            .expect("start modelcache");
-        let mut m = Self {
-            mountpoint,
-            mount_id: None,
-            child: Some(child),
-            log: log.to_path_buf(),
-        };
-        let deadline = Instant::now() + MOUNT_TIMEOUT;
-        while m.mount_id.is_none() {
-            m.mount_id = modelcache_mount_ids(&m.mountpoint).last().copied();
-            m.check_alive("mounting");
-            assert!(
-                Instant::now() < deadline,
-                "no modelcache mount at {} after {MOUNT_TIMEOUT:?}; log:\n{}",
-                m.mountpoint.display(),
-                fs::read_to_string(&m.log).unwrap_or_default()
-            );
-            sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn check_alive(&mut self, doing: &str) {
-        let child = self.child.as_mut().expect("daemon handle");
-        if let Some(status) = child.try_wait().expect("poll daemon") {
-            self.child = None;
-            panic!(
-                "modelcache exited with {status} while {doing}; log:\n{}",
-                fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("daemon handle").id()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.mountpoint.join(name)
-    }
-
     /// Bytes resident in the daemon's memfd for `name` (the cache entry), if
     /// it has one.
     fn cached_bytes(&self, name: &str) -> Option<u64> {
@@ -191,59 +113,6 @@ impl Mounted {
         // SAFETY: plain libc query.
         let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         f.iter().sum::<u64>() as f64 / tick
-    }
-
-    /// SIGTERM, then wait; SIGKILL only if the daemon ignores it.
-    fn stop_daemon(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        // SAFETY: plain syscall on our own, not yet reaped, child.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        while Instant::now() < deadline {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    if !status.success() {
-                        eprintln!("modelcache daemon exited with {status}");
-                    }
-                    return;
-                }
-                Ok(None) => sleep(Duration::from_millis(20)),
-                Err(_) => return,
-            }
-        }
-        eprintln!("modelcache daemon ignored SIGTERM for {EXIT_TIMEOUT:?}; killing it");
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        self.stop_daemon();
-        let Some(id) = self.mount_id else {
-            return;
-        };
-        if !modelcache_mount_ids(&self.mountpoint).contains(&id) {
-            return;
-        }
-        eprintln!(
-            "{} still mounted after the daemon exited; detaching it",
-            self.mountpoint.display()
-        );
-        let c = CString::new(self.mountpoint.as_os_str().as_bytes()).expect("path without NUL");
-        // SAFETY: NUL-terminated path that outlives the call.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "umount2({}): {}",
-                self.mountpoint.display(),
-                std::io::Error::last_os_error()
-            );
-        }
     }
 }
 

@@ -5,159 +5,30 @@
 //! Environment: `MODELCACHE_BENCH_REPS` (default 5, at least 5) sets the
 //! repetitions per measurement; `TMPDIR` picks where the 1 GiB file goes.
 
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
+
+#[path = "support.rs"]
+mod support;
+use support::Mounted;
 
 const GIB: usize = 1 << 30;
 const READ_CHUNK: usize = 4 << 20;
 const DIRS: usize = 100;
 const FILES_PER_DIR: usize = 100;
-const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longer than the 1 s metadata TTL of a `--backing` mount, so each timed
 /// metadata pass through it goes back to the daemon, not the kernel cache.
 const ATTR_SETTLE: Duration = Duration::from_millis(1200);
 /// The metadata TTL an in-place mount uses by default.
 const IN_PLACE_TTL: &str = "60";
-const FSTYPE: &str = modelcache::mountinfo::FSTYPE;
 
 // ---------------------------------------------------------------------------
 // Mount lifecycle
 // ---------------------------------------------------------------------------
-
-/// Mount ids of `fuse.modelcache` mounts at exactly `path`.
-fn modelcache_mount_ids(path: &Path) -> Vec<u64> {
-    modelcache::mountinfo::mounts()
-        .into_iter()
-        .filter(|m| m.is_modelcache() && m.mountpoint == path)
-        .map(|m| m.id)
-        .collect()
-}
-
-/// A `modelcache mount` daemon started by this benchmark. Dropping it (also
-/// while unwinding from a panic) stops the daemon and makes sure the mount it
-/// created is gone; it only ever detaches that one mount, found by its id.
-struct Mounted {
-    mountpoint: PathBuf,
-    mount_id: Option<u64>,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Mounted {
-    fn start(backing: &Path, mountpoint: &Path, extra: &[&str], log: &Path) -> Self {
-        let mountpoint = mountpoint.canonicalize().expect("canonical mountpoint");
-        assert!(
-            modelcache_mount_ids(&mountpoint).is_empty(),
-            "{} is already a modelcache mount",
-            mountpoint.display()
-        );
-        let child = Command::new(env!("CARGO_BIN_EXE_modelcache"))
-            .arg("mount")
-            .arg("--backing")
-            .arg(backing)
-            .arg(&mountpoint)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(log).expect("create daemon log"))
-            .spawn()
-            .expect("start modelcache");
-        let mut m = Self {
-            mountpoint,
-            mount_id: None,
-            child: Some(child),
-            log: log.to_path_buf(),
-        };
-        m.wait_mounted();
-        m
-    }
-
-    fn wait_mounted(&mut self) {
-        let deadline = Instant::now() + MOUNT_TIMEOUT;
-        loop {
-            if let Some(&id) = modelcache_mount_ids(&self.mountpoint).last() {
-                self.mount_id = Some(id);
-                return;
-            }
-            let child = self.child.as_mut().expect("daemon handle");
-            if let Some(status) = child.try_wait().expect("poll daemon") {
-                self.child = None;
-                panic!(
-                    "modelcache exited with {status} before mounting; log:\n{}",
-                    fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {FSTYPE} mount at {} after {MOUNT_TIMEOUT:?}; log:\n{}",
-                self.mountpoint.display(),
-                fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then wait; SIGKILL only if the daemon ignores it.
-    fn stop_daemon(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        let pid = child.id() as libc::pid_t;
-        // SAFETY: plain syscall on our own, not yet reaped, child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        while Instant::now() < deadline {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    if !status.success() {
-                        eprintln!("modelcache daemon exited with {status}");
-                    }
-                    return;
-                }
-                Ok(None) => sleep(Duration::from_millis(20)),
-                Err(_) => return,
-            }
-        }
-        eprintln!("modelcache daemon ignored SIGTERM for {EXIT_TIMEOUT:?}; killing it");
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        self.stop_daemon();
-        let Some(id) = self.mount_id else {
-            return;
-        };
-        if !modelcache_mount_ids(&self.mountpoint).contains(&id) {
-            return;
-        }
-        eprintln!(
-            "{} still mounted after the daemon exited; detaching it",
-            self.mountpoint.display()
-        );
-        let c = CString::new(self.mountpoint.as_os_str().as_bytes()).expect("path without NUL");
-        // SAFETY: NUL-terminated path that outlives the call.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "umount2({}): {}",
-                self.mountpoint.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Fixtures
@@ -454,7 +325,7 @@ fn main() {
     // 1. A `--backing` mount with its defaults (metadata TTL 1 s).
     // Declared after `tmp`, so it is dropped (unmounted) before the temp dir
     // is removed.
-    let mount = Mounted::start(&backing, &mnt, &[], &tmp.path().join("daemon.log"));
+    let mount = Mounted::start::<&str>(&backing, &mnt, &[], &tmp.path().join("daemon.log"));
     println!(
         "mounted {} with --backing defaults (repetitions: {reps})\n",
         mount.mountpoint.display()
