@@ -93,8 +93,8 @@ fn is_root() -> bool {
 /// FUSE worker threads by default. Not tied to the core count: a worker
 /// mostly waits (on the disk for a read the cache cannot serve yet, on the
 /// kernel's copy of a reply), and ComfyUI reads with 8 threads. Measured on
-/// 2 cores: 8 workers beat 2 in every paired run of ComfyUI's pattern
-/// (+14..25%, README "Benchmarks").
+/// 2 cores (README "Benchmarks"): cold ComfyUI-pattern reads 0.71–0.84× of
+/// direct with 2 workers, 1.00–1.06× with 8.
 pub const DEFAULT_THREADS: usize = 8;
 
 /// An absolute path whose parent is resolved, without touching the last
