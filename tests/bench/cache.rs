@@ -762,22 +762,14 @@ fn args(list: &[&str]) -> Vec<String> {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; without it (`cargo test --all-targets`)
-    // only check that the target builds, rather than run minutes of I/O.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("cache benchmark: skipped (run it with `cargo bench --bench cache`)");
+    let Some(reps) = support::bench_reps("cache") else {
         return;
-    }
+    };
     // SAFETY: plain syscall.
     if unsafe { libc::geteuid() } != 0 {
         println!("cache benchmark: skipped (needs root: it drops the kernel caches)");
         return;
     }
-    let reps: usize = std::env::var("MODELCACHE_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
-        .max(5);
     let started = Instant::now();
     let (own_start, machine_start) = (own_cpu_seconds(), machine_cpu_seconds());
 

@@ -284,17 +284,9 @@ fn print_metadata(label: &str, walk: &Pair, find: &Pair) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; without it (`cargo test --all-targets`)
-    // only check that the target builds, rather than run minutes of I/O.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("mount benchmark: skipped (run it with `cargo bench --bench mount`)");
+    let Some(reps) = support::bench_reps("mount") else {
         return;
-    }
-    let reps: usize = std::env::var("MODELCACHE_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
-        .max(5);
+    };
 
     let tmp = tempfile::Builder::new()
         .prefix("modelcache-bench-")

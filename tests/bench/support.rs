@@ -149,3 +149,20 @@ impl Drop for Mounted {
         }
     }
 }
+
+/// The repetitions to run (`MODELCACHE_BENCH_REPS`, at least 5), or `None`
+/// when not run by `cargo bench`: `cargo test --all-targets` runs bench
+/// targets without `--bench`, and should only check that they build.
+pub fn bench_reps(name: &str) -> Option<usize> {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("{name} benchmark: skipped (run it with `cargo bench --bench {name}`)");
+        return None;
+    }
+    Some(
+        std::env::var("MODELCACHE_BENCH_REPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5)
+            .max(5),
+    )
+}
