@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::fs::fuse::ReadMode;
+use crate::fs::fuse::{Passthrough, ReadMode};
 use crate::size::SizeSpec;
 
 #[derive(Parser, Debug)]
@@ -61,9 +61,25 @@ pub enum Command {
         /// default was chosen by measurement, see README).
         #[arg(long, value_enum, default_value = "direct")]
         read_mode: ReadMode,
+        /// Kernel passthrough (root, Linux 6.9+): the kernel reads open files
+        /// straight from the backing file, whose pages the cache keeps
+        /// resident. `auto` uses it when the kernel and privileges allow and
+        /// says which mode it chose; `on` refuses to mount without it.
+        #[arg(long, value_enum, default_value = "auto")]
+        passthrough: Passthrough,
         /// Return once the mount is live and keep serving in the background.
         #[arg(long)]
         background: bool,
+    },
+    /// Check a manifest: list the files each rule takes under a models
+    /// directory, with sizes, and whether the pins fit the cache's cap.
+    Check {
+        /// The manifest (default: $XDG_CONFIG_HOME/modelcache/manifest.toml,
+        /// else ~/.config/modelcache/manifest.toml).
+        manifest: Option<PathBuf>,
+        /// The models directory the manifest's paths are relative to.
+        #[arg(long)]
+        root: PathBuf,
     },
     /// Unmount a modelcache mount.
     Umount {

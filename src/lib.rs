@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod cli;
 pub mod fs;
+pub mod manifest;
 pub mod mount;
 pub mod mountinfo;
 pub mod size;

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use modelcache::cli::{Cli, Command};
+use modelcache::manifest;
 use modelcache::mount::{self, MountConfig};
 
 fn init_logging(level: &str) {
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
             min_file_size,
             loader_threads,
             read_mode,
+            passthrough,
             background: false,
         } => {
             mount::cache_config(max_size, min_file_size, loader_threads.into()).and_then(|cache| {
@@ -45,9 +47,11 @@ fn main() -> ExitCode {
                     metadata_ttl: metadata_ttl.map(|s| Duration::from_secs(s.into())),
                     cache,
                     read_mode,
+                    passthrough,
                 })
             })
         }
+        Command::Check { manifest, root } => manifest::check_command(manifest, &root),
         Command::Umount { path, lazy } => mount::umount_command(&path, lazy),
     };
     match result {

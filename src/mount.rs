@@ -4,11 +4,12 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use crate::fs::Overlay;
 use crate::fs::backing;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::fuse::ReadMode;
+use crate::fs::passthrough::{self, BackingFiles, Passthrough};
 use crate::mountinfo::{self, FSTYPE};
 use crate::size::{Bytes, SizeSpec};
 
@@ -34,6 +36,7 @@ pub struct MountConfig {
     pub metadata_ttl: Option<Duration>,
     pub cache: CacheConfig,
     pub read_mode: ReadMode,
+    pub passthrough: Passthrough,
 }
 
 /// The machine's RAM in bytes.
@@ -627,7 +630,23 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let root = backing::open_root(&backing)
         .map_err(|e| Error(format!("cannot open {}: {e}", backing.display())))?;
     let cap = config.cache.max_size;
-    let overlay = Overlay::new(root, Cache::new(config.cache.clone()))
+    let passthrough_wanted = match (config.passthrough, passthrough::unsupported_reason()) {
+        (Passthrough::Off, _) => false,
+        (Passthrough::On, Some(why)) => {
+            return Err(Error(format!(
+                "--passthrough on: {why}; run as root on Linux 6.9+, or use --passthrough auto"
+            )));
+        }
+        (Passthrough::Auto, Some(why)) => {
+            info!("passthrough off: {why}; model files are served through the daemon (copy mode)");
+            false
+        }
+        (_, None) => true,
+    };
+    let backing_files = Arc::new(BackingFiles::new(passthrough_wanted));
+    let cache = Arc::new(Cache::new(config.cache.clone()));
+    cache.keep_in_page_cache(passthrough_wanted);
+    let overlay = Overlay::new(root, cache.clone())
         .map_err(|e| Error(format!("{}: {e}", backing.display())))?;
 
     raise_nofile_limit();
@@ -640,6 +659,10 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     block_signals();
 
     let fuse_fd = fuse_mount(&mountpoint, &backing, config.allow_other)?;
+    // Kept to probe passthrough on the live session.
+    let fuse_dev = fuse_fd
+        .try_clone()
+        .map_err(|e| Error(format!("cannot duplicate the FUSE descriptor: {e}")))?;
     let mut fuse_config = fuser::Config::default();
     fuse_config.n_threads = Some(config.threads);
     fuse_config.clone_fd = true;
@@ -652,7 +675,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let ttl = config
         .metadata_ttl
         .unwrap_or_else(|| default_metadata_ttl(backing == mountpoint));
-    let adapter = FuseAdapter::new(overlay, ttl, config.read_mode);
+    let adapter = FuseAdapter::new(overlay, ttl, config.read_mode, backing_files.clone());
     let session = match fuser::Session::from_fd(adapter, fuse_fd, acl, fuse_config) {
         Ok(s) => s,
         Err(e) => {
@@ -669,13 +692,31 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     } else {
         format!("from {}", backing.display())
     };
+    let confirmed = confirm_passthrough(&mountpoint, &fuse_dev, &backing_files);
+    cache.keep_in_page_cache(matches!(confirmed, Ok(true)));
+    let reads = match confirmed {
+        Ok(true) => "passthrough".to_string(),
+        Ok(false) if config.passthrough == Passthrough::On => {
+            let _ = unmount(&mountpoint, true);
+            return Err(Error(
+                "--passthrough on: this kernel does not offer FUSE passthrough (Linux 6.9+ \
+                 with CONFIG_FUSE_PASSTHROUGH); use --passthrough auto"
+                    .into(),
+            ));
+        }
+        Ok(false) => format!("copy mode, {:?}", config.read_mode).to_lowercase(),
+        Err(e) => {
+            let _ = unmount(&mountpoint, true);
+            return Err(e);
+        }
+    };
+    drop(fuse_dev);
     info!(
-        "mounted {} {how} ({} threads, metadata TTL {} s, cache cap {}, reads {:?}{})",
+        "mounted {} {how} ({} threads, metadata TTL {} s, cache cap {}, reads: {reads}{})",
         mountpoint.display(),
         config.threads,
         ttl.as_secs(),
         Bytes(cap),
-        config.read_mode,
         if config.allow_other {
             ", allow_other"
         } else {
@@ -684,6 +725,37 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     );
     notify_ready();
     serve_until_unmounted(&mountpoint, session)
+}
+
+/// Once the session answers (INIT done), checks that the kernel really
+/// accepts backing files from this daemon; `auto` falls back to copy mode
+/// with one log line saying why. Returns whether passthrough is in use.
+fn confirm_passthrough(
+    mountpoint: &Path,
+    fuse_dev: &OwnedFd,
+    backing_files: &BackingFiles,
+) -> Result<bool, Error> {
+    if !backing_files.is_enabled() {
+        return Ok(false);
+    }
+    if let Liveness::Silent = probe(mountpoint) {
+        return Err(Error(format!(
+            "{} does not answer after mounting",
+            mountpoint.display()
+        )));
+    }
+    if !backing_files.is_enabled() {
+        // INIT found no passthrough in this kernel.
+        return Ok(false);
+    }
+    match passthrough::probe(fuse_dev.as_fd()) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            info!("passthrough off: the kernel refused a backing file ({e}); copy mode");
+            backing_files.disable();
+            Ok(false)
+        }
+    }
 }
 
 fn serve_until_unmounted(

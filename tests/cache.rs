@@ -7,8 +7,8 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -118,60 +118,68 @@ fn touch(path: &Path) {
     f.set_modified(SystemTime::now()).unwrap();
 }
 
-/// One of the daemon's cache memfds.
-struct Memfd {
-    name: String,
-    size: u64,
-    allocated: u64,
-    sealed: bool,
+/// A mount for these tests in one of the two modes, with its backing
+/// directory, whose files the cache view names.
+struct CacheMount {
+    m: Mounted,
+    backing: PathBuf,
 }
 
-/// The daemon's cache memfds, with the relative path each was made for and
-/// whether its load finished (the memfd is sealed after the last byte).
-fn memfds(pid: u32) -> Vec<Memfd> {
-    let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return out;
-    };
-    for fd in dir.flatten() {
-        let target = fs::read_link(fd.path()).unwrap_or_default();
-        let target = target.to_string_lossy();
-        let Some(name) = target.strip_prefix("/memfd:modelcache:") else {
-            continue;
-        };
-        // Closed meanwhile: it left the cache.
-        let Ok(f) = File::open(fd.path()) else {
-            continue;
-        };
-        let md = f.metadata().unwrap();
-        // SAFETY: a query on our own descriptor.
-        let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
-        out.push(Memfd {
-            name: name.strip_suffix(" (deleted)").unwrap_or(name).to_string(),
-            size: md.len(),
-            allocated: md.blocks() * 512,
-            sealed: seals > 0 && seals & libc::F_SEAL_WRITE != 0,
-        });
+impl CacheMount {
+    fn new(mode: Mode, backing: &Path, mnt: &Path, extra: &[&str]) -> Self {
+        let mut args = extra.to_vec();
+        args.extend(mode.args());
+        Self {
+            m: Mounted::separate(backing, mnt, &args),
+            backing: backing.to_path_buf(),
+        }
     }
-    out
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.m.path(rel)
+    }
+
+    fn pid(&self) -> u32 {
+        self.m.pid()
+    }
+
+    fn log_text(&self) -> String {
+        self.m.log_text()
+    }
+
+    /// What the cache holds now.
+    fn cached(&self) -> Vec<CachedFile> {
+        cached_files(self.pid(), &self.backing)
+    }
+
+    fn cached_names(&self) -> Vec<String> {
+        self.cached().into_iter().map(|f| f.name).collect()
+    }
+
+    /// (entries, their total size)
+    fn usage(&self) -> (usize, u64) {
+        let files = self.cached();
+        (files.len(), files.iter().map(|f| f.size).sum())
+    }
+
+    fn unmount(self) {
+        self.m.unmount()
+    }
 }
 
 /// Waits until the daemon holds `name` (relative to the backing directory)
 /// fully loaded, with no load of it still running.
-fn wait_cached(m: &Mounted, name: &str, size: u64) {
+fn wait_cached(m: &CacheMount, name: &str, size: u64) {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let copies: Vec<Memfd> = memfds(m.pid())
-            .into_iter()
-            .filter(|f| f.name == name)
-            .collect();
-        let loaded = |f: &Memfd| f.sealed && f.size == size && f.allocated >= size;
-        if copies.iter().any(loaded) && copies.iter().all(|f| f.sealed) {
+        let copies: Vec<CachedFile> = m.cached().into_iter().filter(|f| f.name == name).collect();
+        let loaded = |f: &CachedFile| f.complete && f.size == size && f.resident >= size;
+        if copies.iter().any(loaded) && copies.iter().all(|f| f.complete) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{name} ({size} bytes) not cached after {PATIENCE:?}:\n{}",
+            "{name} ({size} bytes) not cached after {PATIENCE:?}: {copies:?}\n{}",
             m.log_text()
         );
         std::thread::sleep(Duration::from_millis(10));
@@ -209,7 +217,7 @@ fn daemon_io_fds(pid: u32, file: &Path) -> Vec<i32> {
 /// RELEASE; until then the daemon still counts the file as open (not
 /// evictable, or open for writing). Waits until `done` holds for the
 /// daemon's descriptors on the backing `file`.
-fn wait_daemon_fds(m: &Mounted, file: &Path, what: &str, done: impl Fn(&[i32]) -> bool) {
+fn wait_daemon_fds(m: &CacheMount, file: &Path, what: &str, done: impl Fn(&[i32]) -> bool) {
     let file = file.canonicalize().unwrap();
     let deadline = Instant::now() + PATIENCE;
     while !done(&daemon_io_fds(m.pid(), &file)) {
@@ -223,28 +231,55 @@ fn wait_daemon_fds(m: &Mounted, file: &Path, what: &str, done: impl Fn(&[i32]) -
 }
 
 /// Every handle of `file` released and no load of it running.
-fn wait_released(m: &Mounted, file: &Path) {
+fn wait_released(m: &CacheMount, file: &Path) {
     wait_daemon_fds(m, file, "still open in the daemon", |fds| fds.is_empty());
 }
 
 /// No handle of `file` open for writing left in the daemon.
-fn wait_no_writer(m: &Mounted, file: &Path) {
+fn wait_no_writer(m: &CacheMount, file: &Path) {
     wait_daemon_fds(m, file, "still open for writing in the daemon", |fds| {
         fds.iter().all(|f| f & libc::O_ACCMODE == libc::O_RDONLY)
     });
 }
 
-/// Asserts that at most 5% of the backing file is in the page cache: the
-/// cache must not leave a second copy of what it holds in RAM.
+/// Asserts that RAM holds one copy of a cached file. Copy mode: the memfd
+/// is the copy, so at most 5% of the backing file may be in the page cache.
+/// Passthrough mode: the backing file's locked pages are the copy; all of
+/// them stay in the page cache and the daemon has no memfd of it.
 #[track_caller]
-fn assert_no_disk_copy(file: &Path, when: &str) {
+fn assert_one_copy(m: &CacheMount, mode: Mode, file: &Path, when: &str) {
     let len = fs::metadata(file).unwrap().len();
-    let cached = page_cache_bytes(file);
-    assert!(
-        cached < len / 20,
-        "{when}: {cached} of {len} bytes of {} are in the page cache",
-        file.display()
+    let in_page_cache = page_cache_bytes(file);
+    let name = file.strip_prefix(&m.backing).unwrap().to_string_lossy();
+    let entries: Vec<CachedFile> = m.cached().into_iter().filter(|f| f.name == name).collect();
+    assert_eq!(entries.len(), 1, "{when}: {name} cached once: {entries:?}");
+    match mode {
+        Mode::Copy => assert!(
+            in_page_cache < len / 20,
+            "{when}: {in_page_cache} of {len} bytes of {name} are also in the page cache"
+        ),
+        Mode::Passthrough => assert_eq!(
+            (in_page_cache, entries[0].resident),
+            (len.next_multiple_of(4096), len.next_multiple_of(4096)),
+            "{when}: {name}: (bytes in the page cache, locked bytes)"
+        ),
+    }
+}
+
+/// Reads all of `f` and asserts that neither this thread (which reads the
+/// file itself in passthrough mode) nor the daemon (copy mode) read
+/// anything from the disk meanwhile.
+#[track_caller]
+fn read_from_ram(m: &CacheMount, f: &File, when: &str) -> Vec<u8> {
+    let before = (thread_disk_reads(), process_disk_reads(m.pid()));
+    let bytes = read_through(f);
+    let after = (thread_disk_reads(), process_disk_reads(m.pid()));
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 0),
+        "{when}: bytes read from disk by (the reader, the daemon)"
     );
+    bytes
 }
 
 /// Samples the daemon's cached bytes every few milliseconds until dropped.
@@ -255,14 +290,15 @@ struct PeakUsage {
 }
 
 impl PeakUsage {
-    fn start(pid: u32) -> Self {
+    fn start(pid: u32, backing: &Path) -> Self {
+        let backing = backing.to_path_buf();
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(0));
         let thread = {
             let (stop, peak) = (stop.clone(), peak.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let total = memfds(pid).iter().map(|f| f.size).sum();
+                    let total = cached_files(pid, &backing).iter().map(|f| f.size).sum();
                     peak.fetch_max(total, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -396,14 +432,13 @@ fn check_comfyui_loader(f: &File, want: &[u8], tensors: &[(u64, u64)], seed: u64
     });
 }
 
-#[test]
-fn reads_through_the_mount_equal_the_backing_file_during_and_after_the_load() {
+fn reads_through_the_mount_equal_the_backing_file_during_and_after_the_load(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let file = backing.join("model.safetensors");
     let tensors = write_safetensors(&file, 64, 4 << 20, 1);
     let want = fs::read(&file).unwrap();
     let len = want.len() as u64;
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     let path = m.path("model.safetensors");
     type Check<'a> = Box<dyn Fn(&File, u64, &str) + 'a>;
     let checks: [(&str, Check); 3] = [
@@ -443,45 +478,45 @@ fn reads_through_the_mount_equal_the_backing_file_during_and_after_the_load() {
     m.unmount();
 }
 
-#[test]
-fn a_cached_file_is_read_from_ram_even_after_the_page_cache_is_dropped() {
+fn a_cached_file_is_read_from_ram_even_after_the_page_cache_is_dropped(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let file = backing.join("model.safetensors");
     write_safetensors(&file, 32, 4 << 20, 2);
     let want = fs::read(&file).unwrap();
     let len = want.len() as u64;
     drop_from_page_cache(&file);
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     // The open starts the load. Nothing is read through the mount before it
     // ends: a range not loaded yet is read from the backing file, which
     // would bring it into the page cache.
     let f = File::open(m.path("model.safetensors")).unwrap();
     wait_cached(&m, "model.safetensors", len);
-    assert_no_disk_copy(&file, "after the load");
+    assert_one_copy(&m, mode, &file, "after the load");
 
-    // Every clean page of the page cache dropped: the cache's copy is not
-    // page cache, it stays, and reads come from it, not from the disk.
+    // Every clean page of the page cache dropped: the cache's copy (a
+    // memfd, or locked pages) stays, and reads come from it, not the disk.
     fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
-    assert!(memfd_usage(m.pid()).2 >= len, "the cached copy stays");
-    assert_same(&read_through(&f), &want, "read after drop_caches");
-    assert_no_disk_copy(&file, "read after drop_caches");
+    let after_drop = read_from_ram(&m, &f, "read after drop_caches");
+    assert_same(&after_drop, &want, "read after drop_caches");
+    assert_one_copy(&m, mode, &file, "read after drop_caches");
 
     // The reader drops its own file's pages, as loaders do to save memory.
     fadvise_dontneed(&f);
-    assert_same(&read_through(&f), &want, "read after POSIX_FADV_DONTNEED");
-    assert_no_disk_copy(&file, "read after POSIX_FADV_DONTNEED");
+    let after_advice = read_from_ram(&m, &f, "read after POSIX_FADV_DONTNEED");
+    assert_same(&after_advice, &want, "read after POSIX_FADV_DONTNEED");
+    assert_one_copy(&m, mode, &file, "read after POSIX_FADV_DONTNEED");
 
     // So does a new open of the file.
     let again = File::open(m.path("model.safetensors")).unwrap();
     fadvise_dontneed(&again);
-    assert_same(&read_through(&again), &want, "read after reopening");
-    assert_no_disk_copy(&file, "read after reopening");
+    let reopened = read_from_ram(&m, &again, "read after reopening");
+    assert_same(&reopened, &want, "read after reopening");
+    assert_one_copy(&m, mode, &file, "read after reopening");
     drop((f, again));
     m.unmount();
 }
 
-#[test]
-fn the_cache_holds_each_open_model_file_once_and_the_page_cache_no_copy() {
+fn the_cache_holds_each_open_model_file_once_and_the_page_cache_no_copy(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     fs::create_dir(backing.join("sub")).unwrap();
     let files = [
@@ -497,7 +532,7 @@ fn the_cache_holds_each_open_model_file_once_and_the_page_cache_no_copy() {
     for ((name, _), bytes) in files.iter().zip(&data) {
         write_synced(&backing.join(name), bytes);
     }
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     let open: Vec<File> = files
         .iter()
         .map(|(name, _)| File::open(m.path(name)).unwrap())
@@ -507,43 +542,43 @@ fn the_cache_holds_each_open_model_file_once_and_the_page_cache_no_copy() {
     }
     let sum: u64 = files.iter().map(|f| f.1).sum();
     let pages: u64 = files.iter().map(|f| f.1.next_multiple_of(4096)).sum();
-    let (count, total, allocated) = memfd_usage(m.pid());
-    assert_eq!((count, total), (files.len(), sum), "one memfd per file");
-    // Huge pages, where shmem uses them, round each file up to 2 MiB.
+    assert_eq!(m.usage(), (files.len(), sum), "one entry per file");
+    let resident = || m.cached().iter().map(|f| f.resident).sum::<u64>();
+    let held = resident();
+    // Huge pages, where shmem uses them, round each memfd up to 2 MiB.
     let slack = files.len() as u64 * 2 * MIB;
     assert!(
-        (pages..=pages + slack).contains(&allocated),
-        "{allocated} bytes allocated for {pages} bytes of pages"
+        (pages..=pages + slack).contains(&held),
+        "{held} bytes held for {pages} bytes of pages"
     );
     for (name, _) in &files {
-        assert_no_disk_copy(&backing.join(name), "after the load");
+        assert_one_copy(&m, mode, &backing.join(name), "after the load");
     }
 
     // Read through the mount, and closed: still the same bytes, once.
     for (((name, _), bytes), f) in files.iter().zip(&data).zip(&open) {
         assert_same(&read_through(f), bytes, name);
-        assert_no_disk_copy(&backing.join(name), "after reading it");
+        assert_one_copy(&m, mode, &backing.join(name), "after reading it");
     }
     drop(open);
     for (name, _) in &files {
         wait_released(&m, &backing.join(name));
     }
     assert_eq!(
-        memfd_usage(m.pid()),
-        (count, total, allocated),
+        (m.usage(), resident()),
+        ((files.len(), sum), held),
         "closed files stay cached"
     );
     m.unmount();
 }
 
-#[test]
-fn a_cached_file_rewritten_behind_the_mount_is_never_served_stale() {
+fn a_cached_file_rewritten_behind_the_mount_is_never_served_stale(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let file = backing.join("model.safetensors");
     let len = 64 * MIB;
     let old = pseudo_random(len as usize, 40);
     write_synced(&file, &old);
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     let path = m.path("model.safetensors");
     let f = File::open(&path).unwrap();
     wait_cached(&m, "model.safetensors", len);
@@ -586,13 +621,12 @@ fn wait_metadata_ttl() {
     std::thread::sleep(Duration::from_millis(1100));
 }
 
-#[test]
-fn a_cached_file_replaced_by_rename_behind_the_mount_is_never_served_stale() {
+fn a_cached_file_replaced_by_rename_behind_the_mount_is_never_served_stale(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let file = backing.join("model.safetensors");
     let old = pseudo_random(64 * MIB as usize, 50);
     write_synced(&file, &old);
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     let path = m.path("model.safetensors");
     let f = File::open(&path).unwrap();
     wait_cached(&m, "model.safetensors", old.len() as u64);
@@ -611,14 +645,13 @@ fn a_cached_file_replaced_by_rename_behind_the_mount_is_never_served_stale() {
     m.unmount();
 }
 
-#[test]
-fn writing_through_the_mount_invalidates_the_cached_copy() {
+fn writing_through_the_mount_invalidates_the_cached_copy(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let file = backing.join("model.safetensors");
     let len = 64 * MIB;
     let mut want = pseudo_random(len as usize, 60);
     write_synced(&file, &want);
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     let path = m.path("model.safetensors");
     let reader = File::open(&path).unwrap();
     wait_cached(&m, "model.safetensors", len);
@@ -649,8 +682,7 @@ fn writing_through_the_mount_invalidates_the_cached_copy() {
     m.unmount();
 }
 
-#[test]
-fn the_cap_holds_when_the_files_together_exceed_it() {
+fn the_cap_holds_when_the_files_together_exceed_it(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let cap = 96 * MIB;
     let names = ["a.safetensors", "b.safetensors", "c.safetensors"];
@@ -659,12 +691,13 @@ fn the_cap_holds_when_the_files_together_exceed_it() {
         write_safetensors(&backing.join(name), 16, 4 << 20, 70 + i as u64);
         want.push(fs::read(backing.join(name)).unwrap());
     }
-    let m = Mounted::separate(
+    let m = CacheMount::new(
+        mode,
         &backing,
         &mnt,
         &["--max-size", "96MiB", "--log-level", "info"],
     );
-    let usage = PeakUsage::start(m.pid());
+    let usage = PeakUsage::start(m.pid(), &backing);
     for (name, bytes) in names.iter().zip(&want) {
         let f = File::open(m.path(name)).unwrap();
         assert_same(&read_through(&f), bytes, name);
@@ -673,9 +706,9 @@ fn the_cap_holds_when_the_files_together_exceed_it() {
         // Closed is not released yet (see wait_daemon_fds): only a
         // released file can be evicted for the next one.
         wait_released(&m, &backing.join(name));
-        let cached: Vec<String> = memfds(m.pid()).into_iter().map(|f| f.name).collect();
+        let cached: Vec<String> = m.cached_names();
         assert_eq!(cached, [*name], "only the last file fits");
-        let (_, total, _) = memfd_usage(m.pid());
+        let (_, total) = m.usage();
         assert!(total <= cap, "{total} bytes cached after {name}");
     }
     let log = m.log_text();
@@ -689,7 +722,7 @@ fn the_cap_holds_when_the_files_together_exceed_it() {
     let a = File::open(m.path("a.safetensors")).unwrap();
     assert_same(&read_through(&a), &want[0], "a, not cached");
     assert_same(&read_through(&held), &want[2], "c, held open");
-    let cached: Vec<String> = memfds(m.pid()).into_iter().map(|f| f.name).collect();
+    let cached: Vec<String> = m.cached_names();
     assert_eq!(cached, ["c.safetensors"], "c stays, a is not cached");
     assert!(
         usage.peak() <= cap,
@@ -700,14 +733,13 @@ fn the_cap_holds_when_the_files_together_exceed_it() {
     m.unmount();
 }
 
-#[test]
-fn a_reader_holding_a_cached_file_reads_current_bytes_through_invalidations() {
+fn a_reader_holding_a_cached_file_reads_current_bytes_through_invalidations(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let file = backing.join("model.safetensors");
     let len = 64 * MIB;
     let mut want = pseudo_random(len as usize, 80);
     write_synced(&file, &want);
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "96MiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "96MiB"]);
     let path = m.path("model.safetensors");
     let reader = File::open(&path).unwrap();
     wait_cached(&m, "model.safetensors", len);
@@ -750,8 +782,7 @@ fn a_reader_holding_a_cached_file_reads_current_bytes_through_invalidations() {
     m.unmount();
 }
 
-#[test]
-fn non_model_files_and_tiny_model_files_are_never_cached() {
+fn non_model_files_and_tiny_model_files_are_never_cached(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let files = [
         ("notes.txt", 8 * MIB),
@@ -768,7 +799,7 @@ fn non_model_files_and_tiny_model_files_are_never_cached() {
         &backing.join("big.safetensors"),
         &pseudo_random(8 << 20, 99),
     );
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     for (name, _) in &files {
         let f = File::open(m.path(name)).unwrap();
         assert_same(
@@ -776,25 +807,24 @@ fn non_model_files_and_tiny_model_files_are_never_cached() {
             &fs::read(backing.join(name)).unwrap(),
             name,
         );
-        // An entry's memfd is made at open, before the load: none now
-        // means none at all.
-        assert_eq!(memfd_usage(m.pid()), (0, 0, 0), "{name} was cached");
+        // An entry (memfd or mapping) is made at open, before the load:
+        // none now means none at all.
+        assert_eq!(m.cached_names(), Vec::<String>::new(), "{name} was cached");
     }
     // The same check sees a model file that is cached.
     let f = File::open(m.path("big.safetensors")).unwrap();
     wait_cached(&m, "big.safetensors", 8 * MIB);
-    assert_eq!(memfd_usage(m.pid()).0, 1);
+    assert_eq!(m.cached().len(), 1);
     drop(f);
     m.unmount();
 }
 
-#[test]
-fn files_opened_for_writing_are_never_cached() {
+fn files_opened_for_writing_are_never_cached(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let file = backing.join("model.safetensors");
     let want = pseudo_random(16 * MIB as usize, 100);
     write_synced(&file, &want);
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     let path = m.path("model.safetensors");
     let read_write = || {
         OpenOptions::new()
@@ -806,12 +836,12 @@ fn files_opened_for_writing_are_never_cached() {
 
     let rw = read_write();
     assert_same(&read_through(&rw), &want, "opened read-write");
-    assert_eq!(memfd_usage(m.pid()).0, 0, "cached while open read-write");
+    assert_eq!(m.cached().len(), 0, "cached while open read-write");
     // While it is open for writing, a reader is not served from a copy
     // either: it could miss the writes.
     let ro = File::open(&path).unwrap();
     assert_same(&read_through(&ro), &want, "read-only beside a writer");
-    assert_eq!(memfd_usage(m.pid()).0, 0, "cached beside a writer");
+    assert_eq!(m.cached().len(), 0, "cached beside a writer");
     drop((rw, ro));
 
     // A cached copy goes at the next open for writing.
@@ -821,13 +851,9 @@ fn files_opened_for_writing_are_never_cached() {
     drop(ro);
     wait_released(&m, &file);
     let rw = read_write();
-    assert_eq!(
-        memfd_usage(m.pid()).0,
-        0,
-        "still cached once opened read-write"
-    );
+    assert_eq!(m.cached().len(), 0, "still cached once opened read-write");
     assert_same(&read_through(&rw), &want, "opened read-write again");
-    assert_eq!(memfd_usage(m.pid()).0, 0, "cached while open read-write");
+    assert_eq!(m.cached().len(), 0, "cached while open read-write");
     drop(rw);
     m.unmount();
 }
@@ -835,12 +861,11 @@ fn files_opened_for_writing_are_never_cached() {
 // Entries are keyed by (dev, ino): the open of a new file under an old
 // name must also drop the replaced file's copy, which no name leads to any
 // more, instead of letting it hold RAM until the cap needs room.
-#[test]
-fn a_file_replaced_behind_the_mount_leaves_no_dead_copy_in_the_cache() {
+fn a_file_replaced_behind_the_mount_leaves_no_dead_copy_in_the_cache(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let file = backing.join("model.safetensors");
     write_synced(&file, &pseudo_random(64 * MIB as usize, 110));
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     let path = m.path("model.safetensors");
     let f = File::open(&path).unwrap();
     wait_cached(&m, "model.safetensors", 64 * MIB);
@@ -853,9 +878,8 @@ fn a_file_replaced_behind_the_mount_leaves_no_dead_copy_in_the_cache() {
     let f = File::open(&path).unwrap();
     wait_cached(&m, "model.safetensors", 32 * MIB);
     assert_same(&read_through(&f), &new, "the new file");
-    let (count, total, _) = memfd_usage(m.pid());
     assert_eq!(
-        (count, total),
+        m.usage(),
         (1, 32 * MIB),
         "the cache should hold the new file only"
     );
@@ -865,19 +889,46 @@ fn a_file_replaced_behind_the_mount_leaves_no_dead_copy_in_the_cache() {
 
 // memfd_create refuses names over 249 bytes; the memfd is named after the
 // relative path, so a long path must still be cached.
-#[test]
-fn a_model_file_with_a_long_path_is_cached() {
+fn a_model_file_with_a_long_path_is_cached(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let dir = backing.join("d".repeat(120)).join("e".repeat(100));
     fs::create_dir_all(&dir).unwrap();
     let file = dir.join(format!("{}.safetensors", "f".repeat(40)));
     let want = pseudo_random(8 * MIB as usize, 120);
     write_synced(&file, &want);
-    let m = Mounted::separate(&backing, &mnt, &["--max-size", "1GiB"]);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
     let f = File::open(mnt.join(file.strip_prefix(&backing).unwrap())).unwrap();
-    // The memfd is made at open: it is there now or never.
-    assert_eq!(memfd_usage(m.pid()).0, 1, "not cached:\n{}", m.log_text());
+    // The entry is made at open: it is there now or never.
+    assert_eq!(m.cached().len(), 1, "not cached:\n{}", m.log_text());
     assert_same(&read_through(&f), &want, "the long-named file");
     drop(f);
     m.unmount();
 }
+
+/// Each test above runs against a mount in copy mode and in passthrough
+/// mode: the cache must behave the same whoever serves the bytes.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod copy_mode {
+            $(#[test] fn $name() { super::$name(super::Mode::Copy) })*
+        }
+        mod passthrough {
+            $(#[test] fn $name() { super::$name(super::Mode::Passthrough) })*
+        }
+    };
+}
+
+in_both_modes!(
+    reads_through_the_mount_equal_the_backing_file_during_and_after_the_load,
+    a_cached_file_is_read_from_ram_even_after_the_page_cache_is_dropped,
+    the_cache_holds_each_open_model_file_once_and_the_page_cache_no_copy,
+    a_cached_file_rewritten_behind_the_mount_is_never_served_stale,
+    a_cached_file_replaced_by_rename_behind_the_mount_is_never_served_stale,
+    writing_through_the_mount_invalidates_the_cached_copy,
+    the_cap_holds_when_the_files_together_exceed_it,
+    a_reader_holding_a_cached_file_reads_current_bytes_through_invalidations,
+    non_model_files_and_tiny_model_files_are_never_cached,
+    files_opened_for_writing_are_never_cached,
+    a_file_replaced_behind_the_mount_leaves_no_dead_copy_in_the_cache,
+    a_model_file_with_a_long_path_is_cached,
+);

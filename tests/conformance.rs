@@ -2034,6 +2034,13 @@ fn every_operation_behaves_as_on_a_plain_directory_with_cached_metadata() {
     conformance(Layout::Separate(&["--allow-other", "--metadata-ttl", "60"]));
 }
 
+/// Copy mode: the daemon answers every read (a root daemon otherwise
+/// uses passthrough, where the kernel reads and writes backing files).
+#[test]
+fn every_operation_behaves_as_on_a_plain_directory_in_copy_mode() {
+    conformance(Layout::Separate(&["--allow-other", "--passthrough", "off"]));
+}
+
 #[test]
 fn every_operation_behaves_as_on_a_plain_directory_mounted_in_place() {
     conformance(Layout::InPlace(&["--allow-other"]));

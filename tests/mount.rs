@@ -238,6 +238,90 @@ fn a_normal_user_mounts_through_fusermount3() {
     assert!(!our_mount_at(&m.mountpoint));
 }
 
+/// Waits until the daemon's log contains `needle` (the mode line comes
+/// right after the mount appears).
+fn wait_log(m: &Mounted, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = m.log_text();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{needle:?} not in the log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_root_daemon_uses_passthrough_and_a_normal_user_gets_copy_mode() {
+    let (_tmp, backing, mnt) = dirs();
+    let want = pseudo_random(4 << 20, 7);
+    fs::write(backing.join("model.safetensors"), &want).unwrap();
+    fs::write(backing.join("notes.txt"), b"notes").unwrap();
+
+    // Root, --passthrough auto (the default): the kernel reads open files
+    // itself, so they stay readable while the daemon is stopped.
+    let m = Mounted::separate(&backing, &mnt, &[]);
+    wait_log(&m, "reads: passthrough");
+    let model = File::open(m.path("model.safetensors")).unwrap();
+    let notes = File::open(m.path("notes.txt")).unwrap();
+    let stop = |sig| {
+        // SAFETY: signals our own child.
+        assert_eq!(unsafe { libc::kill(m.pid() as i32, sig) }, 0);
+    };
+    stop(libc::SIGSTOP);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        // Plain read() calls: read_to_end would first fstat the file,
+        // which asks the daemon.
+        let read_all = |mut f: &File| {
+            let (mut v, mut buf) = (Vec::new(), vec![0u8; 1 << 20]);
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) => return Ok(v),
+                    Ok(n) => v.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let _ = tx.send((read_all(&model), read_all(&notes)));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    stop(libc::SIGCONT);
+    let (model_bytes, notes_bytes) = got.expect("reads wait for the stopped daemon");
+    reader.join().unwrap();
+    assert!(model_bytes.unwrap() == want, "model bytes differ");
+    assert_eq!(notes_bytes.unwrap(), b"notes");
+    m.unmount();
+
+    // A normal user, auto: copy mode, saying why.
+    for p in [&backing, &mnt, &backing.join("model.safetensors")] {
+        chown(p, NOBODY, NOGROUP);
+    }
+    let mut daemon = as_user(NOBODY, NOGROUP, bin());
+    daemon.arg("mount").arg("--backing").arg(&backing).arg(&mnt);
+    let m = Mounted::start(daemon, &mnt);
+    let log = wait_log(&m, "reads: copy mode");
+    assert!(
+        log.contains("passthrough off: it needs CAP_SYS_ADMIN"),
+        "{log}"
+    );
+    let out = run_ok(as_user(NOBODY, NOGROUP, "cat").arg(m.path("model.safetensors")));
+    assert!(out.stdout == want, "model bytes differ in copy mode");
+    m.unmount();
+
+    // A normal user, on: refused before anything is mounted.
+    let mut cmd = as_user(NOBODY, NOGROUP, bin());
+    cmd.args(["mount", "--passthrough", "on", "--backing"])
+        .arg(&backing)
+        .arg(&mnt);
+    expect_error(cmd, "--passthrough on: it needs CAP_SYS_ADMIN");
+    assert!(!our_mount_at(&mnt.canonicalize().unwrap()));
+}
+
 #[test]
 fn a_stale_mount_after_sigkill_is_cleared_by_the_next_mount() {
     let (_tmp, backing, mnt) = dirs();

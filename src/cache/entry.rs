@@ -1,4 +1,5 @@
-//! One cached file: its bytes in a memfd, filled from the start by a loader,
+//! One cached file: its bytes in a memfd (copy mode) or the backing file's
+//! locked page cache (passthrough), loaded from the start by a loader and
 //! readable up to how far the load has come.
 
 use std::fs::File;
@@ -50,15 +51,45 @@ fn memfd_name(path: &str) -> String {
     format!("modelcache:{}", &path[start..])
 }
 
+/// Where an entry's bytes live.
+enum Storage {
+    /// Copy mode: a memfd the loader fills, sealed once complete; the
+    /// daemon answers reads from its mapping.
+    Memfd { memfd: File, map: MmapRaw },
+    /// Passthrough mode: the backing file's own page cache, which the kernel
+    /// reads directly; the loader maps and locks it so that nothing (memory
+    /// reclaim, drop_caches, a reader's POSIX_FADV_DONTNEED) drops it.
+    Locked(LockedPages),
+}
+
+/// A read-only shared mapping of the backing file, locked in RAM (or only
+/// populated where locking is not allowed). It holds no descriptor: the
+/// daemon keeps none open on a file it merely caches.
+struct LockedPages(MmapRaw);
+
+impl Drop for LockedPages {
+    /// Unlocks the pages and gives their memory back at once: paging them
+    /// out drops clean pages and writes dirty ones first, so nothing is
+    /// lost; pages other processes map stay.
+    fn drop(&mut self) {
+        let (ptr, len) = (self.0.as_mut_ptr().cast::<libc::c_void>(), self.0.len());
+        // SAFETY: our own mapping, unmapped right after by MmapRaw's drop.
+        unsafe {
+            libc::munlock(ptr, len);
+            libc::madvise(ptr, len, libc::MADV_PAGEOUT);
+        }
+    }
+}
+
+/// Warns once per process that pages cannot be locked.
+static MLOCK_WARNED: AtomicBool = AtomicBool::new(false);
+
 pub struct Entry {
     pub id: EntryId,
     pub identity: Identity,
     /// The file's path in the mount when it was cached (for logs, status).
     pub name: String,
-    memfd: File,
-    /// Read-only shared mapping of the memfd. Only the loaded prefix is ever
-    /// turned into a slice: the rest is still being written by the loader.
-    map: MmapRaw,
+    storage: Storage,
     /// Bytes loaded from the start of the file (Release by the loader,
     /// Acquire by readers: a reader sees every byte below it).
     loaded: AtomicU64,
@@ -70,8 +101,9 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// An empty entry of the file's size: a sealable memfd, not yet filled.
-    pub fn new(id: EntryId, identity: Identity, name: &str) -> io::Result<Self> {
+    /// An empty copy-mode entry of the file's size: a sealable memfd, not
+    /// yet filled.
+    pub fn in_memfd(id: EntryId, identity: Identity, name: &str) -> io::Result<Self> {
         let cname =
             std::ffi::CString::new(memfd_name(name)).unwrap_or_else(|_| c"modelcache".to_owned());
         // SAFETY: valid NUL-terminated name; the fd returned is ours.
@@ -90,16 +122,38 @@ impl Entry {
         let map = MmapOptions::new()
             .len(identity.size as usize)
             .map_raw_read_only(&read_only)?;
-        Ok(Self {
+        Ok(Self::new(id, identity, name, Storage::Memfd { memfd, map }))
+    }
+
+    /// A passthrough-mode entry: the backing file (`file`, open for
+    /// reading), mapped but not yet locked.
+    pub fn in_page_cache(
+        id: EntryId,
+        identity: Identity,
+        name: &str,
+        file: &File,
+    ) -> io::Result<Self> {
+        let map = MmapOptions::new()
+            .len(identity.size as usize)
+            .map_raw_read_only(file)?;
+        Ok(Self::new(
+            id,
+            identity,
+            name,
+            Storage::Locked(LockedPages(map)),
+        ))
+    }
+
+    fn new(id: EntryId, identity: Identity, name: &str, storage: Storage) -> Self {
+        Self {
             id,
             identity,
             name: name.to_string(),
-            memfd,
-            map,
+            storage,
             loaded: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
             stale: AtomicBool::new(false),
-        })
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -115,8 +169,14 @@ impl Entry {
     }
 
     /// The bytes at `offset..offset + len` (clamped to the end of the file)
-    /// if they are loaded; `None` sends the reader to the backing file.
+    /// if they are loaded into a memfd; `None` sends the reader to the
+    /// backing file (which, for a passthrough entry, is where the locked
+    /// pages are: this process never touches that mapping, as the file
+    /// could shrink under it).
     pub fn bytes(&self, offset: u64, len: u32) -> Option<&[u8]> {
+        let Storage::Memfd { map, .. } = &self.storage else {
+            return None;
+        };
         let end = offset.saturating_add(len as u64).min(self.size());
         if offset > end || end > self.loaded() || self.stale.load(Ordering::Acquire) {
             return None;
@@ -124,10 +184,7 @@ impl Entry {
         // SAFETY: the range lies inside the mapping and below `loaded`, so
         // the loader never writes it again; the mapping lives as long as self.
         Some(unsafe {
-            std::slice::from_raw_parts(
-                self.map.as_ptr().add(offset as usize),
-                (end - offset) as usize,
-            )
+            std::slice::from_raw_parts(map.as_ptr().add(offset as usize), (end - offset) as usize)
         })
     }
 
@@ -147,21 +204,37 @@ impl Entry {
         self.cancelled.load(Ordering::Relaxed)
     }
 
-    /// Copies the backing file into the memfd in `chunk`-sized steps, in the
-    /// kernel (`sendfile`: backing page cache to memfd pages, one copy), and
-    /// drops each copied range from the backing file's page cache so RAM
-    /// does not hold the data twice. Stops early when cancelled.
-    pub fn fill_from(&self, source: &File, chunk: u64) -> io::Result<()> {
+    fn check_cancelled(&self) -> io::Result<()> {
+        if self.is_cancelled() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "load cancelled"));
+        }
+        Ok(())
+    }
+
+    /// Loads the whole file from `source` (the backing file, open for
+    /// reading) in `chunk`-sized steps, so readers find the start loaded
+    /// early. Stops when cancelled. The caller checks the file's identity
+    /// afterwards, then calls `finish`.
+    pub fn load(&self, source: &File, chunk: u64) -> io::Result<()> {
+        match &self.storage {
+            Storage::Memfd { memfd, .. } => self.fill_memfd(memfd, source, chunk),
+            Storage::Locked(LockedPages(map)) => self.lock_pages(map, source, chunk),
+        }
+    }
+
+    /// Copies the backing file into the memfd, in the kernel (`sendfile`:
+    /// backing page cache to memfd pages, one copy), and drops each copied
+    /// range from the backing file's page cache so RAM does not hold the
+    /// data twice.
+    fn fill_memfd(&self, memfd: &File, source: &File, chunk: u64) -> io::Result<()> {
         let size = self.size();
         let mut done = self.loaded();
         // SAFETY: positions the memfd, which only this loader writes.
-        if unsafe { libc::lseek(self.memfd.as_raw_fd(), done as libc::off_t, libc::SEEK_SET) } < 0 {
+        if unsafe { libc::lseek(memfd.as_raw_fd(), done as libc::off_t, libc::SEEK_SET) } < 0 {
             return Err(io::Error::last_os_error());
         }
         while done < size {
-            if self.is_cancelled() {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, "load cancelled"));
-            }
+            self.check_cancelled()?;
             let want = chunk.min(size - done);
             let mut copied = 0;
             while copied < want {
@@ -169,7 +242,7 @@ impl Entry {
                 // SAFETY: valid fds; `off` is updated by the kernel.
                 let n = unsafe {
                     libc::sendfile(
-                        self.memfd.as_raw_fd(),
+                        memfd.as_raw_fd(),
                         source.as_raw_fd(),
                         &mut off,
                         (want - copied) as usize,
@@ -191,49 +264,82 @@ impl Entry {
                     }
                 }
             }
-            // SAFETY: advice on a valid fd; failure only means the pages stay.
-            unsafe {
-                libc::posix_fadvise(
-                    source.as_raw_fd(),
-                    done as libc::off_t,
-                    want as libc::off_t,
-                    libc::POSIX_FADV_DONTNEED,
-                )
-            };
+            advise(source, done, want, libc::POSIX_FADV_DONTNEED);
             done += want;
             self.loaded.store(done, Ordering::Release);
         }
         Ok(())
     }
 
-    /// Maps every page of the loaded copy into this process now, so that
-    /// the first reads of it do not each take page faults.
-    pub fn prefault(&self) {
-        // SAFETY: advice on our own mapping; failure only costs the faults.
-        unsafe {
-            libc::madvise(
-                self.map.as_mut_ptr().cast(),
-                self.map.len(),
-                libc::MADV_POPULATE_READ,
-            )
-        };
-    }
-
-    /// Seals the memfd once loaded: its size and bytes can never change.
-    pub fn seal(&self) -> io::Result<()> {
-        let seals =
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl on our own memfd.
-        if unsafe { libc::fcntl(self.memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(io::Error::last_os_error());
+    /// Reads the backing file into its page cache and locks each chunk
+    /// there. The next chunk is read ahead while one is locked, so the disk
+    /// streams. Where locking is refused (RLIMIT_MEMLOCK without
+    /// CAP_IPC_LOCK) the pages are only mapped: mapped pages survive
+    /// drop_caches and POSIX_FADV_DONTNEED, not memory reclaim.
+    fn lock_pages(&self, map: &MmapRaw, source: &File, chunk: u64) -> io::Result<()> {
+        let size = self.size();
+        let mut done = self.loaded();
+        let mut lock = true;
+        advise(source, done, chunk, libc::POSIX_FADV_WILLNEED);
+        while done < size {
+            self.check_cancelled()?;
+            let want = chunk.min(size - done);
+            advise(source, done + want, chunk, libc::POSIX_FADV_WILLNEED);
+            // SAFETY: the range lies inside our mapping.
+            let ptr = unsafe { map.as_mut_ptr().add(done as usize) }.cast::<libc::c_void>();
+            // SAFETY: locking / populating our own mapping; a range past a
+            // shrunken file's end fails with an error, never a signal.
+            if lock && unsafe { libc::mlock(ptr, want as usize) } != 0 {
+                let err = io::Error::last_os_error();
+                if !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "cannot lock cached files in RAM ({err}); they are kept mapped instead, \
+                         which memory reclaim can undo. Raise the limit: LimitMEMLOCK=infinity \
+                         in the systemd unit, or memlock in /etc/security/limits.conf"
+                    );
+                }
+                lock = false;
+            }
+            if !lock && unsafe { libc::madvise(ptr, want as usize, libc::MADV_POPULATE_READ) } != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            done += want;
+            self.loaded.store(done, Ordering::Release);
         }
         Ok(())
     }
 
-    /// The memfd, for handing to the kernel (passthrough).
-    pub fn memfd(&self) -> &File {
-        &self.memfd
+    /// After a complete load whose identity still matches: a memfd is
+    /// sealed (its size and bytes can never change) and mapped in whole so
+    /// the first reads take no page faults.
+    pub fn finish(&self) -> io::Result<()> {
+        let Storage::Memfd { memfd, map } = &self.storage else {
+            return Ok(());
+        };
+        let seals =
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on our own memfd.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: advice on our own mapping; failure only costs the faults.
+        unsafe { libc::madvise(map.as_mut_ptr().cast(), map.len(), libc::MADV_POPULATE_READ) };
+        Ok(())
     }
+}
+
+/// `posix_fadvise` on a range; failure only means the advice is not taken.
+fn advise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
+    // SAFETY: advice on an open descriptor.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            advice,
+        )
+    };
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -93,6 +94,9 @@ impl std::fmt::Display for Why {
 
 struct Shared {
     config: CacheConfig,
+    /// Passthrough mode: entries keep the backing file's pages locked (the
+    /// kernel reads them directly) instead of a copy in a memfd.
+    in_page_cache: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -191,6 +195,7 @@ impl Cache {
                 writers: HashMap::new(),
             }),
             config,
+            in_page_cache: AtomicBool::new(false),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let loaders = (0..shared.config.loader_threads.max(1))
@@ -208,6 +213,13 @@ impl Cache {
             loads: Some(tx),
             loaders,
         }
+    }
+
+    /// Where new entries keep their bytes: the backing file's locked page
+    /// cache (passthrough mode, where the kernel reads files directly) or
+    /// a memfd the daemon answers reads from (copy mode).
+    pub fn keep_in_page_cache(&self, yes: bool) {
+        self.shared.in_page_cache.store(yes, Ordering::Relaxed);
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -283,7 +295,15 @@ impl Cache {
             }
             Admission::Declined => return None,
         };
-        let created = Entry::new(id, identity, name).and_then(|e| Ok((e, source()?)));
+        let in_page_cache = self.shared.in_page_cache.load(Ordering::Relaxed);
+        let created = source().and_then(|source| {
+            let entry = if in_page_cache {
+                Entry::in_page_cache(id, identity, name, &source)?
+            } else {
+                Entry::in_memfd(id, identity, name)?
+            };
+            Ok((entry, source))
+        });
         let (entry, source) = match created {
             Ok((entry, source)) => (Arc::new(entry), source),
             Err(e) => {
@@ -355,15 +375,13 @@ fn load_loop(jobs: Receiver<LoadJob>, shared: Weak<Shared>) {
             continue;
         }
         let started = Instant::now();
-        let result = entry.fill_from(&job.source, LOAD_CHUNK).and_then(|()| {
+        let result = entry.load(&job.source, LOAD_CHUNK).and_then(|()| {
             // A change during the load makes the copy stale.
             let st = crate::fs::backing::stat(std::os::fd::AsFd::as_fd(&job.source))?;
             if Identity::of(&st) != entry.identity {
                 return Err(io::Error::other("the file changed while loading"));
             }
-            entry.seal()?;
-            entry.prefault();
-            Ok(())
+            entry.finish()
         });
         match result {
             Ok(()) => {

@@ -8,15 +8,18 @@
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use super::passthrough::BackingFiles;
+pub use super::passthrough::Passthrough;
 use super::{Caller, Entry, Overlay, SetAttr, Stat, TimeSpec, XattrReply};
 
 /// Listings of directories are kept in the kernel (FOPEN_CACHE_DIR) only
@@ -58,15 +61,37 @@ pub struct FuseAdapter {
     /// enough, directory listings). A cached listing is re-read when the
     /// directory's mtime has changed.
     ttl: Duration,
+    /// With passthrough on, every open file is tied to its backing file in
+    /// the kernel, and `read_mode` only applies where the kernel refused one.
+    backing_files: Arc<BackingFiles>,
 }
 
 impl FuseAdapter {
-    pub fn new(overlay: Overlay, ttl: Duration, read_mode: ReadMode) -> Self {
+    pub fn new(
+        overlay: Overlay,
+        ttl: Duration,
+        read_mode: ReadMode,
+        backing_files: Arc<BackingFiles>,
+    ) -> Self {
         Self {
             overlay,
             read_mode,
             ttl,
+            backing_files,
         }
+    }
+
+    /// The kernel's backing file for a new open file, when passthrough is
+    /// on and the kernel accepts this one.
+    fn backing_for(
+        &self,
+        node: u64,
+        fh: u64,
+        register: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        self.backing_files.open(node, fh, || {
+            self.overlay.with_backing_file(fh, register).and_then(|r| r)
+        })
     }
 }
 
@@ -205,6 +230,17 @@ impl Filesystem for FuseAdapter {
                  through the page cache instead"
             );
             self.read_mode = ReadMode::PageCache;
+        }
+        if self.backing_files.is_enabled() {
+            // Depth 1: backing files must live on a plain filesystem (not
+            // overlayfs or another passthrough mount); others are refused at
+            // open and served through the daemon.
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !granted {
+                tracing::warn!("this kernel does not offer FUSE passthrough (Linux 6.9+)");
+                self.backing_files.disable();
+            }
         }
         Ok(())
     }
@@ -350,10 +386,15 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.overlay.open(ino.0, flags.0) {
-            Ok(o) if o.cacheable => reply.opened(FileHandle(o.fh), self.read_mode.open_flags()),
-            Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
+        let opened = match self.overlay.open(ino.0, flags.0) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let fh = FileHandle(opened.fh);
+        match self.backing_for(ino.0, opened.fh, |f| reply.open_backing(f)) {
+            Some(backing) => reply.opened_passthrough(fh, FopenFlags::empty(), &backing),
+            None if opened.cacheable => reply.opened(fh, self.read_mode.open_flags()),
+            None => reply.opened(fh, FopenFlags::empty()),
         }
     }
 
@@ -420,6 +461,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.backing_files.release(fh.0);
         self.overlay.release(fh.0);
         reply.ok();
     }
@@ -608,18 +650,30 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
+        let (entry, fh) = match self
             .overlay
             .create(caller(req), parent.0, name, mode, flags)
         {
-            Ok((e, fh)) => reply.created(
+            Ok(created) => created,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let attr = attr(entry.id, &entry.stat);
+        match self.backing_for(entry.id, fh, |f| reply.open_backing(f)) {
+            Some(backing) => reply.created_passthrough(
                 &self.ttl,
-                &attr(e.id, &e.stat),
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &backing,
+            ),
+            None => reply.created(
+                &self.ttl,
+                &attr,
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),
             ),
-            Err(e) => reply.error(errno(e)),
         }
     }
 }

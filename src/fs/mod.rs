@@ -6,6 +6,7 @@ pub mod backing;
 pub mod creds;
 pub mod fuse;
 pub mod inodes;
+pub mod passthrough;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -124,7 +125,7 @@ pub struct Overlay {
     inodes: InodeTable,
     files: Handles<OpenFile>,
     dirs: Handles<DirStream>,
-    cache: Cache,
+    cache: Arc<Cache>,
     /// The backing directory's path, to name files relative to it.
     root_path: std::path::PathBuf,
 }
@@ -136,7 +137,7 @@ fn key(st: &Stat) -> inodes::InodeKey {
 impl Overlay {
     /// `root` is the backing directory, opened `O_PATH|O_DIRECTORY` before
     /// anything is mounted over it.
-    pub fn new(root: OwnedFd, cache: Cache) -> io::Result<Self> {
+    pub fn new(root: OwnedFd, cache: Arc<Cache>) -> io::Result<Self> {
         let st = backing::stat(root.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
@@ -426,6 +427,11 @@ impl Overlay {
         Ok(reply(&buf[..n]))
     }
 
+    /// The backing file of an open file, for handing to the kernel.
+    pub fn with_backing_file<R>(&self, fh: u64, f: impl FnOnce(&File) -> R) -> io::Result<R> {
+        Ok(f(&self.files.get(fh)?.file))
+    }
+
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<usize> {
         backing::pwrite(&self.files.get(fh)?.file, data, offset)
     }
@@ -638,7 +644,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = backing::open_root(dir.path()).unwrap();
         let cache = Cache::new(crate::cache::CacheConfig::with_cap(cap));
-        (dir, Overlay::new(root, cache).unwrap())
+        (dir, Overlay::new(root, Arc::new(cache)).unwrap())
     }
 
     pub(super) fn read_all(fs: &Overlay, fh: u64, offset: u64, size: u32) -> Vec<u8> {
@@ -796,7 +802,7 @@ mod cache_tests {
         }
         let root = backing::open_root(dir.path()).unwrap();
         let cache = Cache::new(crate::cache::CacheConfig::with_cap(cap));
-        (dir, Overlay::new(root, cache).unwrap())
+        (dir, Overlay::new(root, Arc::new(cache)).unwrap())
     }
 
     fn open(fs: &Overlay, name: &str, flags: i32) -> (Opened, u64) {

@@ -10,7 +10,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::sleep;
@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 #[path = "support.rs"]
 mod support;
 use support::Mounted;
+#[path = "../common/mod.rs"]
+mod common;
 
 const MIB: usize = 1 << 20;
 const FILE_SIZE: usize = 2 << 30;
@@ -42,30 +44,20 @@ const MODEL: &str = "model.safetensors";
 // ---------------------------------------------------------------------------
 
 impl Mounted {
-    /// Bytes resident in the daemon's memfd for `name` (the cache entry), if
-    /// it has one.
-    fn cached_bytes(&self, name: &str) -> Option<u64> {
-        let dir = format!("/proc/{}/fd", self.pid());
-        let mut best = None;
-        for entry in fs::read_dir(dir).ok()?.flatten() {
-            let Ok(target) = fs::read_link(entry.path()) else {
-                continue;
-            };
-            let target = target.to_string_lossy();
-            if target.starts_with("/memfd:modelcache:")
-                && target.contains(name)
-                && let Ok(md) = fs::metadata(entry.path())
-            {
-                best = best.max(Some(md.blocks() * 512));
-            }
-        }
-        best
+    /// Bytes the cache holds in RAM for `name` (a memfd's pages, or the
+    /// backing file's locked pages), if it has an entry.
+    fn cached_bytes(&self, backing: &Path, name: &str) -> Option<u64> {
+        common::cached_files(self.pid(), backing)
+            .iter()
+            .filter(|f| f.name == name)
+            .map(|f| f.resident)
+            .max()
     }
 
     /// Opens `name` read-only through the mount (which admits it to the
     /// cache), reads its header, closes it and waits until the loader has
     /// the whole file in RAM. Returns how long that took.
-    fn admit_and_load(&mut self, name: &str) -> Duration {
+    fn admit_and_load(&mut self, backing: &Path, name: &str) -> Duration {
         let t = Instant::now();
         let mut header = [0u8; 8];
         File::open(self.path(name))
@@ -73,14 +65,14 @@ impl Mounted {
             .expect("open through the mount");
         let deadline = t + LOAD_TIMEOUT;
         loop {
-            if self.cached_bytes(name).unwrap_or(0) >= FILE_SIZE as u64 {
+            if self.cached_bytes(backing, name).unwrap_or(0) >= FILE_SIZE as u64 {
                 return t.elapsed();
             }
             self.check_alive("loading");
             assert!(
                 Instant::now() < deadline,
                 "{name} not loaded into the cache after {LOAD_TIMEOUT:?} ({} bytes); log:\n{}",
-                self.cached_bytes(name).unwrap_or(0),
+                self.cached_bytes(backing, name).unwrap_or(0),
                 fs::read_to_string(&self.log).unwrap_or_default()
             );
             sleep(Duration::from_millis(20));
@@ -486,6 +478,8 @@ struct Ctx {
     expect: u64,
     reps: usize,
     mounts: usize,
+    /// Prepended to every mount's options: the serving mode measured.
+    mode_args: Vec<String>,
 }
 
 impl Ctx {
@@ -501,7 +495,8 @@ impl Ctx {
     fn mount_at(&mut self, mnt: &Path, extra: &[String]) -> Mounted {
         self.mounts += 1;
         let log = self.tmp.join(format!("daemon{}.log", self.mounts));
-        Mounted::start(&self.backing, mnt, extra, &log)
+        let options: Vec<String> = self.mode_args.iter().chain(extra).cloned().collect();
+        Mounted::start(&self.backing, mnt, &options, &log)
     }
 }
 
@@ -743,11 +738,147 @@ fn describe_gains(gains: &[f64]) -> String {
     )
 }
 
+/// `/proc/meminfo` fields, in bytes.
+fn meminfo(field: &str) -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// `vmtouch -l` holding a file's pages locked in RAM, stopped on drop.
+struct Vmtouch(std::process::Child);
+
+impl Vmtouch {
+    /// Locks `path`, waiting until all of it is locked. `None` when vmtouch
+    /// is not installed.
+    fn lock(path: &Path) -> Option<Self> {
+        let child = std::process::Command::new("vmtouch")
+            .arg("-l")
+            .arg("-q")
+            .arg(path)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let v = Vmtouch(child);
+        let deadline = Instant::now() + LOAD_TIMEOUT;
+        while v.locked_bytes() < FILE_SIZE as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "vmtouch did not lock {}",
+                path.display()
+            );
+            sleep(Duration::from_millis(20));
+        }
+        Some(v)
+    }
+
+    fn locked_bytes(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmLck:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    }
+}
+
+impl Drop for Vmtouch {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What section 6 measured.
+struct PassthroughResult {
+    rows: Vec<Row>,
+    /// Growth of the page cache (Cached) from before the mount to after
+    /// loading and reading the file through it, in copies of the file.
+    copies_after_reads: f64,
+    load: Duration,
+}
+
+/// Section 6: passthrough mode (the cache locks the backing file's pages;
+/// the kernel reads them without the daemon) against the native page cache
+/// with a cap-less locker: `vmtouch -l` holding a copy of the file, read
+/// directly. Both sides survive drop_caches, which runs before every pass.
+fn passthrough(ctx: &mut Ctx) -> Option<PassthroughResult> {
+    let copy = ctx.tmp.join("vmtouch-copy.bin");
+    fs::copy(ctx.direct(), &copy).expect("copy the model for vmtouch");
+    drop_caches();
+    let Some(locker) = Vmtouch::lock(&copy) else {
+        println!("vmtouch not installed (apt-get install vmtouch): section 6 skipped");
+        return None;
+    };
+    drop_caches();
+    let cached_before = meminfo("Cached");
+    ctx.mode_args = args(&["--passthrough", "on"]);
+    let mut mounted = ctx.mount(&[]);
+    let load = mounted.admit_and_load(&ctx.backing, MODEL);
+    println!(
+        "passthrough mount: loaded (pages locked) in {:.2} s ({:.2} GB/s)",
+        load.as_secs_f64(),
+        gbps(load)
+    );
+    let through = mounted.path(MODEL);
+    let mut rows = Vec::new();
+    for pattern in [Pattern::Seq, Pattern::Comfy, Pattern::Mmap] {
+        let (mut direct, mut mount) = (Series::default(), Series::default());
+        for i in 1..=ctx.reps {
+            // Alternate which side goes first, so drift hits both alike.
+            let pass = |path: &Path| {
+                drop_caches();
+                timed(pattern, path, &ctx.model, ctx.expect)
+            };
+            let (d, m) = if i % 2 == 1 {
+                let d = pass(&copy);
+                (d, pass(&through))
+            } else {
+                let m = pass(&through);
+                (pass(&copy), m)
+            };
+            println!(
+                "  {} rep {i}: vmtouch -l + direct {:5.2}  passthrough mount {:5.2} GB/s",
+                pattern.name(),
+                gbps(d),
+                gbps(m)
+            );
+            direct.0.push(d);
+            mount.0.push(m);
+        }
+        rows.push(Row::new(
+            "passthrough: mount (cached) vs vmtouch -l + direct, caches dropped",
+            pattern,
+            &direct,
+            &mount,
+            Some(0.95),
+        ));
+    }
+    let grown = meminfo("Cached").saturating_sub(cached_before);
+    let copies_after_reads = grown as f64 / FILE_SIZE as f64;
+    println!(
+        "page cache grew by {} MiB ({copies_after_reads:.2} copies of the file) from before the \
+         mount to after loading and reading it through the mount",
+        grown >> 20
+    );
+    drop(mounted);
+    drop(locker);
+    ctx.mode_args = args(&["--passthrough", "off"]);
+    Some(PassthroughResult {
+        rows,
+        copies_after_reads,
+        load,
+    })
+}
+
 /// Waits until the mount has the file in RAM, then times one untimed-for-the-
 /// table read: the first one after the load also maps the memfd's pages into
 /// the daemon. The repetitions that follow start from that steady state.
 fn load_and_first_read(ctx: &Ctx, mounted: &mut Mounted, label: &str) {
-    let load = mounted.admit_and_load(MODEL);
+    let load = mounted.admit_and_load(&ctx.backing, MODEL);
     let first = timed(Pattern::Seq, &mounted.path(MODEL), &ctx.model, ctx.expect);
     println!(
         "{label}: loaded in {:.2} s ({:.2} GB/s); first seq read after the load {:.2} GB/s (not in the medians)",
@@ -807,6 +938,7 @@ fn main() {
         expect,
         reps,
         mounts: 0,
+        mode_args: args(&["--passthrough", "off"]),
     };
 
     // 1. Cold.
@@ -825,7 +957,7 @@ fn main() {
     }
 
     // 2.-4. One mount (defaults) that holds the file.
-    println!("== 2.-4. file cached: default mount (--read-mode direct) ==");
+    println!("== 2.-4. file cached: copy mode (--passthrough off --read-mode direct) ==");
     let warm_rows = {
         let mut mounted = ctx.mount(&[]);
         load_and_first_read(&ctx, &mut mounted, "default mount");
@@ -890,7 +1022,7 @@ fn main() {
     println!("== 5. configuration sweep (file cached; seq and ComfyUI) ==");
     let mut sweep = vec![SweepRow::new(
         &mut ctx,
-        format!("--read-mode direct --threads {default_threads} (default)"),
+        format!("--read-mode direct --threads {default_threads} (copy-mode default)"),
         Knob::Default,
         &[],
     )];
@@ -968,6 +1100,11 @@ fn main() {
     }
     println!();
 
+    // 6. Passthrough.
+    println!("== 6. passthrough mode vs vmtouch -l + direct reads ==");
+    let passthrough = passthrough(&mut ctx);
+    println!();
+
     // Final tables.
     println!(
         "== modelcache cache benchmark: {} GiB safetensors, medians of {reps}, {:.0} s in all ==\n",
@@ -996,6 +1133,30 @@ fn main() {
             r.mount,
             r.ratio(),
             r.target_cell()
+        );
+    }
+    if let Some(p) = &passthrough {
+        println!(
+            "\nPassthrough mode (--passthrough on; the default for a root daemon on Linux 6.9+), \
+             file cached, kernel caches dropped before every pass:\n"
+        );
+        println!("| Pattern | vmtouch -l + direct GB/s | mount GB/s | mount/direct | target |");
+        println!("|---|---:|---:|---:|---|");
+        for r in &p.rows {
+            println!(
+                "| {} | {:.2} | {:.2} | {:.2}x | {} |",
+                r.pattern.name(),
+                r.direct,
+                r.mount,
+                r.ratio(),
+                r.target_cell()
+            );
+        }
+        println!(
+            "\nMemory: loading the file and reading it through the mount grew the page cache by \
+             {:.2} copies of it (target: 1, not 2). Load (read and lock): {:.2} GB/s.",
+            p.copies_after_reads,
+            gbps(p.load)
         );
     }
     let (seq_hot, comfy_hot) = (direct_hot(Pattern::Seq), direct_hot(Pattern::Comfy));

@@ -350,23 +350,120 @@ pub fn page_cache_bytes(path: &Path) -> u64 {
     }
 }
 
-/// The daemon's cache memfds: (count, total size, total allocated bytes).
-pub fn memfd_usage(pid: u32) -> (usize, u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = (0, 0, 0);
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        let target = std::fs::read_link(fd.path()).unwrap_or_default();
-        if !target.to_string_lossy().starts_with("/memfd:modelcache") {
-            continue;
-        }
-        if let Ok(md) = std::fs::metadata(fd.path()) {
-            out.0 += 1;
-            out.1 += md.len();
-            out.2 += md.blocks() * 512;
+/// How the daemon serves model files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The daemon answers reads from its memfd copies.
+    Copy,
+    /// The kernel reads backing files directly; the cache locks their pages.
+    Passthrough,
+}
+
+impl Mode {
+    pub fn args(self) -> [&'static str; 2] {
+        match self {
+            Mode::Copy => ["--passthrough", "off"],
+            Mode::Passthrough => ["--passthrough", "on"],
         }
     }
+}
+
+/// One file in the daemon's cache, as /proc shows it.
+#[derive(Debug)]
+pub struct CachedFile {
+    /// Relative to the backing directory.
+    pub name: String,
+    pub size: u64,
+    /// RAM it holds: a memfd's allocated pages, or the locked pages of the
+    /// backing file.
+    pub resident: u64,
+    /// Fully loaded: a sealed memfd, or every page locked.
+    pub complete: bool,
+}
+
+/// The daemon's cache entries: its memfds (copy mode) and its shared
+/// read-only mappings of files under `backing` (passthrough mode).
+pub fn cached_files(pid: u32, backing: &Path) -> Vec<CachedFile> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for fd in dir.flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        let target = target.to_string_lossy();
+        let Some(name) = target.strip_prefix("/memfd:modelcache:") else {
+            continue;
+        };
+        // Closed meanwhile: it left the cache.
+        let Ok(f) = File::open(fd.path()) else {
+            continue;
+        };
+        let md = f.metadata().unwrap();
+        // SAFETY: a query on our own descriptor.
+        let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
+        out.push(CachedFile {
+            name: name.strip_suffix(" (deleted)").unwrap_or(name).to_string(),
+            size: md.len(),
+            resident: md.blocks() * 512,
+            complete: seals > 0 && seals & libc::F_SEAL_WRITE != 0,
+        });
+    }
+    let prefix = format!("{}/", backing.canonicalize().unwrap().display());
+    // path -> (mapped bytes, locked bytes); a partly locked mapping shows
+    // as several areas.
+    let mut maps: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut current: Option<String> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if !first.ends_with(':') {
+            let perms = words.next().unwrap_or("");
+            let path: Vec<&str> = words.skip(3).collect();
+            let path = path.join(" ");
+            current = (perms == "r--s" && path.starts_with(&prefix)).then_some(path);
+            continue;
+        }
+        let Some(path) = &current else { continue };
+        let kib = |w: Option<&str>| w.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+        let e = maps.entry(path.clone()).or_default();
+        match first {
+            "Size:" => e.0 += kib(words.next()),
+            "Locked:" => e.1 += kib(words.next()),
+            _ => {}
+        }
+    }
+    for (path, (mapped, locked)) in maps {
+        let path = path.strip_suffix(" (deleted)").unwrap_or(&path);
+        let size = std::fs::metadata(path).map_or(mapped, |m| m.len());
+        out.push(CachedFile {
+            name: path[prefix.len()..].to_string(),
+            size,
+            resident: locked,
+            complete: locked >= size.next_multiple_of(4096),
+        });
+    }
     out
+}
+
+/// Bytes this thread has read from block devices: 0 for reads served from
+/// RAM.
+pub fn thread_disk_reads() -> u64 {
+    io_read_bytes("/proc/thread-self/io")
+}
+
+/// Bytes a process has read from block devices.
+pub fn process_disk_reads(pid: u32) -> u64 {
+    io_read_bytes(&format!("/proc/{pid}/io"))
+}
+
+fn io_read_bytes(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("read_bytes in /proc/PID/io")
 }
