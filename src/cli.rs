@@ -52,11 +52,11 @@ pub enum Command {
         #[arg(long, value_name = "SIZE")]
         max_size: Option<SizeSpec>,
         /// Smaller model files are not cached (default 1MiB).
-        #[arg(long, value_name = "SIZE", default_value = "1MiB")]
-        min_file_size: SizeSpec,
-        /// Threads that load files into the cache.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
-        loader_threads: u16,
+        #[arg(long, value_name = "SIZE")]
+        min_file_size: Option<SizeSpec>,
+        /// Threads that load files into the cache (default 2).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
+        loader_threads: Option<u16>,
         /// How the kernel serves reads of model files (a tuning knob; the
         /// default was chosen by measurement, see README).
         #[arg(long, value_enum, default_value = "direct")]
@@ -67,6 +67,15 @@ pub enum Command {
         /// says which mode it chose; `on` refuses to mount without it.
         #[arg(long, value_enum, default_value = "auto")]
         passthrough: Passthrough,
+        /// The manifest: cache settings, pinned, warm and grouped files
+        /// (default: $XDG_CONFIG_HOME/modelcache/manifest.toml if present).
+        /// Flags given here override its settings.
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        /// Write the counters in Prometheus text format to FILE every few
+        /// seconds (for node_exporter's textfile collector).
+        #[arg(long, value_name = "FILE")]
+        metrics_file: Option<PathBuf>,
         /// Return once the mount is live and keep serving in the background.
         #[arg(long)]
         background: bool,

@@ -9,6 +9,7 @@ pub mod fs;
 pub mod manifest;
 pub mod mount;
 pub mod mountinfo;
+pub mod rules;
 pub mod size;
 
 /// A user-facing error: one line saying what is wrong and how to fix it.

@@ -36,18 +36,26 @@ fn main() -> ExitCode {
             loader_threads,
             read_mode,
             passthrough,
+            manifest,
+            metrics_file,
             background: false,
         } => {
-            mount::cache_config(max_size, min_file_size, loader_threads.into()).and_then(|cache| {
+            let flags = mount::CacheFlags {
+                max_size,
+                min_file_size,
+                loader_threads: loader_threads.map(usize::from),
+            };
+            mount::Settings::resolve(flags, manifest).and_then(|settings| {
                 mount::run(MountConfig {
                     backing,
                     mountpoint,
                     allow_other,
                     threads: threads.map_or(mount::DEFAULT_THREADS, usize::from),
                     metadata_ttl: metadata_ttl.map(|s| Duration::from_secs(s.into())),
-                    cache,
+                    settings,
                     read_mode,
                     passthrough,
+                    metrics_file,
                 })
             })
         }

@@ -22,7 +22,9 @@ use crate::fs::backing;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::fuse::ReadMode;
 use crate::fs::passthrough::{self, BackingFiles, Passthrough};
+use crate::manifest::{Admit, Manifest};
 use crate::mountinfo::{self, FSTYPE};
+use crate::rules::Rules;
 use crate::size::{Bytes, SizeSpec};
 
 /// What `modelcache mount` was asked to do.
@@ -34,9 +36,11 @@ pub struct MountConfig {
     pub threads: usize,
     /// How long the kernel may cache metadata; `None` = the mode's default.
     pub metadata_ttl: Option<Duration>,
-    pub cache: CacheConfig,
+    pub settings: Settings,
     pub read_mode: ReadMode,
     pub passthrough: Passthrough,
+    /// Where to write Prometheus metrics, if anywhere.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// The machine's RAM in bytes.
@@ -51,29 +55,69 @@ pub fn total_ram() -> u64 {
     }
 }
 
-/// The cache settings from the command line; the cap defaults to half the
-/// RAM, and a cap beyond the RAM is refused (the cache would push the rest
-/// of the system into the OOM killer before it ever filled).
-pub fn cache_config(
-    max_size: Option<SizeSpec>,
-    min_file_size: SizeSpec,
-    loader_threads: usize,
-) -> Result<CacheConfig, Error> {
-    let ram = total_ram();
-    let cap = max_size
-        .unwrap_or(SizeSpec::PercentOfRam(50.0))
-        .resolve(ram);
-    if ram > 0 && cap > ram {
-        return Err(Error(format!(
-            "--max-size {} is more than this machine's RAM ({}); give a smaller size or a share such as 50%",
-            Bytes(cap),
-            Bytes(ram)
-        )));
+/// Cache flags given on the command line; each overrides the manifest.
+pub struct CacheFlags {
+    pub max_size: Option<SizeSpec>,
+    pub min_file_size: Option<SizeSpec>,
+    pub loader_threads: Option<usize>,
+}
+
+/// What the mount takes from the flags and the manifest.
+pub struct Settings {
+    pub cache: CacheConfig,
+    /// Below this much available memory even pinned files are released.
+    pub critical_available: u64,
+    /// The manifest in force at mount, if any.
+    pub manifest: Option<Manifest>,
+    /// The --manifest file, read again on reload (without it, reloads look
+    /// at the default path).
+    pub manifest_arg: Option<PathBuf>,
+}
+
+impl Settings {
+    /// The manifest (`--manifest`, else the default path if a file is
+    /// there), with the flags' values over its own. The cap defaults to half
+    /// the RAM; a cap beyond the RAM is refused (the cache would push the
+    /// rest of the system into the OOM killer before it ever filled).
+    pub fn resolve(flags: CacheFlags, manifest_arg: Option<PathBuf>) -> Result<Settings, Error> {
+        let path = manifest_arg
+            .clone()
+            .or_else(|| Manifest::default_path().filter(|p| p.exists()));
+        let manifest = path.as_deref().map(Manifest::load).transpose()?;
+        // Without a manifest, its defaults: one place defines them.
+        let defaults;
+        let m = match &manifest {
+            Some(m) => m,
+            None => {
+                defaults = Manifest::parse("", Path::new("(defaults)"))?;
+                &defaults
+            }
+        };
+        let ram = total_ram();
+        let limits = m.limits(ram)?;
+        let cap = flags.max_size.map_or(limits.max_size, |s| s.resolve(ram));
+        if ram > 0 && cap > ram {
+            return Err(Error(format!(
+                "--max-size {} is more than this machine's RAM ({}); give a smaller size or a share such as 50%",
+                Bytes(cap),
+                Bytes(ram)
+            )));
+        }
+        let mut cache = CacheConfig::with_cap(cap);
+        cache.min_file_size = flags
+            .min_file_size
+            .map_or(limits.min_file_size, |s| s.resolve(ram));
+        cache.loader_threads = flags.loader_threads.unwrap_or(m.cache.loader_threads);
+        cache.extensions = m.cache.extensions.clone();
+        cache.admit_on_open = m.cache.admit == Admit::OnOpen;
+        cache.min_available = limits.min_available;
+        Ok(Settings {
+            cache,
+            critical_available: limits.critical_available,
+            manifest,
+            manifest_arg,
+        })
     }
-    let mut config = CacheConfig::with_cap(cap);
-    config.min_file_size = min_file_size.resolve(ram);
-    config.loader_threads = loader_threads;
-    Ok(config)
 }
 
 /// In place, the backing directory is hidden under the mount: every change
@@ -629,7 +673,12 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     // be hidden under the mount.
     let root = backing::open_root(&backing)
         .map_err(|e| Error(format!("cannot open {}: {e}", backing.display())))?;
-    let cap = config.cache.max_size;
+    let MountConfig {
+        settings,
+        read_mode,
+        ..
+    } = config;
+    let cap = settings.cache.max_size;
     let passthrough_wanted = match (config.passthrough, passthrough::unsupported_reason()) {
         (Passthrough::Off, _) => false,
         (Passthrough::On, Some(why)) => {
@@ -644,10 +693,12 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         (_, None) => true,
     };
     let backing_files = Arc::new(BackingFiles::new(passthrough_wanted));
-    let cache = Arc::new(Cache::new(config.cache.clone()));
+    let cache = Arc::new(Cache::new(settings.cache.clone()));
     cache.keep_in_page_cache(passthrough_wanted);
-    let overlay = Overlay::new(root, cache.clone())
-        .map_err(|e| Error(format!("{}: {e}", backing.display())))?;
+    let overlay = Arc::new(
+        Overlay::new(root, cache.clone())
+            .map_err(|e| Error(format!("{}: {e}", backing.display())))?,
+    );
 
     raise_nofile_limit();
     // The kernel applies the caller's umask before a create reaches us; ours
@@ -675,7 +726,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let ttl = config
         .metadata_ttl
         .unwrap_or_else(|| default_metadata_ttl(backing == mountpoint));
-    let adapter = FuseAdapter::new(overlay, ttl, config.read_mode, backing_files.clone());
+    let adapter = FuseAdapter::new(overlay.clone(), ttl, read_mode, backing_files.clone());
     let session = match fuser::Session::from_fd(adapter, fuse_fd, acl, fuse_config) {
         Ok(s) => s,
         Err(e) => {
@@ -723,8 +774,23 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
             ""
         }
     );
+    let rules = Rules::start(
+        overlay.clone(),
+        mountpoint.clone(),
+        settings.manifest,
+        settings.manifest_arg,
+    );
+    let weak = Arc::downgrade(&rules);
+    overlay.on_cacheable_open(move |name| {
+        if let Some(rules) = weak.upgrade() {
+            rules.opened(name);
+        }
+    });
     notify_ready();
-    serve_until_unmounted(&mountpoint, session)
+    serve_until_unmounted(&mountpoint, session, &|| match rules.reload() {
+        Ok(what) => info!("{what}"),
+        Err(e) => warn!("reload failed, the manifest in force stays: {e}"),
+    })
 }
 
 /// Once the session answers (INIT done), checks that the kernel really
@@ -761,12 +827,13 @@ fn confirm_passthrough(
 fn serve_until_unmounted(
     mountpoint: &Path,
     session: JoinHandle<io::Result<()>>,
+    reload: &dyn Fn(),
 ) -> Result<(), Error> {
     let mp = mountpoint.display();
     let mut stopping = false;
     while !session.is_finished() {
         match wait_signal(Duration::from_millis(200)) {
-            Some(libc::SIGHUP) => info!("SIGHUP received: nothing to reload"),
+            Some(libc::SIGHUP) => reload(),
             Some(_) if stopping => {
                 warn!("second stop signal: exiting now; files still open on {mp} will fail");
                 return Ok(());

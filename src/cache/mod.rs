@@ -7,11 +7,11 @@
 pub mod entry;
 pub mod policy;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -52,6 +52,11 @@ pub struct CacheConfig {
     pub loader_threads: usize,
     /// Lower-case extensions, without the dot.
     pub extensions: Vec<String>,
+    /// Admit a file when a reader opens it; when false, only files named by
+    /// the manifest or a command (`warm`, `pin`) enter the cache.
+    pub admit_on_open: bool,
+    /// No admission may take MemAvailable under this many bytes.
+    pub min_available: u64,
 }
 
 impl CacheConfig {
@@ -61,6 +66,8 @@ impl CacheConfig {
             min_file_size: 1 << 20,
             loader_threads: 2,
             extensions: DEFAULT_EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+            admit_on_open: true,
+            min_available: 0,
         }
     }
 }
@@ -72,6 +79,9 @@ struct State {
     resident: HashMap<EntryId, Arc<Entry>>,
     /// Files open for writing through the mount: never cached meanwhile.
     writers: HashMap<Key, u32>,
+    /// Paths (relative to the root) pinned by the manifest or a command:
+    /// their entries are pinned whenever they are (re)admitted.
+    pins: HashSet<String>,
 }
 
 /// Why entries leave the cache, for the log and for what open handles may
@@ -97,6 +107,8 @@ struct Shared {
     /// Passthrough mode: entries keep the backing file's pages locked (the
     /// kernel reads them directly) instead of a copy in a memfd.
     in_page_cache: AtomicBool,
+    /// The latest MemAvailable the pressure monitor saw (MAX until then).
+    mem_available: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -193,9 +205,11 @@ impl Cache {
                 policy: Policy::new(config.max_size),
                 resident: HashMap::new(),
                 writers: HashMap::new(),
+                pins: HashSet::new(),
             }),
             config,
             in_page_cache: AtomicBool::new(false),
+            mem_available: AtomicU64::new(u64::MAX),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let loaders = (0..shared.config.loader_threads.max(1))
@@ -242,35 +256,73 @@ impl Cache {
 
     /// An open for reading of a cacheable file whose backing file is now
     /// `identity`. Returns the entry to serve it from: a cached one if it
-    /// still matches the backing file, else a new one whose load is queued
-    /// (`source` opens the backing file for the loader). `None` when the
-    /// file is open for writing or the cap cannot make room.
+    /// still matches the backing file, else (admission on open) a new one
+    /// whose load is queued (`source` opens the backing file for the
+    /// loader). `None` when the file is open for writing, not admitted, or
+    /// no room can be made.
     pub fn open_for_read(
         &self,
         identity: Identity,
         name: &str,
         source: impl FnOnce() -> io::Result<File>,
     ) -> Option<CacheRef> {
-        let key = identity.key();
         let mut state = self.shared.state.lock();
+        let entry = match self.current(&mut state, identity) {
+            Some(entry) => entry,
+            None if self.shared.config.admit_on_open => {
+                self.admit(&mut state, identity, name, source)?
+            }
+            None => return None,
+        };
+        state.policy.open(entry.id);
+        Some(CacheRef {
+            shared: self.shared.clone(),
+            entry,
+        })
+    }
+
+    /// Loads a file into the cache without a reader (manifest, `warm`,
+    /// groups). Returns false when it cannot be cached now (open for
+    /// writing, no room, memory too low).
+    pub fn warm(
+        &self,
+        identity: Identity,
+        name: &str,
+        source: impl FnOnce() -> io::Result<File>,
+    ) -> bool {
+        let mut state = self.shared.state.lock();
+        self.current(&mut state, identity).is_some()
+            || self.admit(&mut state, identity, name, source).is_some()
+    }
+
+    /// The resident entry of the file if it still matches `identity`, now
+    /// the most recently used; a stale one is dropped.
+    fn current(&self, state: &mut State, identity: Identity) -> Option<Arc<Entry>> {
+        let key = identity.key();
         if state.writers.contains_key(&key) {
             return None;
         }
-        if let Some(id) = state.policy.lookup(key) {
-            let entry = state.resident[&id].clone();
-            if entry.identity == identity {
-                state.policy.open(id);
-                return Some(CacheRef {
-                    shared: self.shared.clone(),
-                    entry,
-                });
-            }
-            let evicted = state.policy.evict(key, EvictReason::Invalidated);
-            Shared::drop_resident(
-                &mut state,
-                evicted,
-                Why::Changed("changed behind the mount"),
-            );
+        let id = state.policy.lookup(key)?;
+        let entry = state.resident[&id].clone();
+        if entry.identity == identity {
+            return Some(entry);
+        }
+        let evicted = state.policy.evict(key, EvictReason::Invalidated);
+        Shared::drop_resident(state, evicted, Why::Changed("changed behind the mount"));
+        None
+    }
+
+    /// A new entry for the file, its load queued.
+    fn admit(
+        &self,
+        state: &mut State,
+        identity: Identity,
+        name: &str,
+        source: impl FnOnce() -> io::Result<File>,
+    ) -> Option<Arc<Entry>> {
+        let key = identity.key();
+        if state.writers.contains_key(&key) {
+            return None;
         }
         // The same name cached as another inode: the file was replaced
         // behind the mount (a download renamed over it). Its old bytes go.
@@ -282,15 +334,19 @@ impl Cache {
             .collect();
         for old in replaced {
             let evicted = state.policy.evict(old, EvictReason::Invalidated);
-            Shared::drop_resident(
-                &mut state,
-                evicted,
-                Why::Changed("replaced behind the mount"),
+            Shared::drop_resident(state, evicted, Why::Changed("replaced behind the mount"));
+        }
+        let available = self.shared.mem_available.load(Ordering::Relaxed);
+        if available.saturating_sub(identity.size) < self.shared.config.min_available {
+            info!(
+                "not caching {name} ({}): it would take available memory under the floor",
+                Bytes(identity.size)
             );
+            return None;
         }
         let id = match state.policy.admit(key, identity.size) {
             Admission::Admitted { id, evicted } => {
-                Shared::drop_resident(&mut state, evicted, Why::Room("cap"));
+                Shared::drop_resident(state, evicted, Why::Room("cap"));
                 id
             }
             Admission::Declined => return None,
@@ -313,8 +369,9 @@ impl Cache {
             }
         };
         state.resident.insert(id, entry.clone());
-        state.policy.open(id);
-        drop(state);
+        if state.pins.contains(name) {
+            state.policy.pin(key);
+        }
         let job = LoadJob {
             entry: entry.clone(),
             source,
@@ -322,10 +379,67 @@ impl Cache {
         if let Some(loads) = &self.loads {
             let _ = loads.send(job);
         }
-        Some(CacheRef {
-            shared: self.shared.clone(),
-            entry,
-        })
+        Some(entry)
+    }
+
+    /// Makes `names` (relative paths) the pinned files: resident entries of
+    /// them are pinned now, others when admitted; entries no longer named
+    /// become ordinary entries.
+    pub fn set_pins(&self, names: HashSet<String>) {
+        let mut state = self.shared.state.lock();
+        let entries: Vec<(Key, bool)> = state
+            .resident
+            .values()
+            .map(|e| (e.identity.key(), names.contains(&e.name)))
+            .collect();
+        for (key, pinned) in entries {
+            if pinned {
+                state.policy.pin(key);
+            } else {
+                state.policy.unpin(key);
+            }
+        }
+        state.pins = names;
+    }
+
+    /// The memory monitor's latest MemAvailable (or cgroup headroom).
+    pub fn note_available(&self, bytes: u64) {
+        self.shared.mem_available.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Evicts entries in the policy's order until `to_free` bytes are
+    /// released or nothing evictable is left; pinned entries only when
+    /// `include_pinned` (critical pressure). Returns the bytes released.
+    pub fn relieve_pressure(&self, to_free: u64, include_pinned: bool) -> u64 {
+        let mut state = self.shared.state.lock();
+        let mut freed = 0;
+        while freed < to_free {
+            let Some(id) = state.policy.evict_lru_for_pressure(include_pinned) else {
+                break;
+            };
+            if let Some(entry) = state.resident.get(&id) {
+                if state.pins.contains(&entry.name) {
+                    warn!(
+                        "releasing pinned {} ({}): memory is critically low",
+                        entry.name,
+                        Bytes(entry.size())
+                    );
+                }
+                freed += entry.size();
+            }
+            Shared::drop_resident(&mut state, Some(id), Why::Room("memory pressure"));
+        }
+        freed
+    }
+
+    /// (bytes loaded, size) of the resident entry of `key`, if any.
+    pub fn progress(&self, key: Key) -> Option<(u64, u64)> {
+        let state = self.shared.state.lock();
+        state
+            .resident
+            .values()
+            .find(|e| e.identity.key() == key)
+            .map(|e| (e.loaded(), e.size()))
     }
 
     /// An open for writing: drops the cached copy and keeps the file out of

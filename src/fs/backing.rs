@@ -14,6 +14,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 pub type Stat = libc::stat;
 
@@ -122,6 +123,29 @@ pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<File> {
         | libc::O_CLOEXEC;
     // SAFETY: NUL-terminated path.
     let fd = cvt(unsafe { libc::open(p.as_ptr(), flags) })?;
+    Ok(File::from(owned(fd)))
+}
+
+/// Opens the regular file at `rel` below `root` for reading. Symlinks are
+/// followed only while they stay below `root` (openat2 RESOLVE_BENEATH), as
+/// a reader of the mount would see them.
+pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<File> {
+    let path = CString::new(rel.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a plain C struct; zero is its "no options" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid fd, NUL-terminated path and a matching struct size.
+    let fd = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    } as i32)?;
     Ok(File::from(owned(fd)))
 }
 

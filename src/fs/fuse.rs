@@ -53,7 +53,7 @@ impl ReadMode {
 }
 
 pub struct FuseAdapter {
-    overlay: Overlay,
+    overlay: Arc<Overlay>,
     /// The configured mode, until `init` learns whether the kernel can mmap
     /// a direct-I/O file; without that it falls back to the page cache.
     read_mode: ReadMode,
@@ -68,7 +68,7 @@ pub struct FuseAdapter {
 
 impl FuseAdapter {
     pub fn new(
-        overlay: Overlay,
+        overlay: Arc<Overlay>,
         ttl: Duration,
         read_mode: ReadMode,
         backing_files: Arc<BackingFiles>,

@@ -128,6 +128,20 @@ pub struct Overlay {
     cache: Arc<Cache>,
     /// The backing directory's path, to name files relative to it.
     root_path: std::path::PathBuf,
+    /// Told the relative path of every cacheable file opened for reading
+    /// (the manifest's groups warm the rest of a group).
+    on_cacheable_open: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+}
+
+/// What `Overlay::warm` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Warmed {
+    /// Cached or loading: the cache key, to follow the load.
+    Queued(inodes::InodeKey),
+    /// Not a model file the cache takes (extension, size).
+    NotCacheable,
+    /// Cacheable, but not now: open for writing, no room, or memory low.
+    Refused,
 }
 
 fn key(st: &Stat) -> inodes::InodeKey {
@@ -149,11 +163,36 @@ impl Overlay {
             dirs: Handles::new(),
             cache,
             root_path,
+            on_cacheable_open: std::sync::OnceLock::new(),
         })
     }
 
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// Sets the hook told of every cacheable file opened for reading (once).
+    pub fn on_cacheable_open(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.on_cacheable_open.set(Box::new(hook));
+    }
+
+    /// Loads the file at `rel` (relative to the root) into the cache
+    /// without a reader: for the manifest's pins, warm files and groups.
+    pub fn warm(&self, rel: &std::path::Path) -> io::Result<Warmed> {
+        let root = self.inodes.get(inodes::ROOT)?;
+        let file = backing::open_beneath(root.fd(), rel)?;
+        let st = backing::stat(file.as_fd())?;
+        let name = rel.to_string_lossy();
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || !self.cache.is_cacheable(rel.as_os_str(), st.st_size as u64)
+        {
+            return Ok(Warmed::NotCacheable);
+        }
+        Ok(if self.cache.warm(Identity::of(&st), &name, || Ok(file)) {
+            Warmed::Queued(key(&st))
+        } else {
+            Warmed::Refused
+        })
     }
 
     /// The path of a node relative to the backing root (one of its names,
@@ -366,6 +405,9 @@ impl Overlay {
                 .cache
                 .is_cacheable(OsStr::new(&name), st.st_size as u64);
         let cached = if cacheable {
+            if let Some(hook) = self.on_cacheable_open.get() {
+                hook(&name);
+            }
             let source = || backing::reopen(node.fd(), libc::O_RDONLY);
             self.cache.open_for_read(Identity::of(&st), &name, source)
         } else {

@@ -1,0 +1,297 @@
+//! The manifest's rules applied to a live mount: pinned and warm files load
+//! in the background as soon as the mount is up (pins first, each kind in
+//! the manifest's order), opening a member of a `[[group]]` warms the other
+//! members, and `reload` (SIGHUP, `modelcache reload`) applies an edited
+//! manifest without remounting: new pins load, removed pins become ordinary
+//! entries.
+//!
+//! Files are matched by walking the mount itself, so names and symlinks
+//! resolve exactly as a reader of the mount sees them. All of it runs on
+//! one worker thread, never on a FUSE thread.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+use tracing::{info, warn};
+
+use crate::fs::{Overlay, Warmed};
+use crate::manifest::{Manifest, RuleKind};
+use crate::size::Bytes;
+
+/// How often prewarm progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+enum Job {
+    /// Apply a (new) manifest: pins, warm files, groups.
+    Apply(Box<Manifest>),
+    /// Warm these files (a group member was opened).
+    Warm(Vec<PathBuf>),
+}
+
+pub struct Rules {
+    jobs: Option<Sender<Job>>,
+    worker: Option<JoinHandle<()>>,
+    /// Where the manifest comes from: the --manifest file, else the default
+    /// path (looked at again on every reload).
+    manifest_path: Option<PathBuf>,
+    /// Group member -> the other members of its groups.
+    groups: Arc<Mutex<HashMap<String, Vec<PathBuf>>>>,
+}
+
+impl Rules {
+    /// Starts the worker and applies `manifest` (if any) to the mount at
+    /// `mountpoint`, whose files `overlay` serves.
+    pub fn start(
+        overlay: Arc<Overlay>,
+        mountpoint: PathBuf,
+        manifest: Option<Manifest>,
+        manifest_path: Option<PathBuf>,
+    ) -> Arc<Rules> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let groups = Arc::new(Mutex::new(HashMap::new()));
+        let worker = {
+            let groups = groups.clone();
+            std::thread::Builder::new()
+                .name("manifest".into())
+                .spawn(move || work(rx, &overlay, &mountpoint, &groups))
+                .expect("spawn the manifest worker")
+        };
+        if let Some(m) = manifest {
+            let _ = tx.send(Job::Apply(Box::new(m)));
+        }
+        Arc::new(Rules {
+            jobs: Some(tx),
+            worker: Some(worker),
+            manifest_path,
+            groups,
+        })
+    }
+
+    /// Reads the manifest again and applies it. On an error the manifest in
+    /// force stays, and the error says what to fix.
+    pub fn reload(&self) -> Result<String, String> {
+        let path = self
+            .manifest_path
+            .clone()
+            .or_else(|| Manifest::default_path().filter(|p| p.exists()))
+            .ok_or("no manifest to reload: none was given and none is at the default path")?;
+        let manifest = Manifest::load(&path).map_err(|e| e.0)?;
+        let summary = format!("reloading {}", path.display());
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Job::Apply(Box::new(manifest)));
+        }
+        Ok(summary)
+    }
+
+    /// A cacheable file was opened for reading: warm the rest of its groups.
+    pub fn opened(&self, name: &str) {
+        let others = self.groups.lock().get(name).cloned();
+        if let (Some(others), Some(jobs)) = (others, &self.jobs) {
+            let _ = jobs.send(Job::Warm(others));
+        }
+    }
+}
+
+impl Drop for Rules {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn work(
+    jobs: Receiver<Job>,
+    overlay: &Overlay,
+    mountpoint: &Path,
+    groups: &Mutex<HashMap<String, Vec<PathBuf>>>,
+) {
+    // Keys of the files whose load the last prewarm follows.
+    let mut prewarm: Option<Prewarm> = None;
+    loop {
+        let job = match jobs.recv_timeout(Duration::from_millis(200)) {
+            Ok(job) => Some(job),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        match job {
+            Some(Job::Apply(manifest)) => {
+                prewarm = apply(&manifest, overlay, mountpoint, groups);
+            }
+            Some(Job::Warm(paths)) => {
+                for path in paths {
+                    warm(overlay, &path, "group");
+                }
+            }
+            None => {}
+        }
+        if prewarm.as_mut().is_some_and(|p| p.report(overlay)) {
+            prewarm = None;
+        }
+    }
+}
+
+/// Applies a manifest: pin set, groups, and the prewarm queue.
+fn apply(
+    manifest: &Manifest,
+    overlay: &Overlay,
+    mountpoint: &Path,
+    groups: &Mutex<HashMap<String, Vec<PathBuf>>>,
+) -> Option<Prewarm> {
+    let matches = match manifest.matches(mountpoint) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("manifest {}: {e}", manifest.origin.display());
+            return None;
+        }
+    };
+    for w in matches
+        .warnings
+        .iter()
+        .chain(matches.rules.iter().flat_map(|r| &r.warnings))
+    {
+        warn!("manifest {}: {w}", manifest.origin.display());
+    }
+    let mut pinned: Vec<PathBuf> = Vec::new();
+    let mut warm_only: Vec<PathBuf> = Vec::new();
+    let mut by_member: HashMap<String, Vec<PathBuf>> = HashMap::new();
+    for rule in &matches.rules {
+        let files = rule.files.iter().map(|f| f.path.clone());
+        match &rule.kind {
+            RuleKind::Pin => pinned.extend(files),
+            RuleKind::Warm => warm_only.extend(files),
+            RuleKind::Group(_) => {
+                let members: Vec<PathBuf> = files.collect();
+                for m in &members {
+                    let others = members.iter().filter(|o| *o != m).cloned();
+                    by_member
+                        .entry(m.to_string_lossy().into_owned())
+                        .or_default()
+                        .extend(others);
+                }
+            }
+        }
+    }
+    dedup(&mut pinned);
+    warm_only.retain(|p| !pinned.contains(p));
+    dedup(&mut warm_only);
+    overlay.cache().set_pins(
+        pinned
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect::<HashSet<_>>(),
+    );
+    *groups.lock() = by_member;
+
+    let mut followed = Vec::new();
+    for (path, kind) in pinned
+        .iter()
+        .map(|p| (p, "pinned"))
+        .chain(warm_only.iter().map(|p| (p, "warm")))
+    {
+        if let Some(key) = warm(overlay, path, kind) {
+            followed.push((path.clone(), key));
+        }
+    }
+    let progress: Vec<(u64, u64)> = followed
+        .iter()
+        .filter_map(|(_, k)| overlay.cache().progress(*k))
+        .collect();
+    let total = progress.iter().map(|(_, size)| size).sum();
+    if progress.iter().all(|(done, size)| done == size) {
+        if !followed.is_empty() {
+            info!(
+                "prewarm: all {} files ({}) already in the cache",
+                followed.len(),
+                Bytes(total)
+            );
+        }
+        return None;
+    }
+    info!(
+        "prewarm: loading {} files ({}) from {}, pins first",
+        followed.len(),
+        Bytes(total),
+        manifest.origin.display()
+    );
+    Some(Prewarm {
+        files: followed,
+        total,
+        started: Instant::now(),
+        last_report: Instant::now(),
+    })
+}
+
+fn dedup(paths: &mut Vec<PathBuf>) {
+    let mut seen = HashSet::new();
+    paths.retain(|p| seen.insert(p.clone()));
+}
+
+/// Queues one file's load; returns its key to follow, or `None` (logged).
+fn warm(overlay: &Overlay, path: &Path, kind: &str) -> Option<crate::cache::policy::Key> {
+    match overlay.warm(path) {
+        Ok(Warmed::Queued(key)) => Some(key),
+        Ok(Warmed::NotCacheable) => None,
+        Ok(Warmed::Refused) => {
+            warn!(
+                "cannot cache {kind} file {} now: no room under the cap or the memory floor, or it \
+                 is open for writing",
+                path.display()
+            );
+            None
+        }
+        Err(e) => {
+            warn!("cannot warm {kind} file {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// The loads a prewarm queued, followed until done.
+struct Prewarm {
+    files: Vec<(PathBuf, crate::cache::policy::Key)>,
+    total: u64,
+    started: Instant,
+    last_report: Instant,
+}
+
+impl Prewarm {
+    /// Logs progress now and then; returns true (after the final line)
+    /// once every followed file is loaded or has left the cache.
+    fn report(&mut self, overlay: &Overlay) -> bool {
+        let (mut loaded, mut pending) = (0u64, 0usize);
+        for (_, key) in &self.files {
+            if let Some((done, size)) = overlay.cache().progress(*key) {
+                loaded += done;
+                if done < size {
+                    pending += 1;
+                }
+            }
+        }
+        let secs = self.started.elapsed().as_secs_f64();
+        if pending == 0 {
+            info!(
+                "prewarm: all loaded ({} files, {} in {secs:.1} s, {:.2} GB/s)",
+                self.files.len(),
+                Bytes(loaded),
+                loaded as f64 / secs.max(1e-9) / 1e9
+            );
+            return true;
+        }
+        if self.last_report.elapsed() >= PROGRESS_EVERY {
+            self.last_report = Instant::now();
+            info!(
+                "prewarm: {} of {} loaded, {pending} files to go",
+                Bytes(loaded),
+                Bytes(self.total)
+            );
+        }
+        false
+    }
+}
