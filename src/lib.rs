@@ -5,12 +5,15 @@
 
 pub mod cache;
 pub mod cli;
+pub mod control;
 pub mod fs;
+pub mod gpu;
 pub mod manifest;
 pub mod mount;
 pub mod mountinfo;
 pub mod rules;
 pub mod size;
+pub mod stats;
 
 /// A user-facing error: one line saying what is wrong and how to fix it.
 #[derive(Debug)]

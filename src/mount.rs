@@ -16,13 +16,15 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use crate::Error;
+use crate::cache::policy;
+use crate::cache::pressure::{Monitor, Pressure, Sample, Thresholds};
 use crate::cache::{Cache, CacheConfig};
 use crate::fs::Overlay;
 use crate::fs::backing;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::fuse::ReadMode;
 use crate::fs::passthrough::{self, BackingFiles, Passthrough};
-use crate::manifest::{Admit, Manifest};
+use crate::manifest::{self, Admit, Manifest};
 use crate::mountinfo::{self, FSTYPE};
 use crate::rules::Rules;
 use crate::size::{Bytes, SizeSpec};
@@ -111,6 +113,10 @@ impl Settings {
         cache.extensions = m.cache.extensions.clone();
         cache.admit_on_open = m.cache.admit == Admit::OnOpen;
         cache.min_available = limits.min_available;
+        cache.eviction = match m.cache.policy {
+            manifest::Eviction::Lru => policy::Eviction::Lru,
+            manifest::Eviction::SizeAware => policy::Eviction::SizeAware,
+        };
         Ok(Settings {
             cache,
             critical_available: limits.critical_available,
@@ -679,6 +685,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         ..
     } = config;
     let cap = settings.cache.max_size;
+    let settings_floor = Thresholds::new(settings.cache.min_available, settings.critical_available);
     let passthrough_wanted = match (config.passthrough, passthrough::unsupported_reason()) {
         (Passthrough::Off, _) => false,
         (Passthrough::On, Some(why)) => {
@@ -786,11 +793,68 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
             rules.opened(name);
         }
     });
+    let monitor = start_pressure_monitor(&cache, &settings_floor);
     notify_ready();
     serve_until_unmounted(&mountpoint, session, &|| match rules.reload() {
         Ok(what) => info!("{what}"),
         Err(e) => warn!("reload failed, the manifest in force stays: {e}"),
     })
+}
+
+/// Starts the memory-pressure monitor: it keeps the cache's view of
+/// available memory current (admissions stay above the floor) and evicts
+/// when memory runs low: unpinned files under `min_available`, pinned ones
+/// too under `critical_available`. `None` (with a warning) where memory
+/// cannot be read.
+fn start_pressure_monitor(cache: &Arc<Cache>, floor: &Thresholds) -> Option<Arc<Monitor>> {
+    let (sampled, relieved) = (cache.clone(), cache.clone());
+    let (min, critical) = (floor.min_available, floor.critical_available);
+    let started = Monitor::with_sampler(
+        floor.clone(),
+        Monitor::DEFAULT_INTERVAL,
+        move || {
+            let sample = Sample::read()?;
+            sampled.note_available(sample.available());
+            Ok(sample)
+        },
+        move |sample, pressure| {
+            let available = Bytes(sample.available());
+            match pressure {
+                Pressure::Calm => {}
+                Pressure::Low { to_free } => {
+                    let freed = relieved.relieve_pressure(to_free, false);
+                    if freed > 0 {
+                        warn!(
+                            "memory low ({available} available, floor {}): released {}",
+                            Bytes(min),
+                            Bytes(freed)
+                        );
+                    }
+                }
+                Pressure::Critical { to_free } => {
+                    let mut freed = relieved.relieve_pressure(to_free, false);
+                    if freed < to_free {
+                        freed += relieved.relieve_pressure(to_free - freed, true);
+                    }
+                    if freed > 0 {
+                        warn!(
+                            "memory critically low ({available} available, critical floor {}): \
+                             released {}, pinned files included",
+                            Bytes(critical),
+                            Bytes(freed)
+                        );
+                    }
+                }
+            }
+        },
+    );
+    match started {
+        Ok(m) => Some(Arc::new(m)),
+        Err(e) => {
+            warn!("cannot watch memory ({e}): the cache will not give memory back under pressure");
+            None
+        }
+    }
 }
 
 /// Once the session answers (INIT done), checks that the kernel really

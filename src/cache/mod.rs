@@ -6,6 +6,7 @@
 
 pub mod entry;
 pub mod policy;
+pub mod pressure;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -57,6 +58,8 @@ pub struct CacheConfig {
     pub admit_on_open: bool,
     /// No admission may take MemAvailable under this many bytes.
     pub min_available: u64,
+    /// Which entry goes first when room is needed.
+    pub eviction: policy::Eviction,
 }
 
 impl CacheConfig {
@@ -68,6 +71,7 @@ impl CacheConfig {
             extensions: DEFAULT_EXTENSIONS.iter().map(|e| e.to_string()).collect(),
             admit_on_open: true,
             min_available: 0,
+            eviction: policy::Eviction::Lru,
         }
     }
 }
@@ -82,6 +86,8 @@ struct State {
     /// Paths (relative to the root) pinned by the manifest or a command:
     /// their entries are pinned whenever they are (re)admitted.
     pins: HashSet<String>,
+    /// Evicted entries that open handles may still hold (for status).
+    evicted: HashMap<EntryId, Weak<Entry>>,
 }
 
 /// Why entries leave the cache, for the log and for what open handles may
@@ -109,6 +115,8 @@ struct Shared {
     in_page_cache: AtomicBool,
     /// The latest MemAvailable the pressure monitor saw (MAX until then).
     mem_available: AtomicU64,
+    loads: LoadCounters,
+    pressure_events: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -119,6 +127,9 @@ impl Shared {
     fn drop_resident(state: &mut State, ids: impl IntoIterator<Item = EntryId>, why: Why) {
         for id in ids {
             if let Some(entry) = state.resident.remove(&id) {
+                if state.policy.entry(id).is_some() {
+                    state.evicted.insert(id, Arc::downgrade(&entry));
+                }
                 match why {
                     Why::Changed(_) => entry.mark_stale(),
                     Why::Room(_) => entry.cancel(),
@@ -187,6 +198,41 @@ impl Drop for WriteGuard {
     }
 }
 
+/// Completed loads, for status.
+#[derive(Default)]
+struct LoadCounters {
+    count: AtomicU64,
+    bytes: AtomicU64,
+    nanos: AtomicU64,
+}
+
+/// One file the cache holds (or an evicted one still held open), for status.
+#[derive(Clone, Debug)]
+pub struct EntryStatus {
+    pub name: String,
+    pub size: u64,
+    pub loaded: u64,
+    pub pinned: bool,
+    /// False: evicted, held until its last handle closes.
+    pub resident: bool,
+    pub handles: u64,
+}
+
+/// The whole cache, for status.
+#[derive(Clone, Debug)]
+pub struct CacheStatus {
+    pub max_size: u64,
+    pub resident_bytes: u64,
+    pub pinned_bytes: u64,
+    pub held_bytes: u64,
+    pub entries: Vec<EntryStatus>,
+    pub evictions: policy::Evictions,
+    pub loads: u64,
+    pub load_bytes: u64,
+    pub load_seconds: f64,
+    pub pressure_events: u64,
+}
+
 struct LoadJob {
     entry: Arc<Entry>,
     source: File,
@@ -202,14 +248,17 @@ impl Cache {
     pub fn new(config: CacheConfig) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                policy: Policy::new(config.max_size),
+                policy: Policy::with_eviction(config.max_size, config.eviction),
                 resident: HashMap::new(),
                 writers: HashMap::new(),
                 pins: HashSet::new(),
+                evicted: HashMap::new(),
             }),
             config,
             in_page_cache: AtomicBool::new(false),
             mem_available: AtomicU64::new(u64::MAX),
+            loads: LoadCounters::default(),
+            pressure_events: AtomicU64::new(0),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let loaders = (0..shared.config.loader_threads.max(1))
@@ -429,7 +478,102 @@ impl Cache {
             }
             Shared::drop_resident(&mut state, Some(id), Why::Room("memory pressure"));
         }
+        if freed > 0 {
+            self.shared.pressure_events.fetch_add(1, Ordering::Relaxed);
+        }
         freed
+    }
+
+    /// What the cache holds now.
+    pub fn status(&self) -> CacheStatus {
+        let mut state = self.shared.state.lock();
+        let policy = &state.policy;
+        let describe = |entry: &Entry| -> Option<EntryStatus> {
+            let info = policy.entry(entry.id)?;
+            Some(EntryStatus {
+                name: entry.name.clone(),
+                size: entry.size(),
+                loaded: entry.loaded(),
+                pinned: info.pinned,
+                resident: info.resident,
+                handles: info.handles,
+            })
+        };
+        let mut entries: Vec<EntryStatus> = state
+            .resident
+            .values()
+            .filter_map(|e| describe(e))
+            .collect();
+        entries.extend(
+            state
+                .evicted
+                .values()
+                .filter_map(Weak::upgrade)
+                .filter_map(|e| describe(&e)),
+        );
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let loads = &self.shared.loads;
+        let status = CacheStatus {
+            max_size: policy.cap(),
+            resident_bytes: policy.resident_bytes(),
+            pinned_bytes: policy.pinned_bytes(),
+            held_bytes: policy.held_bytes(),
+            entries,
+            evictions: policy.evictions(),
+            loads: loads.count.load(Ordering::Relaxed),
+            load_bytes: loads.bytes.load(Ordering::Relaxed),
+            load_seconds: loads.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            pressure_events: self.shared.pressure_events.load(Ordering::Relaxed),
+        };
+        // Forget evicted entries whose last handle has closed.
+        let live: Vec<EntryId> = state
+            .evicted
+            .iter()
+            .filter(|(id, e)| e.strong_count() > 0 && state.policy.entry(**id).is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        state.evicted.retain(|id, _| live.contains(id));
+        status
+    }
+
+    /// Evicts the file named `name` now (`modelcache evict`). Returns false
+    /// if it is not cached.
+    pub fn evict_by_name(&self, name: &str) -> bool {
+        let mut state = self.shared.state.lock();
+        let Some(key) = state
+            .resident
+            .values()
+            .find(|e| e.name == name)
+            .map(|e| e.identity.key())
+        else {
+            return false;
+        };
+        let evicted = state.policy.evict(key, EvictReason::Manual);
+        Shared::drop_resident(&mut state, evicted, Why::Room("evicted by request"));
+        true
+    }
+
+    /// Pins or unpins `name` (`modelcache pin|unpin`): its entry now if it
+    /// has one, and whenever it is admitted again.
+    pub fn set_pinned(&self, name: &str, pinned: bool) {
+        let mut state = self.shared.state.lock();
+        if pinned {
+            state.pins.insert(name.to_string());
+        } else {
+            state.pins.remove(name);
+        }
+        let key = state
+            .resident
+            .values()
+            .find(|e| e.name == name)
+            .map(|e| e.identity.key());
+        if let Some(key) = key {
+            if pinned {
+                state.policy.pin(key);
+            } else {
+                state.policy.unpin(key);
+            }
+        }
     }
 
     /// (bytes loaded, size) of the resident entry of `key`, if any.
@@ -500,6 +644,13 @@ fn load_loop(jobs: Receiver<LoadJob>, shared: Weak<Shared>) {
         match result {
             Ok(()) => {
                 let secs = started.elapsed().as_secs_f64();
+                if let Some(shared) = shared.upgrade() {
+                    let loads = &shared.loads;
+                    loads.count.fetch_add(1, Ordering::Relaxed);
+                    loads.bytes.fetch_add(entry.size(), Ordering::Relaxed);
+                    let nanos = started.elapsed().as_nanos() as u64;
+                    loads.nanos.fetch_add(nanos, Ordering::Relaxed);
+                }
                 info!(
                     "loaded {} ({}) in {secs:.2} s, {:.2} GB/s",
                     entry.name,

@@ -385,8 +385,8 @@ impl Filesystem for FuseAdapter {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let opened = match self.overlay.open(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let opened = match self.overlay.open(ino.0, flags.0, req.pid()) {
             Ok(o) => o,
             Err(e) => return reply.error(errno(e)),
         };

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{Cache, CacheRef, Identity, WriteGuard};
+use crate::gpu::{Classifier, ReaderClass};
+use crate::stats::Stats;
 pub use backing::{Stat, TimeSpec};
 use creds::ActingAs;
 pub use creds::Caller;
@@ -106,6 +108,9 @@ struct DirStream {
 /// An open file: the backing file, and the cache's hold on it.
 struct OpenFile {
     file: File,
+    /// For a model file opened for reading: its name and reader, counted
+    /// in the stats.
+    counted: Option<(Arc<str>, ReaderClass)>,
     /// For a cacheable file opened for reading: the entry serving it.
     cached: Option<CacheRef>,
     /// For a file opened for writing: keeps it out of the cache.
@@ -130,8 +135,13 @@ pub struct Overlay {
     root_path: std::path::PathBuf,
     /// Told the relative path of every cacheable file opened for reading
     /// (the manifest's groups warm the rest of a group).
-    on_cacheable_open: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+    on_cacheable_open: std::sync::OnceLock<OpenHook>,
+    stats: Stats,
+    classifier: Classifier,
 }
+
+/// Told the relative path of a cacheable file opened for reading.
+type OpenHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// What `Overlay::warm` did.
 #[derive(Debug, PartialEq, Eq)]
@@ -164,11 +174,22 @@ impl Overlay {
             cache,
             root_path,
             on_cacheable_open: std::sync::OnceLock::new(),
+            stats: Stats::default(),
+            classifier: Classifier::default(),
         })
     }
 
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// A node's path relative to the root (one of its names), if known.
+    pub fn name_of(&self, id: u64) -> Option<String> {
+        self.inodes.get(id).ok().map(|n| self.relative_name(&n))
     }
 
     /// Sets the hook told of every cacheable file opened for reading (once).
@@ -382,13 +403,15 @@ impl Overlay {
         Ok(())
     }
 
-    pub fn open(&self, id: u64, flags: i32) -> io::Result<Opened> {
+    /// Opens node `id` for process `pid` (counted by reader class).
+    pub fn open(&self, id: u64, flags: i32, pid: u32) -> io::Result<Opened> {
         let node = self.inodes.get(id)?;
         let file = backing::reopen(node.fd(), io_flags(flags))?;
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             let writing = Some(self.cache.open_for_write(node.key));
             let fh = self.files.insert(OpenFile {
                 file,
+                counted: None,
                 cached: None,
                 _writing: writing,
             });
@@ -404,17 +427,22 @@ impl Overlay {
             && self
                 .cache
                 .is_cacheable(OsStr::new(&name), st.st_size as u64);
-        let cached = if cacheable {
+        let (cached, counted) = if cacheable {
             if let Some(hook) = self.on_cacheable_open.get() {
                 hook(&name);
             }
             let source = || backing::reopen(node.fd(), libc::O_RDONLY);
-            self.cache.open_for_read(Identity::of(&st), &name, source)
+            let cached = self.cache.open_for_read(Identity::of(&st), &name, source);
+            let hit = cached.as_ref().is_some_and(|c| c.entry().is_complete());
+            let class = self.classifier.classify(pid);
+            self.stats.opened(&name, class, hit);
+            (cached, Some((Arc::from(name.as_str()), class)))
         } else {
-            None
+            (None, None)
         };
         let fh = self.files.insert(OpenFile {
             file,
+            counted,
             cached,
             _writing: None,
         });
@@ -441,6 +469,7 @@ impl Overlay {
         let writing = Some(self.cache.open_for_write(key(&entry.stat)));
         let fh = self.files.insert(OpenFile {
             file,
+            counted: None,
             cached: None,
             _writing: writing,
         });
@@ -457,15 +486,22 @@ impl Overlay {
         reply: impl FnOnce(&[u8]) -> R,
     ) -> io::Result<R> {
         let open = self.files.get(fh)?;
+        let count = |n: usize, from_ram: bool| {
+            if let Some((name, class)) = &open.counted {
+                self.stats.read(name, *class, n as u64, from_ram);
+            }
+        };
         if let Some(bytes) = open
             .cached
             .as_ref()
             .and_then(|c| c.entry().bytes(offset, size))
         {
+            count(bytes.len(), true);
             return Ok(reply(bytes));
         }
         let mut buf = vec![0u8; size as usize];
         let n = backing::pread(&open.file, &mut buf, offset)?;
+        count(n, false);
         Ok(reply(&buf[..n]))
     }
 
@@ -849,7 +885,7 @@ mod cache_tests {
 
     fn open(fs: &Overlay, name: &str, flags: i32) -> (Opened, u64) {
         let e = fs.lookup(inodes::ROOT, OsStr::new(name)).unwrap();
-        (fs.open(e.id, flags).unwrap(), e.id)
+        (fs.open(e.id, flags, 0).unwrap(), e.id)
     }
 
     fn wait_loaded(fs: &Overlay, bytes: u64) {

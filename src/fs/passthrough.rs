@@ -190,9 +190,14 @@ impl BackingFiles {
         }
     }
 
-    /// Open files now served by the kernel.
-    pub fn open_files(&self) -> usize {
-        self.state.lock().by_handle.len()
+    /// Open files now served by the kernel, per node id.
+    pub fn open_files(&self) -> HashMap<u64, usize> {
+        let state = self.state.lock();
+        state
+            .by_node
+            .iter()
+            .map(|(node, (_, users))| (*node, *users))
+            .collect()
     }
 }
 

@@ -1,0 +1,185 @@
+//! Memory pressure on a real mount: when another process takes memory
+//! until MemAvailable falls under the floor, the daemon gives back its
+//! unpinned files and keeps the pinned ones; pushed under the critical
+//! floor, it releases the pinned ones too. Nobody is OOM-killed.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+const FILE: u64 = 256 * MIB;
+
+fn mem_available() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// A process holding `bytes` of touched memory until dropped (perl is part
+/// of every Debian system).
+struct Hog(Child);
+
+impl Hog {
+    fn take(bytes: u64) -> Hog {
+        let mut child = Command::new("perl")
+            .arg("-e")
+            .arg(format!(
+                "my $x = 'x' x {bytes}; $| = 1; print \"ready\\n\"; <STDIN>; exit 0"
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start perl");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n", "the memory hog did not start");
+        Hog(child)
+    }
+
+    /// Ends it and returns whether it exited by itself (not OOM-killed).
+    fn release(mut self) -> bool {
+        drop(self.0.stdin.take());
+        self.0.wait().unwrap().success()
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cached_names(m: &Mounted, backing: &Path) -> Vec<String> {
+    let mut names: Vec<String> = cached_files(m.pid(), backing)
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    names.sort();
+    names
+}
+
+fn wait_for(m: &Mounted, backing: &Path, want: &[&str], why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let names = cached_names(m, backing);
+        if names == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{why}: the cache holds {names:?}, expected {want:?}; MemAvailable {} MiB\n{}",
+            mem_available() >> 20,
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// "Killed process" lines in the kernel log (the OOM killer's), if the
+/// log is readable here.
+fn oom_kills() -> Option<usize> {
+    let out = Command::new("dmesg").output().ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("Killed process"))
+            .count()
+    })
+}
+
+fn pressure_in(mode: Mode) {
+    let (tmp, backing, mnt) = dirs();
+    for (i, name) in ["pinned.safetensors", "u1.safetensors", "u2.safetensors"]
+        .iter()
+        .enumerate()
+    {
+        fs::write(backing.join(name), pseudo_random(FILE as usize, i as u64)).unwrap();
+    }
+    // Floors set just under what is available now: a hog of a known size
+    // crosses them, whatever the machine.
+    let available = mem_available();
+    let min = available - 1024 * MIB;
+    let critical = available - 2560 * MIB;
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(
+        &manifest,
+        format!(
+            "[cache]\nmax_size = \"1GiB\"\nmin_available = \"{}MiB\"\n\
+             critical_available = \"{}MiB\"\n\n[[pin]]\npaths = [\"pinned.safetensors\"]\n",
+            min >> 20,
+            critical >> 20
+        ),
+    )
+    .unwrap();
+    let mut args = vec!["--manifest", manifest.to_str().unwrap()];
+    args.extend(mode.args());
+    let m = Mounted::separate(&backing, &mnt, &args);
+    for name in ["u1.safetensors", "u2.safetensors"] {
+        let mut v = Vec::new();
+        File::open(m.path(name))
+            .unwrap()
+            .read_to_end(&mut v)
+            .unwrap();
+    }
+    wait_for(
+        &m,
+        &backing,
+        &["pinned.safetensors", "u1.safetensors", "u2.safetensors"],
+        "loaded",
+    );
+    let settled = Instant::now();
+    // Wait for every load to be complete (locked or sealed).
+    while cached_files(m.pid(), &backing).iter().any(|f| !f.complete) {
+        assert!(settled.elapsed() < Duration::from_secs(20), "loads stuck");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Under the floor (but above the critical one): the unpinned files go,
+    // the pinned one stays.
+    let low = Hog::take((mem_available() - min) + 512 * MIB);
+    wait_for(&m, &backing, &["pinned.safetensors"], "under min_available");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cached_names(&m, &backing), ["pinned.safetensors"]);
+
+    // Under the critical floor: the pinned file goes too, loudly.
+    let critical_hog = Hog::take(mem_available().saturating_sub(critical) + 512 * MIB);
+    wait_for(&m, &backing, &[], "under critical_available");
+    let log = m.log_text();
+    assert!(log.contains("memory low"), "{log}");
+    assert!(log.contains("releasing pinned pinned.safetensors"), "{log}");
+
+    assert!(critical_hog.release(), "the second hog was killed");
+    assert!(low.release(), "the first hog was killed");
+    // The daemon lived through it and still serves the files.
+    let mut v = Vec::new();
+    File::open(m.path("pinned.safetensors"))
+        .unwrap()
+        .read_to_end(&mut v)
+        .unwrap();
+    assert!(v == pseudo_random(FILE as usize, 0), "pinned file bytes");
+    m.unmount();
+}
+
+/// One test, both modes in turn: two at once would read each other's
+/// memory use.
+#[test]
+fn under_memory_pressure_unpinned_files_go_first_and_pinned_ones_only_when_critical() {
+    let kills = oom_kills();
+    pressure_in(Mode::Passthrough);
+    pressure_in(Mode::Copy);
+    assert_eq!(oom_kills(), kills, "the OOM killer ran");
+}
