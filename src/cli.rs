@@ -99,4 +99,51 @@ pub enum Command {
         #[arg(long)]
         lazy: bool,
     },
+    /// Show what a mount's cache holds: files, their state, hits, memory and
+    /// counters (every reachable modelcache mount without MOUNTPOINT).
+    Status {
+        /// A modelcache mount point (or any path in the mount).
+        mountpoint: Option<PathBuf>,
+        /// Print JSON ({"version":1,"mounts":[...]}, the schema in README).
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Load files (or every file under a folder) into the cache and wait
+    /// until they are loaded.
+    Warm {
+        /// Files or folders in modelcache mounts.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Return once the loads are queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Drop files (or every file under a folder) from the cache, pinned ones
+    /// included.
+    Evict {
+        /// Files or folders in modelcache mounts.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Pin files (loading them if needed): never evicted to make room.
+    Pin {
+        /// Files or folders in modelcache mounts.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Unpin files: they stay cached and are evicted like any other.
+    Unpin {
+        /// Files or folders in modelcache mounts.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Read the manifest again and apply it (as SIGHUP does), for one mount
+    /// or every reachable one.
+    Reload {
+        /// A modelcache mount point (or any path in the mount).
+        mountpoint: Option<PathBuf>,
+    },
 }

@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod mount;
 pub mod mountinfo;
 pub mod rules;
+pub mod service;
 pub mod size;
 pub mod stats;
 

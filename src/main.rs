@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use modelcache::cli::{Cli, Command};
+use modelcache::control;
 use modelcache::manifest;
 use modelcache::mount::{self, MountConfig};
 
@@ -61,6 +62,16 @@ fn main() -> ExitCode {
         }
         Command::Check { manifest, root } => manifest::check_command(manifest, &root),
         Command::Umount { path, lazy } => mount::umount_command(&path, lazy),
+        Command::Status {
+            mountpoint,
+            json,
+            watch,
+        } => control::client::status_command(mountpoint.as_deref(), json, watch),
+        Command::Warm { paths, no_wait } => control::client::warm_command(&paths, no_wait),
+        Command::Evict { paths } => control::client::evict_command(&paths),
+        Command::Pin { paths } => control::client::pin_command(&paths),
+        Command::Unpin { paths } => control::client::unpin_command(&paths),
+        Command::Reload { mountpoint } => control::client::reload_command(mountpoint.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

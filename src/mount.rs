@@ -19,6 +19,7 @@ use crate::Error;
 use crate::cache::policy;
 use crate::cache::pressure::{Monitor, Pressure, Sample, Thresholds};
 use crate::cache::{Cache, CacheConfig};
+use crate::control;
 use crate::fs::Overlay;
 use crate::fs::backing;
 use crate::fs::fuse::FuseAdapter;
@@ -27,6 +28,7 @@ use crate::fs::passthrough::{self, BackingFiles, Passthrough};
 use crate::manifest::{self, Admit, Manifest};
 use crate::mountinfo::{self, FSTYPE};
 use crate::rules::Rules;
+use crate::service::MountService;
 use crate::size::{Bytes, SizeSpec};
 
 /// What `modelcache mount` was asked to do.
@@ -682,6 +684,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let MountConfig {
         settings,
         read_mode,
+        metrics_file,
         ..
     } = config;
     let cap = settings.cache.max_size;
@@ -769,18 +772,6 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         }
     };
     drop(fuse_dev);
-    info!(
-        "mounted {} {how} ({} threads, metadata TTL {} s, cache cap {}, reads: {reads}{})",
-        mountpoint.display(),
-        config.threads,
-        ttl.as_secs(),
-        Bytes(cap),
-        if config.allow_other {
-            ", allow_other"
-        } else {
-            ""
-        }
-    );
     let rules = Rules::start(
         overlay.clone(),
         mountpoint.clone(),
@@ -794,12 +785,50 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         }
     });
     let monitor = start_pressure_monitor(&cache, &settings_floor);
+    let service = Arc::new(MountService {
+        mountpoint: mountpoint.clone(),
+        backing: backing.clone(),
+        overlay: overlay.clone(),
+        backing_files: backing_files.clone(),
+        rules: rules.clone(),
+        memory: Arc::new(move || monitor.as_ref().and_then(|m| m.latest())),
+    });
+    let socket = control::socket_path_for(&mountpoint);
+    let _control = match control::serve(&socket, service.clone()) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            warn!(
+                "no control socket at {} ({e}): `modelcache status` cannot reach this mount",
+                socket.display()
+            );
+            None
+        }
+    };
+    let _metrics = metrics_file
+        .map(|path| control::spawn_metrics_writer(path, service.clone(), METRICS_EVERY));
+    // Logged once everything (control socket included) is up: scripts and
+    // tests may wait for this line.
+    info!(
+        "mounted {} {how} ({} threads, metadata TTL {} s, cache cap {}, reads: {reads}{})",
+        mountpoint.display(),
+        config.threads,
+        ttl.as_secs(),
+        Bytes(cap),
+        if config.allow_other {
+            ", allow_other"
+        } else {
+            ""
+        }
+    );
     notify_ready();
     serve_until_unmounted(&mountpoint, session, &|| match rules.reload() {
         Ok(what) => info!("{what}"),
         Err(e) => warn!("reload failed, the manifest in force stays: {e}"),
     })
 }
+
+/// How often `--metrics-file` is rewritten.
+const METRICS_EVERY: Duration = Duration::from_secs(5);
 
 /// Starts the memory-pressure monitor: it keeps the cache's view of
 /// available memory current (admissions stay above the floor) and evicts
@@ -810,7 +839,7 @@ fn start_pressure_monitor(cache: &Arc<Cache>, floor: &Thresholds) -> Option<Arc<
     let (sampled, relieved) = (cache.clone(), cache.clone());
     let (min, critical) = (floor.min_available, floor.critical_available);
     let started = Monitor::with_sampler(
-        floor.clone(),
+        *floor,
         Monitor::DEFAULT_INTERVAL,
         move || {
             let sample = Sample::read()?;

@@ -234,7 +234,8 @@ fn a_normal_user_mounts_through_fusermount3() {
 
     // The user unmounts it with the CLI; the daemon then exits 0 by itself.
     run_ok(as_user(NOBODY, NOGROUP, bin()).arg("umount").arg(&mnt));
-    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    let status = m.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "daemon: {status}\n{}", m.log_text());
     assert!(!our_mount_at(&m.mountpoint));
 }
 
@@ -361,7 +362,8 @@ fn external_unmount_ends_the_daemon_with_exit_0() {
     let (_tmp, backing, mnt) = dirs();
     let mut m = Mounted::separate(&backing, &mnt, &[]);
     run_ok(Command::new(bin()).arg("umount").arg(&mnt));
-    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    let status = m.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "daemon: {status}\n{}", m.log_text());
 }
 
 #[test]
@@ -442,7 +444,8 @@ fn umount_of_a_busy_mount_names_the_holder_and_lazy_detaches() {
     holder.stdout.take().unwrap().read_to_end(&mut got).unwrap();
     assert_eq!(got, b"held");
     assert!(holder.wait().unwrap().success());
-    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    let status = m.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "daemon: {status}\n{}", m.log_text());
 }
 
 #[test]
@@ -463,7 +466,8 @@ fn sigterm_on_a_busy_mount_reports_the_holder_and_finishes_after_it_closes() {
     holder.stdout.take().unwrap().read_to_end(&mut got).unwrap();
     assert_eq!(got, b"held", "open file still readable after the detach");
     holder.wait().unwrap();
-    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    let status = m.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "daemon: {status}\n{}", m.log_text());
 }
 
 /// Runs `modelcache ARGS` (optionally as another user, or with a changed

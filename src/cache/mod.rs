@@ -161,11 +161,18 @@ impl Shared {
 pub struct CacheRef {
     shared: Arc<Shared>,
     entry: Arc<Entry>,
+    /// The entry was fully loaded when the file was opened.
+    hit: bool,
 }
 
 impl CacheRef {
     pub fn entry(&self) -> &Entry {
         &self.entry
+    }
+
+    /// Whether the open found the file already loaded (a cache hit).
+    pub fn hit(&self) -> bool {
+        self.hit
     }
 }
 
@@ -316,10 +323,13 @@ impl Cache {
         source: impl FnOnce() -> io::Result<File>,
     ) -> Option<CacheRef> {
         let mut state = self.shared.state.lock();
-        let entry = match self.current(&mut state, identity) {
-            Some(entry) => entry,
+        let (entry, hit) = match self.current(&mut state, identity) {
+            Some(entry) => {
+                let hit = entry.is_complete();
+                (entry, hit)
+            }
             None if self.shared.config.admit_on_open => {
-                self.admit(&mut state, identity, name, source)?
+                (self.admit(&mut state, identity, name, source)?, false)
             }
             None => return None,
         };
@@ -327,6 +337,7 @@ impl Cache {
         Some(CacheRef {
             shared: self.shared.clone(),
             entry,
+            hit,
         })
     }
 

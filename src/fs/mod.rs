@@ -433,7 +433,7 @@ impl Overlay {
             }
             let source = || backing::reopen(node.fd(), libc::O_RDONLY);
             let cached = self.cache.open_for_read(Identity::of(&st), &name, source);
-            let hit = cached.as_ref().is_some_and(|c| c.entry().is_complete());
+            let hit = cached.as_ref().is_some_and(|c| c.hit());
             let class = self.classifier.classify(pid);
             self.stats.opened(&name, class, hit);
             (cached, Some((Arc::from(name.as_str()), class)))

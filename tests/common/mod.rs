@@ -101,8 +101,9 @@ impl Mounted {
             // statfs always reaches the daemon (a stat may be answered from
             // cached attributes of a dead mount). A mount of another user
             // answers root with EACCES: live too.
+            // The daemon logs "mounted" once its control socket is up too.
             let answers = statfs_answers(&self.mountpoint);
-            if our_mount_at(&self.mountpoint) && answers {
+            if our_mount_at(&self.mountpoint) && answers && self.log_text().contains(" mounted ") {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {

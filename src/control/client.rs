@@ -1,0 +1,609 @@
+//! The client side: `modelcache status|warm|evict|pin|unpin|reload`.
+
+use std::io::{self, BufReader, IsTerminal, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::paths::{
+    MountPaths, lexical_absolute, locate, resolve_outside_mounts, resolve_user_paths,
+};
+use super::protocol::{
+    FileState, Line, MountStatus, PROTOCOL_VERSION, Request, Response, StatusReport,
+    read_line_limited,
+};
+use super::render::render_status;
+use crate::Error;
+use crate::mountinfo::{self, MountEntry};
+use crate::size::Bytes;
+
+/// The longest answer a client reads (a status of many files is large).
+const MAX_RESPONSE_LINE: usize = 256 << 20;
+/// How long a client waits for an answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to one daemon's control socket.
+pub struct Client {
+    socket: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    pub fn connect(socket: &Path) -> io::Result<Client> {
+        let stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+        Ok(Client {
+            socket: socket.to_path_buf(),
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends one request and reads its answer, whether `ok` or not. The
+    /// error is a transport or protocol failure, as one line.
+    pub fn request(&mut self, request: &Request) -> Result<Response, String> {
+        let socket = self.socket.display();
+        let mut line = request.to_line();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("cannot send to the control socket {socket}: {e}"))?;
+        let mut buf = Vec::new();
+        match read_line_limited(&mut self.reader, &mut buf, MAX_RESPONSE_LINE) {
+            Ok(Line::Complete) => {}
+            Ok(Line::Eof) => return Err(format!("the daemon closed the control socket {socket}")),
+            Ok(Line::TooLong) => {
+                return Err(format!("the daemon's answer on {socket} is too long"));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "the daemon did not answer on {socket} within {} s",
+                    ANSWER_TIMEOUT.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("cannot read from the control socket {socket}: {e}")),
+        }
+        Response::parse(&String::from_utf8_lossy(&buf))
+    }
+
+    /// [`Client::request`], with an `ok: false` answer as the error.
+    pub fn call(&mut self, request: &Request) -> Result<Response, String> {
+        let r = self.request(request)?;
+        if r.ok {
+            Ok(r)
+        } else {
+            Err(r.error.unwrap_or_else(|| "failed (no reason given)".into()))
+        }
+    }
+
+    pub fn status(&mut self) -> Result<MountStatus, String> {
+        self.call(&Request::Status)?
+            .status
+            .ok_or_else(|| "the daemon's status answer has no status".into())
+    }
+}
+
+/// Why a mount's daemon could not be reached.
+#[derive(Debug)]
+pub enum Unreachable {
+    /// No socket, or one this user may not use: skipped quietly when
+    /// listing every mount.
+    Quiet(String),
+    /// A socket that answered wrongly or not at all.
+    Failed(String),
+}
+
+impl Unreachable {
+    pub fn message(&self) -> &str {
+        match self {
+            Unreachable::Quiet(m) | Unreachable::Failed(m) => m,
+        }
+    }
+}
+
+/// What the client works with: the mounts it sees and where sockets are.
+pub struct Context {
+    pub mounts: Vec<MountEntry>,
+    /// Where to look for sockets; `None`: the usual places
+    /// ([`super::socket_candidates`]).
+    pub socket_dir: Option<PathBuf>,
+}
+
+impl Context {
+    /// This process's mounts and socket places.
+    pub fn system() -> Context {
+        Context {
+            mounts: mountinfo::mounts(),
+            socket_dir: None,
+        }
+    }
+
+    /// The modelcache mount points, each once, in mount order.
+    pub fn modelcache_mounts(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        for m in self.mounts.iter().filter(|m| m.is_modelcache()) {
+            if !out.contains(&m.mountpoint) {
+                out.push(m.mountpoint.clone());
+            }
+        }
+        out
+    }
+
+    fn candidates(&self, mountpoint: &Path) -> Vec<PathBuf> {
+        match &self.socket_dir {
+            Some(dir) => vec![dir.join(super::socket_file_name(mountpoint))],
+            None => super::socket_candidates(mountpoint),
+        }
+    }
+
+    /// Connects to the daemon of the mount at `mountpoint`, checking with a
+    /// status request that it serves that mount.
+    pub fn connect(&self, mountpoint: &Path) -> Result<(Client, MountStatus), Unreachable> {
+        let mp = mountpoint.display();
+        let candidates = self.candidates(mountpoint);
+        let mut quiet: Option<String> = None;
+        let mut failed: Option<String> = None;
+        for socket in &candidates {
+            let mut client = match Client::connect(socket) {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    quiet.get_or_insert(format!(
+                        "{mp}: permission denied on its control socket {}: the mount belongs to another user (run this as that user, or as root)",
+                        socket.display()
+                    ));
+                    continue;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    quiet.get_or_insert(format!(
+                        "{mp}: nothing answers on its control socket {}: its daemon has exited",
+                        socket.display()
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    failed.get_or_insert(format!(
+                        "{mp}: cannot connect to its control socket {}: {e}",
+                        socket.display()
+                    ));
+                    continue;
+                }
+            };
+            match client.status() {
+                Ok(status) if Path::new(&status.mountpoint) == mountpoint => {
+                    return Ok((client, status));
+                }
+                Ok(status) => {
+                    failed.get_or_insert(format!(
+                        "{mp}: the control socket {} answers for {}, not for this mount",
+                        socket.display(),
+                        status.mountpoint
+                    ));
+                }
+                Err(e) => {
+                    failed.get_or_insert(format!("{mp}: {e}"));
+                }
+            }
+        }
+        if let Some(f) = failed {
+            return Err(Unreachable::Failed(f));
+        }
+        Err(Unreachable::Quiet(quiet.unwrap_or_else(|| {
+            format!(
+                "{mp}: no control socket at {} (is it served by this release of modelcache, started by this user?)",
+                candidates[0].display()
+            )
+        })))
+    }
+
+    /// The modelcache mount `path` lies in (its mount point, or any path in
+    /// it), found without looking inside any mount.
+    pub fn mount_of(&self, path: &Path) -> Result<PathBuf, Error> {
+        let cwd = std::env::current_dir()
+            .map_err(|e| Error(format!("cannot read the current directory: {e}")))?;
+        let abs = lexical_absolute(path, &cwd);
+        let abs = if locate(&abs, &self.mounts).is_some() {
+            abs
+        } else {
+            resolve_outside_mounts(&abs, &self.mounts)
+        };
+        locate(&abs, &self.mounts)
+            .map(|(m, _)| m.mountpoint.clone())
+            .ok_or_else(|| Error(format!("{}: not a modelcache mount", path.display())))
+    }
+
+    /// The status of the mount `path` is in, or of every mount this user's
+    /// daemons answer for (quietly skipping those it cannot reach; saying so
+    /// when none is reachable). Failures of reachable daemons are printed
+    /// as warnings and skipped.
+    pub fn statuses(&self, path: Option<&Path>) -> Result<Vec<MountStatus>, Error> {
+        if let Some(path) = path {
+            let mp = self.mount_of(path)?;
+            return match self.connect(&mp) {
+                Ok((_, status)) => Ok(vec![status]),
+                Err(e) => Err(Error(e.message().to_string())),
+            };
+        }
+        let all = self.modelcache_mounts();
+        if all.is_empty() {
+            return Err(Error("no modelcache mount is mounted".into()));
+        }
+        let mut found = Vec::new();
+        for mp in &all {
+            match self.connect(mp) {
+                Ok((_, status)) => found.push(status),
+                Err(Unreachable::Quiet(_)) => {}
+                Err(Unreachable::Failed(e)) => eprintln!("modelcache: {e}"),
+            }
+        }
+        if found.is_empty() {
+            let list: Vec<String> = all.iter().map(|p| p.display().to_string()).collect();
+            return Err(Error(format!(
+                "no modelcache mount this user can reach: {} (their control sockets belong to other users, or their daemons are gone)",
+                list.join(", ")
+            )));
+        }
+        Ok(found)
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Every status, as a person reads it.
+pub fn render_all(statuses: &[MountStatus], now: u64) -> String {
+    statuses
+        .iter()
+        .map(|s| render_status(s, now))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn report(statuses: Vec<MountStatus>) -> StatusReport {
+    StatusReport {
+        version: PROTOCOL_VERSION,
+        mounts: statuses,
+    }
+}
+
+/// `modelcache status [MOUNTPOINT] [--json] [--watch]`.
+pub fn status_command(mountpoint: Option<&Path>, json: bool, watch: bool) -> Result<(), Error> {
+    let ctx = Context::system();
+    let out = io::stdout();
+    if !watch {
+        let statuses = ctx.statuses(mountpoint)?;
+        let text = if json {
+            let mut t = serde_json::to_string_pretty(&report(statuses))
+                .map_err(|e| Error(format!("cannot encode the status: {e}")))?;
+            t.push('\n');
+            t
+        } else {
+            render_all(&statuses, now_unix())
+        };
+        let _ = out.lock().write_all(text.as_bytes());
+        return Ok(());
+    }
+    let terminal = out.is_terminal();
+    loop {
+        // Mounts come and go while watching: look again every time.
+        let ctx = Context::system();
+        let text = match (ctx.statuses(mountpoint), json) {
+            (Ok(s), true) => serde_json::to_string(&report(s)).unwrap_or_default() + "\n",
+            (Ok(s), false) => render_all(&s, now_unix()),
+            (Err(e), true) => {
+                eprintln!("modelcache: {e}");
+                String::new()
+            }
+            (Err(e), false) => format!("modelcache: {e}\n"),
+        };
+        let mut lock = out.lock();
+        let written = if terminal && !json {
+            // Clear the screen and go home, then draw: one write, no flicker.
+            lock.write_all(format!("\x1b[2J\x1b[H{text}").as_bytes())
+        } else if json {
+            lock.write_all(text.as_bytes())
+        } else {
+            lock.write_all(format!("{text}\n").as_bytes())
+        };
+        if written.and_then(|()| lock.flush()).is_err() {
+            // The reader went away (a closed pipe): stop quietly.
+            return Ok(());
+        }
+        drop(lock);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Sends `make(paths)` to each mount's daemon. Failures are reported per
+/// mount; the last is returned, the others printed.
+fn for_each_mount(
+    ctx: &Context,
+    groups: &[MountPaths],
+    make: impl Fn(Vec<String>) -> Request,
+) -> Result<Vec<(MountPaths, Client)>, Error> {
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for g in groups {
+        let mp = g.mountpoint.display();
+        let mut client = match ctx.connect(&g.mountpoint) {
+            Ok((client, _)) => client,
+            Err(e) => {
+                errors.push(e.message().to_string());
+                continue;
+            }
+        };
+        match client.call(&make(g.paths.clone())) {
+            Ok(_) => done.push((g.clone(), client)),
+            Err(e) => errors.push(format!("{mp}: {e}")),
+        }
+    }
+    finish(errors)?;
+    Ok(done)
+}
+
+/// Prints every error but the last, which is returned.
+fn finish(mut errors: Vec<String>) -> Result<(), Error> {
+    let Some(last) = errors.pop() else {
+        return Ok(());
+    };
+    for e in errors {
+        eprintln!("modelcache: {e}");
+    }
+    Err(Error(last))
+}
+
+fn paths_command(paths: &[PathBuf], make: impl Fn(Vec<String>) -> Request) -> Result<(), Error> {
+    let ctx = Context::system();
+    let groups = resolve_user_paths(paths, &ctx.mounts)?;
+    for_each_mount(&ctx, &groups, make).map(drop)
+}
+
+/// `modelcache evict PATH...`.
+pub fn evict_command(paths: &[PathBuf]) -> Result<(), Error> {
+    paths_command(paths, |paths| Request::Evict { paths })
+}
+
+/// `modelcache pin PATH...`.
+pub fn pin_command(paths: &[PathBuf]) -> Result<(), Error> {
+    paths_command(paths, |paths| Request::Pin { paths })
+}
+
+/// `modelcache unpin PATH...`.
+pub fn unpin_command(paths: &[PathBuf]) -> Result<(), Error> {
+    paths_command(paths, |paths| Request::Unpin { paths })
+}
+
+/// `modelcache reload [MOUNTPOINT]`: one mount, or every reachable one.
+pub fn reload_command(mountpoint: Option<&Path>) -> Result<(), Error> {
+    let ctx = Context::system();
+    let targets = match mountpoint {
+        Some(p) => vec![ctx.mount_of(p)?],
+        None => ctx
+            .statuses(None)?
+            .into_iter()
+            .map(|s| PathBuf::from(s.mountpoint))
+            .collect(),
+    };
+    let mut errors = Vec::new();
+    for mp in targets {
+        let shown = mp.display();
+        match ctx.connect(&mp) {
+            Ok((mut client, _)) => match client.call(&Request::Reload) {
+                Ok(r) => println!(
+                    "{shown}: {}",
+                    r.message.unwrap_or_else(|| "reloaded".into())
+                ),
+                Err(e) => errors.push(format!("{shown}: {e}")),
+            },
+            Err(e) => errors.push(e.message().to_string()),
+        }
+    }
+    finish(errors)
+}
+
+/// How a warm is going, for a progress display.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WarmProgress {
+    pub files: usize,
+    pub files_done: usize,
+    pub total_bytes: u64,
+    pub loaded_bytes: u64,
+    /// Files finished since the last report: (mount point/path, size).
+    pub finished: Vec<(String, u64)>,
+}
+
+/// What a finished warm did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WarmSummary {
+    pub files: usize,
+    pub bytes: u64,
+    /// Files (or requested paths) that did not end up loaded, one line each.
+    pub problems: Vec<String>,
+}
+
+struct Tracked {
+    mount: usize,
+    path: String,
+    size: u64,
+    loaded: u64,
+    done: bool,
+}
+
+fn file_of<'a>(status: &'a MountStatus, path: &str) -> Option<&'a super::FileStatus> {
+    // A copy dropped but still held open may be listed beside a new one.
+    status
+        .files
+        .iter()
+        .filter(|f| f.path == path)
+        .min_by_key(|f| f.state == FileState::Evicted)
+}
+
+fn under(file: &str, requested: &str) -> bool {
+    requested.is_empty()
+        || file == requested
+        || file
+            .strip_prefix(requested)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Waits until the files that `warm` requested (and the daemon accepted)
+/// are loaded, polling each mount's status every `poll` and reporting
+/// progress after every poll.
+pub fn wait_for_loads(
+    clients: &mut [(MountPaths, Client)],
+    poll: Duration,
+    on_progress: &mut dyn FnMut(&WarmProgress),
+) -> Result<WarmSummary, Error> {
+    let mut summary = WarmSummary::default();
+    let mut tracked: Vec<Tracked> = Vec::new();
+    let poll_all = |clients: &mut [(MountPaths, Client)]| -> Result<Vec<MountStatus>, Error> {
+        clients
+            .iter_mut()
+            .map(|(g, c)| {
+                c.status()
+                    .map_err(|e| Error(format!("{}: {e}", g.mountpoint.display())))
+            })
+            .collect()
+    };
+    let first = poll_all(clients)?;
+    for (i, ((group, _), status)) in clients.iter().zip(&first).enumerate() {
+        for requested in &group.paths {
+            let before = tracked.len();
+            for f in status
+                .files
+                .iter()
+                .filter(|f| f.state != FileState::Evicted && under(&f.path, requested))
+            {
+                if !tracked.iter().any(|t| t.mount == i && t.path == f.path) {
+                    tracked.push(Tracked {
+                        mount: i,
+                        path: f.path.clone(),
+                        size: f.size,
+                        loaded: 0,
+                        done: false,
+                    });
+                }
+            }
+            if tracked.len() == before
+                && !tracked
+                    .iter()
+                    .any(|t| t.mount == i && under(&t.path, requested))
+            {
+                summary.problems.push(format!(
+                    "{}: the cache took nothing to load (not a model file it caches, too small, or larger than the cap?)",
+                    group.mountpoint.join(requested).display()
+                ));
+            }
+        }
+    }
+    let mut statuses = first;
+    loop {
+        let mut progress = WarmProgress {
+            files: tracked.len(),
+            ..WarmProgress::default()
+        };
+        for t in tracked.iter_mut().filter(|t| !t.done) {
+            let name = clients[t.mount].0.mountpoint.join(&t.path);
+            match file_of(&statuses[t.mount], &t.path) {
+                Some(f) if matches!(f.state, FileState::Cached | FileState::Pinned) => {
+                    t.done = true;
+                    t.loaded = t.size;
+                    progress.finished.push((name.display().to_string(), t.size));
+                }
+                Some(f) if f.state == FileState::Loading => t.loaded = f.loaded_bytes.min(t.size),
+                Some(_) => {
+                    t.done = true;
+                    summary.problems.push(format!(
+                        "{}: evicted before it finished loading",
+                        name.display()
+                    ));
+                }
+                None => {
+                    t.done = true;
+                    summary.problems.push(format!(
+                        "{}: dropped from the cache before it finished loading",
+                        name.display()
+                    ));
+                }
+            }
+        }
+        for t in &tracked {
+            progress.total_bytes += t.size;
+            progress.loaded_bytes += t.loaded;
+            progress.files_done += usize::from(t.done);
+        }
+        on_progress(&progress);
+        if tracked.iter().all(|t| t.done) {
+            summary.files = tracked.len();
+            summary.bytes = progress.total_bytes;
+            return Ok(summary);
+        }
+        std::thread::sleep(poll);
+        statuses = poll_all(clients)?;
+    }
+}
+
+/// `modelcache warm PATH... [--no-wait]`.
+pub fn warm_command(paths: &[PathBuf], no_wait: bool) -> Result<(), Error> {
+    let ctx = Context::system();
+    let groups = resolve_user_paths(paths, &ctx.mounts)?;
+    let mut clients = for_each_mount(&ctx, &groups, |paths| Request::Warm { paths })?;
+    if no_wait {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let summary = if io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} warming {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, {eta} left",
+        )
+        .map(|s| s.progress_chars("=> "));
+        if let Ok(style) = style {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let result = wait_for_loads(&mut clients, Duration::from_millis(250), &mut |p| {
+            bar.set_length(p.total_bytes);
+            bar.set_position(p.loaded_bytes);
+            bar.set_message(format!("{}/{} files", p.files_done, p.files));
+            for (name, size) in &p.finished {
+                bar.println(format!("loaded {name} ({})", Bytes(*size)));
+            }
+        });
+        bar.finish_and_clear();
+        result?
+    } else {
+        let mut announced = false;
+        wait_for_loads(&mut clients, Duration::from_millis(500), &mut |p| {
+            if !announced {
+                println!("warming {} files, {}", p.files, Bytes(p.total_bytes));
+                announced = true;
+            }
+            for (name, size) in &p.finished {
+                println!("loaded {name} ({})", Bytes(*size));
+            }
+        })?
+    };
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "warmed {} file{}, {} in {secs:.1} s",
+        summary.files,
+        if summary.files == 1 { "" } else { "s" },
+        Bytes(summary.bytes)
+    );
+    finish(summary.problems)
+}

@@ -1,0 +1,200 @@
+//! One live mount as the control socket sees it: its status (the cache,
+//! the counters, which open files the kernel serves directly) and the verbs
+//! (warm, evict, pin, unpin, reload) applied to it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use crate::cache::policy::Key;
+use crate::cache::pressure::Sample;
+use crate::control::Daemon;
+use crate::control::protocol::{self, FileState, FileStatus, Mode, MountStatus};
+use crate::fs::passthrough::BackingFiles;
+use crate::fs::{Overlay, Warmed};
+use crate::gpu::ReaderClass;
+use crate::manifest::Tree;
+use crate::rules::Rules;
+
+pub struct MountService {
+    pub mountpoint: PathBuf,
+    pub backing: PathBuf,
+    pub overlay: Arc<Overlay>,
+    pub backing_files: Arc<BackingFiles>,
+    pub rules: Arc<Rules>,
+    /// The pressure monitor's latest sample.
+    pub memory: Arc<dyn Fn() -> Option<Sample> + Send + Sync>,
+}
+
+impl MountService {
+    /// The files a request names: a file, or every file under a directory
+    /// (listed through the mount, as a reader sees it).
+    fn expand(&self, paths: &[String]) -> Result<Vec<PathBuf>, String> {
+        let mut out = Vec::new();
+        for p in paths {
+            let through = self.mountpoint.join(p);
+            let meta =
+                std::fs::metadata(&through).map_err(|e| format!("{}: {e}", through.display()))?;
+            if meta.is_dir() {
+                let tree = Tree::walk(&through).map_err(|e| e.0)?;
+                out.extend(tree.files.iter().map(|f| Path::new(p).join(&f.path)));
+            } else {
+                out.push(PathBuf::from(p));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Warms files, naming those that cannot be cached.
+    fn warm_files(&self, files: &[PathBuf]) -> Result<Vec<Key>, String> {
+        let mut keys = Vec::new();
+        let mut refused = Vec::new();
+        for f in files {
+            match self.overlay.warm(f) {
+                Ok(Warmed::Queued(key)) => keys.push(key),
+                Ok(Warmed::NotCacheable) => {
+                    refused.push(format!("{}: not a model file the cache takes", f.display()))
+                }
+                Ok(Warmed::Refused) => refused.push(format!(
+                    "{}: no room under the cap or the memory floor, or open for writing",
+                    f.display()
+                )),
+                Err(e) => refused.push(format!("{}: {e}", f.display())),
+            }
+        }
+        if refused.is_empty() {
+            Ok(keys)
+        } else {
+            Err(refused.join("; "))
+        }
+    }
+}
+
+impl Daemon for MountService {
+    fn status(&self) -> MountStatus {
+        let cache = self.overlay.cache().status();
+        let stats = self.overlay.stats();
+        let passthrough_by_name: std::collections::HashMap<String, usize> = self
+            .backing_files
+            .open_files()
+            .into_iter()
+            .filter_map(|(node, n)| Some((self.overlay.name_of(node)?, n)))
+            .collect();
+        let files = cache
+            .entries
+            .iter()
+            .map(|e| {
+                let s = stats.file(&e.name).unwrap_or_default();
+                let state = if !e.resident {
+                    FileState::Evicted
+                } else if e.loaded < e.size {
+                    FileState::Loading
+                } else if e.pinned {
+                    FileState::Pinned
+                } else {
+                    FileState::Cached
+                };
+                FileStatus {
+                    path: e.name.clone(),
+                    size: e.size,
+                    state,
+                    loaded_bytes: e.loaded,
+                    pinned: e.pinned,
+                    hits: s.hits,
+                    bytes_from_ram: s.bytes_from_ram,
+                    last_access: s
+                        .last_access
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs()),
+                    open_handles: e.handles,
+                    passthrough_handles: passthrough_by_name.get(&e.name).copied().unwrap_or(0)
+                        as u64,
+                    reader_classes: s.class_names(),
+                }
+            })
+            .collect();
+        let c = stats.counters();
+        let by_class = |values: [u64; 3]| {
+            ReaderClass::ALL
+                .iter()
+                .map(|k| (k.name().to_string(), values[k.index()]))
+                .collect()
+        };
+        let ev = cache.evictions;
+        let sample = (self.memory)();
+        MountStatus {
+            mountpoint: self.mountpoint.display().to_string(),
+            backing: self.backing.display().to_string(),
+            mode: if self.backing_files.is_enabled() {
+                Mode::Passthrough
+            } else {
+                Mode::Copy
+            },
+            max_size: cache.max_size,
+            cached_bytes: cache.resident_bytes,
+            pinned_bytes: cache.pinned_bytes,
+            held_bytes: cache.held_bytes,
+            mem_available: sample.as_ref().map_or(0, |s| s.mem_available),
+            psi_some_avg10: sample.and_then(|s| s.psi_some_avg10),
+            files,
+            counters: protocol::Counters {
+                opens_by_class: by_class(c.opens_by_class),
+                bytes_by_class: by_class(c.bytes_by_class),
+                bytes_from_ram: c.bytes_from_ram,
+                bytes_from_backing: c.bytes_from_backing,
+                file_hits: c.file_hits,
+                file_misses: c.file_misses,
+                loads: cache.loads,
+                load_bytes: cache.load_bytes,
+                load_seconds: cache.load_seconds,
+                evictions: [
+                    (protocol::EVICT_CAP, ev.cap),
+                    (protocol::EVICT_PRESSURE, ev.pressure),
+                    (protocol::EVICT_INVALIDATED, ev.invalidated),
+                    (protocol::EVICT_MANUAL, ev.manual),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+                pressure_events: cache.pressure_events,
+            },
+        }
+    }
+
+    fn warm(&self, paths: &[String]) -> Result<(), String> {
+        self.warm_files(&self.expand(paths)?).map(|_| ())
+    }
+
+    fn evict(&self, paths: &[String]) -> Result<(), String> {
+        let missing: Vec<String> = self
+            .expand(paths)?
+            .iter()
+            .map(|f| f.to_string_lossy().into_owned())
+            .filter(|name| !self.overlay.cache().evict_by_name(name))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("not cached: {}", missing.join(", ")))
+        }
+    }
+
+    fn pin(&self, paths: &[String]) -> Result<(), String> {
+        let files = self.expand(paths)?;
+        for f in &files {
+            self.overlay.cache().set_pinned(&f.to_string_lossy(), true);
+        }
+        self.warm_files(&files).map(|_| ())
+    }
+
+    fn unpin(&self, paths: &[String]) -> Result<(), String> {
+        for f in self.expand(paths)? {
+            self.overlay.cache().set_pinned(&f.to_string_lossy(), false);
+        }
+        Ok(())
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        self.rules.reload()
+    }
+}

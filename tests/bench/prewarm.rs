@@ -1,0 +1,256 @@
+//! Prewarm and pressure benchmark, in one run: (1) how fast a manifest's
+//! warm files load at mount, against a direct cold sequential read of the
+//! same files, in both serving modes; (2) how long the daemon takes to give
+//! back 2 GiB once another process pushes MemAvailable under the floor.
+//! Run with `cargo bench --bench prewarm` as root (it drops the kernel
+//! caches). `MODELCACHE_BENCH_REPS` sets the repetitions (default 5).
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+#[path = "support.rs"]
+mod support;
+use support::Mounted;
+#[path = "../common/mod.rs"]
+mod common;
+
+const FILES: usize = 4;
+const FILE_SIZE: u64 = 512 << 20;
+const TOTAL: u64 = FILES as u64 * FILE_SIZE;
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn drop_caches() {
+    fs::write("/proc/sys/vm/drop_caches", "3").expect("write /proc/sys/vm/drop_caches");
+}
+
+fn mem_available() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+fn name(i: usize) -> String {
+    format!("m{i}.safetensors")
+}
+
+/// Reads every file in 4 MiB read() calls; returns the time taken.
+fn read_all(dir: &Path) -> Duration {
+    let t = Instant::now();
+    let mut buf = vec![0u8; 4 << 20];
+    for i in 0..FILES {
+        let mut f = File::open(dir.join(name(i))).unwrap();
+        while f.read(&mut buf).unwrap() > 0 {}
+    }
+    t.elapsed()
+}
+
+/// Bytes the cache holds complete.
+fn cached_complete(m: &Mounted, backing: &Path) -> u64 {
+    common::cached_files(m.pid(), backing)
+        .iter()
+        .filter(|f| f.complete)
+        .map(|f| f.size)
+        .sum()
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A process holding `bytes` of touched memory while it lives.
+struct Hog(std::process::Child);
+
+impl Hog {
+    fn take(bytes: u64) -> Hog {
+        let mut child = Command::new("perl")
+            .arg("-e")
+            .arg(format!(
+                "my $x = 'x' x {bytes}; $| = 1; print \"ready\\n\"; <STDIN>; exit 0"
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start perl");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Hog(child)
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    let Some(reps) = support::bench_reps("prewarm") else {
+        return;
+    };
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("prewarm benchmark: skipped (needs root: it drops the kernel caches)");
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("modelcache-prewarm-bench-")
+        .tempdir()
+        .unwrap();
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    for i in 0..FILES {
+        let mut f = File::create(backing.join(name(i))).unwrap();
+        let chunk = common::pseudo_random(FILE_SIZE as usize, i as u64);
+        f.write_all(&chunk).unwrap();
+        f.sync_all().unwrap();
+    }
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(&manifest, "[[warm]]\npaths = [\"*.safetensors\"]\n").unwrap();
+    println!(
+        "fixture: {FILES} x {} MiB model files; repetitions: {reps}\n",
+        FILE_SIZE >> 20
+    );
+
+    // 1. Prewarm vs a direct cold read, interleaved rep by rep.
+    println!("== 1. prewarm at mount vs direct cold sequential read ==");
+    let modes = [("passthrough", "on"), ("copy", "off")];
+    let mut direct = Vec::new();
+    let mut prewarm: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut mounts = 0;
+    for rep in 1..=reps {
+        drop_caches();
+        let d = gbps(TOTAL, read_all(&backing));
+        direct.push(d);
+        let mut line = format!("  rep {rep}: direct cold {d:5.2} GB/s");
+        for (k, (label, flag)) in modes.iter().enumerate() {
+            drop_caches();
+            mounts += 1;
+            let log = tmp.path().join(format!("daemon{mounts}.log"));
+            let t = Instant::now();
+            let m = Mounted::start(
+                &backing,
+                &mnt,
+                &[
+                    "--manifest",
+                    manifest.to_str().unwrap(),
+                    "--passthrough",
+                    flag,
+                ],
+                &log,
+            );
+            while cached_complete(&m, &backing) < TOTAL {
+                assert!(t.elapsed() < TIMEOUT, "prewarm did not finish");
+                sleep(Duration::from_millis(5));
+            }
+            let p = gbps(TOTAL, t.elapsed());
+            prewarm[k].push(p);
+            line.push_str(&format!("   prewarm {label} {p:5.2} GB/s"));
+            drop(m);
+        }
+        println!("{line}");
+    }
+
+    // 2. Giving back 2 GiB under pressure.
+    println!(
+        "\n== 2. time to give back {} GiB under memory pressure ==",
+        TOTAL >> 30
+    );
+    let mut give_back: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for rep in 1..=reps {
+        let mut line = format!("  rep {rep}:");
+        for (k, (label, flag)) in modes.iter().enumerate() {
+            drop_caches();
+            let floor = mem_available() - (3 << 30);
+            let m_toml = tmp.path().join("pressure.toml");
+            fs::write(
+                &m_toml,
+                format!(
+                    "[cache]\nmin_available = \"{}MiB\"\ncritical_available = \"{}MiB\"\n\n\
+                     [[warm]]\npaths = [\"*.safetensors\"]\n",
+                    floor >> 20,
+                    (floor >> 20) / 2
+                ),
+            )
+            .unwrap();
+            mounts += 1;
+            let log = tmp.path().join(format!("daemon{mounts}.log"));
+            let m = Mounted::start(
+                &backing,
+                &mnt,
+                &[
+                    "--manifest",
+                    m_toml.to_str().unwrap(),
+                    "--passthrough",
+                    flag,
+                ],
+                &log,
+            );
+            let t = Instant::now();
+            while cached_complete(&m, &backing) < TOTAL {
+                assert!(t.elapsed() < TIMEOUT, "prewarm did not finish");
+                sleep(Duration::from_millis(5));
+            }
+            // Push MemAvailable 512 MiB under the floor.
+            let hog = Hog::take(mem_available().saturating_sub(floor) + (512 << 20));
+            let t = Instant::now();
+            while !common::cached_files(m.pid(), &backing).is_empty() {
+                assert!(t.elapsed() < TIMEOUT, "the cache did not give memory back");
+                sleep(Duration::from_millis(5));
+            }
+            let secs = t.elapsed().as_secs_f64();
+            give_back[k].push(secs);
+            line.push_str(&format!("   {label} {secs:.2} s"));
+            drop(hog);
+            drop(m);
+        }
+        println!("{line}");
+    }
+
+    println!(
+        "\n== modelcache prewarm benchmark: {FILES} x {} MiB, medians of {reps} ==\n",
+        FILE_SIZE >> 20
+    );
+    let d = median(direct);
+    println!(
+        "| mode | direct cold GB/s | prewarm GB/s | prewarm/direct | target | give back {} GiB |",
+        TOTAL >> 30
+    );
+    println!("|---|---:|---:|---:|---|---:|");
+    for (k, (label, _)) in modes.iter().enumerate() {
+        let p = median(prewarm[k].clone());
+        let verdict = if p / d >= 0.9 { "met" } else { "**missed**" };
+        println!(
+            "| {label} | {d:.2} | {p:.2} | {:.2}x | >= 0.9x: {verdict} | {:.2} s |",
+            p / d,
+            median(give_back[k].clone())
+        );
+    }
+    println!(
+        "\nprewarm = from starting the daemon to every file loaded (mount time included); \
+         give back = from the memory hog holding its memory to the cache being empty \
+         (the monitor samples every 500 ms)."
+    );
+}

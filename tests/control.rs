@@ -1,0 +1,390 @@
+//! The control socket on real mounts, through the CLI a user runs: status
+//! (table and JSON) while files load, every verb, bad requests, the
+//! socket's privacy, two mounts at once, status under heavy reads, and the
+//! metrics file.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn modelcache(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+/// `modelcache status MOUNT --json`: the mount's object.
+fn status(mnt: &Path) -> Value {
+    let out = modelcache(&["status", mnt.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["version"], 1);
+    let mounts = v["mounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 1, "{v}");
+    mounts[0].clone()
+}
+
+fn file<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
+    status["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == path)
+}
+
+fn wait_state(mnt: &Path, path: &str, state: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let s = status(mnt);
+        if file(&s, path).is_some_and(|f| f["state"] == state) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{path} never {state}: {s:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn write_model(dir: &Path, name: &str, size: u64, seed: u64) {
+    fs::write(dir.join(name), pseudo_random(size as usize, seed)).unwrap();
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    File::open(path).unwrap().read_to_end(&mut v).unwrap();
+    v
+}
+
+#[test]
+fn status_follows_a_file_from_loading_to_cached_with_its_counters() {
+    let (_tmp, backing, mnt) = dirs();
+    write_model(&backing, "big.safetensors", 512 * MIB, 1);
+    write_model(&backing, "small.safetensors", 16 * MIB, 2);
+    drop_from_page_cache(&backing.join("big.safetensors"));
+    // One loader: the small file waits behind the big one, in state
+    // "loading" meanwhile.
+    let m = Mounted::separate(&backing, &mnt, &["--loader-threads", "1"]);
+    let run = modelcache(&[
+        "warm",
+        "--no-wait",
+        m.path("big.safetensors").to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let small = File::open(m.path("small.safetensors")).unwrap();
+    let s = status(&mnt);
+    assert_eq!(s["mode"], "passthrough");
+    assert_eq!(file(&s, "small.safetensors").unwrap()["state"], "loading");
+    let s = wait_state(&mnt, "small.safetensors", "cached");
+    let f = file(&s, "small.safetensors").unwrap();
+    assert_eq!(f["size"], 16 * MIB);
+    assert_eq!(f["loaded_bytes"], 16 * MIB);
+    assert_eq!(f["open_handles"], 1);
+    assert_eq!(f["passthrough_handles"], 1);
+    assert_eq!(f["reader_classes"], serde_json::json!(["cpu"]));
+    assert_eq!(s["counters"]["file_misses"], 1);
+    drop(small);
+
+    // A second open is a hit; the table says so too.
+    let again = File::open(m.path("small.safetensors")).unwrap();
+    wait_state(&mnt, "big.safetensors", "cached");
+    let s = status(&mnt);
+    assert_eq!(file(&s, "small.safetensors").unwrap()["hits"], 1);
+    assert_eq!(s["counters"]["file_hits"], 1);
+    assert_eq!(s["counters"]["loads"], 2);
+    assert_eq!(s["cached_bytes"], 528 * MIB);
+    let table = modelcache(&["status", mnt.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("passthrough"), "{text}");
+    assert!(text.contains("small.safetensors"), "{text}");
+    assert!(text.contains("big.safetensors"), "{text}");
+    drop(again);
+    m.unmount();
+}
+
+#[test]
+fn copy_mode_counts_bytes_served_from_ram() {
+    let (_tmp, backing, mnt) = dirs();
+    write_model(&backing, "a.safetensors", 32 * MIB, 3);
+    let m = Mounted::separate(&backing, &mnt, &["--passthrough", "off"]);
+    let run = modelcache(&["warm", m.path("a.safetensors").to_str().unwrap()]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let s = status(&mnt);
+    assert_eq!(s["mode"], "copy");
+    assert_eq!(file(&s, "a.safetensors").unwrap()["state"], "cached");
+    assert!(read_all(&m.path("a.safetensors")) == pseudo_random(32 << 20, 3));
+    let s = status(&mnt);
+    assert_eq!(
+        file(&s, "a.safetensors").unwrap()["bytes_from_ram"],
+        32 * MIB
+    );
+    assert_eq!(s["counters"]["bytes_from_ram"], 32 * MIB);
+    assert_eq!(s["counters"]["bytes_from_backing"], 0);
+    m.unmount();
+}
+
+#[test]
+fn warm_evict_pin_unpin_and_reload_work_end_to_end() {
+    let (tmp, backing, mnt) = dirs();
+    fs::create_dir(backing.join("sub")).unwrap();
+    write_model(&backing, "sub/a.safetensors", 32 * MIB, 4);
+    write_model(&backing, "sub/b.gguf", 16 * MIB, 5);
+    write_model(&backing, "c.safetensors", 16 * MIB, 6);
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(&manifest, "").unwrap();
+    let m = Mounted::separate(&backing, &mnt, &["--manifest", manifest.to_str().unwrap()]);
+    let ok = |args: &[&str]| {
+        let out = modelcache(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // warm a directory (relative to the working directory), waiting.
+    let out = Command::new(bin())
+        .args(["warm", "sub"])
+        .current_dir(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&mnt);
+    for p in ["sub/a.safetensors", "sub/b.gguf"] {
+        assert_eq!(file(&s, p).unwrap()["state"], "cached", "{s:#}");
+    }
+    assert!(file(&s, "c.safetensors").is_none());
+
+    // pin, then evict: a pinned file is evicted on request too.
+    ok(&["pin", m.path("sub/a.safetensors").to_str().unwrap()]);
+    let s = status(&mnt);
+    assert_eq!(file(&s, "sub/a.safetensors").unwrap()["state"], "pinned");
+    assert_eq!(s["pinned_bytes"], 32 * MIB);
+    ok(&["unpin", m.path("sub/a.safetensors").to_str().unwrap()]);
+    assert_eq!(
+        file(&status(&mnt), "sub/a.safetensors").unwrap()["state"],
+        "cached"
+    );
+    ok(&["evict", m.path("sub/b.gguf").to_str().unwrap()]);
+    let s = status(&mnt);
+    assert!(file(&s, "sub/b.gguf").is_none(), "{s:#}");
+    assert_eq!(s["counters"]["evictions"]["manual"], 1);
+
+    // reload picks up a new pin.
+    fs::write(&manifest, "[[pin]]\npaths = [\"c.safetensors\"]\n").unwrap();
+    ok(&["reload", mnt.to_str().unwrap()]);
+    wait_state(&mnt, "c.safetensors", "pinned");
+
+    // Paths outside any mount, and files that are not cached: one clear
+    // line, non-zero.
+    for (args, needle) in [
+        (
+            vec!["warm", tmp.path().to_str().unwrap()],
+            "not inside a modelcache mount",
+        ),
+        (
+            vec!["evict", m.path("sub/b.gguf").to_str().unwrap()],
+            "not cached",
+        ),
+    ] {
+        let out = modelcache(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.starts_with("modelcache: "), "{err}");
+        assert!(err.contains(needle), "expected {needle:?}: {err}");
+    }
+    m.unmount();
+}
+
+/// The daemon's control socket: the one socket file it holds open.
+fn socket_of(m: &Mounted) -> PathBuf {
+    let out = modelcache(&["status", "--json", m.mountpoint.to_str().unwrap()]);
+    assert!(out.status.success());
+    for dir in ["/run/modelcache"] {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let path = e.path();
+            if let Ok(mut s) = UnixStream::connect(&path) {
+                s.write_all(b"{\"version\":1,\"verb\":\"status\"}\n")
+                    .unwrap();
+                let mut line = String::new();
+                BufReader::new(s).read_line(&mut line).unwrap();
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if v["status"]["mountpoint"] == m.mountpoint.to_str().unwrap() {
+                    return path;
+                }
+            }
+        }
+    }
+    panic!("no socket answers for {}", m.mountpoint.display());
+}
+
+#[test]
+fn bad_requests_get_error_answers_and_the_socket_is_private() {
+    let (_tmp, backing, mnt) = dirs();
+    let m = Mounted::separate(&backing, &mnt, &[]);
+    let socket = socket_of(&m);
+    let mode = fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", socket.display());
+    let mut conn = BufReader::new(UnixStream::connect(&socket).unwrap());
+    for (request, needle) in [
+        ("{not json\n", "JSON"),
+        ("{\"version\":1,\"verb\":\"explode\"}\n", "explode"),
+        (
+            "{\"version\":1,\"verb\":\"warm\",\"paths\":[\"../x\"]}\n",
+            "..",
+        ),
+    ] {
+        conn.get_mut().write_all(request.as_bytes()).unwrap();
+        let mut line = String::new();
+        conn.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], false, "{request}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains(needle),
+            "{request}: {v}"
+        );
+    }
+    // Still serving on the same connection.
+    conn.get_mut()
+        .write_all(b"{\"version\":1,\"verb\":\"status\"}\n")
+        .unwrap();
+    let mut line = String::new();
+    conn.read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    m.unmount();
+}
+
+#[test]
+fn two_mounts_keep_separate_sockets_and_numbers() {
+    let (_t1, b1, m1) = dirs();
+    let (_t2, b2, m2) = dirs();
+    write_model(&b1, "one.safetensors", 8 * MIB, 7);
+    write_model(&b2, "two.safetensors", 4 * MIB, 8);
+    let a = Mounted::separate(&b1, &m1, &[]);
+    let b = Mounted::separate(&b2, &m2, &[]);
+    assert_ne!(socket_of(&a), socket_of(&b));
+    read_all(&a.path("one.safetensors"));
+    wait_state(&m1, "one.safetensors", "cached");
+    let (s1, s2) = (status(&m1), status(&m2));
+    assert_eq!(s1["counters"]["file_misses"], 1, "{s1:#}");
+    assert_eq!(s2["counters"]["file_misses"], 0);
+    assert_eq!(s1["cached_bytes"], 8 * MIB);
+    assert_eq!(s2["cached_bytes"], 0);
+    // With no mount point, status lists both.
+    let out = modelcache(&["status", "--json"]);
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let points: Vec<&str> = all["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["mountpoint"].as_str())
+        .collect();
+    for mp in [&a.mountpoint, &b.mountpoint] {
+        assert!(points.contains(&mp.to_str().unwrap()), "{points:?}");
+    }
+    a.unmount();
+    b.unmount();
+}
+
+#[test]
+fn status_answers_during_heavy_reads() {
+    let (_tmp, backing, mnt) = dirs();
+    write_model(&backing, "a.safetensors", 64 * MIB, 9);
+    let m = Mounted::separate(&backing, &mnt, &["--passthrough", "off"]);
+    let want = pseudo_random(64 << 20, 9);
+    let path = m.path("a.safetensors");
+    std::thread::scope(|s| {
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        assert!(read_all(&path) == want, "bytes differ");
+                    }
+                })
+            })
+            .collect();
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..10 {
+                        let s = status(&mnt);
+                        assert_eq!(s["mode"], "copy");
+                    }
+                })
+            })
+            .collect();
+        for t in readers.into_iter().chain(callers) {
+            t.join().unwrap();
+        }
+    });
+    m.unmount();
+}
+
+#[test]
+fn the_metrics_file_is_prometheus_text() {
+    let (tmp, backing, mnt) = dirs();
+    write_model(&backing, "a.safetensors", 8 * MIB, 10);
+    let metrics = tmp.path().join("modelcache.prom");
+    let m = Mounted::separate(
+        &backing,
+        &mnt,
+        &["--metrics-file", metrics.to_str().unwrap()],
+    );
+    read_all(&m.path("a.safetensors"));
+    let deadline = Instant::now() + PATIENCE;
+    let text = loop {
+        let text = fs::read_to_string(&metrics).unwrap_or_default();
+        if text.contains("modelcache_file_misses_total") && text.contains(" 1\n") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no metrics: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut typed = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split_whitespace().next().unwrap().to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("value in {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(typed.contains(name), "{name} has no TYPE: {text}");
+        let labels = &series[name.len()..];
+        assert!(
+            labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+            "{line}"
+        );
+    }
+    m.unmount();
+}
