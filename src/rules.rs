@@ -10,6 +10,7 @@
 //! one worker thread, never on a FUSE thread.
 
 use std::collections::{HashMap, HashSet};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -220,11 +221,22 @@ fn apply(
         Bytes(total),
         manifest.origin.display()
     );
+    // On a terminal a progress bar; under systemd or in a log file, lines.
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "prewarm [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, {eta} left",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    });
     Some(Prewarm {
         files: followed,
         total,
         started: Instant::now(),
         last_report: Instant::now(),
+        bar,
     })
 }
 
@@ -259,6 +271,7 @@ struct Prewarm {
     total: u64,
     started: Instant,
     last_report: Instant,
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl Prewarm {
@@ -275,6 +288,12 @@ impl Prewarm {
             }
         }
         let secs = self.started.elapsed().as_secs_f64();
+        if let Some(bar) = &self.bar {
+            bar.set_position(loaded);
+            if pending == 0 {
+                bar.finish_and_clear();
+            }
+        }
         if pending == 0 {
             info!(
                 "prewarm: all loaded ({} files, {} in {secs:.1} s, {:.2} GB/s)",
@@ -284,7 +303,7 @@ impl Prewarm {
             );
             return true;
         }
-        if self.last_report.elapsed() >= PROGRESS_EVERY {
+        if self.bar.is_none() && self.last_report.elapsed() >= PROGRESS_EVERY {
             self.last_report = Instant::now();
             info!(
                 "prewarm: {} of {} loaded, {pending} files to go",
