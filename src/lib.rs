@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod manifest;
 pub mod mount;
 pub mod mountinfo;
+pub mod notify;
 pub mod rules;
 pub mod service;
 pub mod size;

@@ -14,6 +14,7 @@ use std::fs;
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use globset::{GlobBuilder, GlobMatcher};
 use serde::Deserialize;
@@ -22,6 +23,7 @@ use toml::Spanned;
 
 use crate::Error;
 use crate::cache::DEFAULT_EXTENSIONS;
+use crate::gpu::ReaderClass;
 use crate::size::{Bytes, SizeSpec};
 
 /// `max_size` when unset: half the RAM leaves the other half to the
@@ -148,31 +150,87 @@ pub struct Limits {
     pub pin_budget: Option<u64>,
 }
 
-/// One `[hooks.CLASS]` table. Reserved: validated now, acted on later.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// What opens by one class of reader do: a `[hooks.CLASS]` table with
+/// the class's defaults for the keys it leaves out.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hook {
-    /// Keep a file cached while such a reader has it open, and `grace_secs` after.
-    #[serde(default)]
+    /// Keep a file cached while such a reader has it open, and `grace`
+    /// after its last close.
     pub protect: bool,
-    /// Lock the file's pages in RAM, within `pin_budget`.
-    #[serde(default)]
+    pub grace: Duration,
+    /// Lock the file's pages in RAM, within the pin budget.
     pub mlock: bool,
-    /// Warm the rest of the file's `[[group]]`.
-    #[serde(default)]
+    /// Warm the rest of the file's `[[group]]`s.
     pub warm_group: bool,
-    /// A command run with the file, pid and class in its environment.
-    pub exec: Option<String>,
-    pub grace_secs: Option<u64>,
+    /// A command (program and arguments) run at the first open of each
+    /// file by such a reader, with the file, pid and class in its
+    /// environment.
+    pub exec: Option<Vec<String>>,
+    /// How long `exec` may run before it is killed.
+    pub timeout: Duration,
+}
+
+/// How long protection lasts after the last close, unless set.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
+/// How long a hook command may run, unless set.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_GRACE: Duration = Duration::from_secs(24 * 3600);
+const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl Hook {
+    /// The defaults of a class: GPU readers' files are protected for
+    /// `DEFAULT_GRACE`; every class's opens warm the file's groups.
+    pub fn default_for(class: ReaderClass) -> Hook {
+        Hook {
+            protect: class != ReaderClass::Cpu,
+            grace: DEFAULT_GRACE,
+            mlock: false,
+            warm_group: true,
+            exec: None,
+            timeout: DEFAULT_EXEC_TIMEOUT,
+        }
+    }
 }
 
 /// Hooks per class of reader (see DESIGN: GPU readers).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hooks {
-    pub cuda: Option<Hook>,
-    pub rocm: Option<Hook>,
-    pub cpu: Option<Hook>,
+    pub cuda: Hook,
+    pub rocm: Hook,
+    pub cpu: Hook,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks {
+            cuda: Hook::default_for(ReaderClass::Cuda),
+            rocm: Hook::default_for(ReaderClass::Rocm),
+            cpu: Hook::default_for(ReaderClass::Cpu),
+        }
+    }
+}
+
+impl Hooks {
+    pub fn get(&self, class: ReaderClass) -> &Hook {
+        match class {
+            ReaderClass::Cuda => &self.cuda,
+            ReaderClass::Rocm => &self.rocm,
+            ReaderClass::Cpu => &self.cpu,
+        }
+    }
+
+    fn get_mut(&mut self, class: ReaderClass) -> &mut Hook {
+        match class {
+            ReaderClass::Cuda => &mut self.cuda,
+            ReaderClass::Rocm => &mut self.rocm,
+            ReaderClass::Cpu => &mut self.cpu,
+        }
+    }
+
+    /// Whether some class locks pages.
+    pub fn any_mlock(&self) -> bool {
+        ReaderClass::ALL.iter().any(|c| self.get(*c).mlock)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -239,7 +297,26 @@ struct RawManifest {
     warm: Vec<Spanned<RawRule>>,
     #[serde(default)]
     group: Vec<Spanned<RawGroup>>,
-    hooks: Option<Hooks>,
+    hooks: Option<RawHooks>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    cuda: Option<RawHook>,
+    rocm: Option<RawHook>,
+    cpu: Option<RawHook>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    protect: Option<bool>,
+    grace: Option<Spanned<DurationValue>>,
+    mlock: Option<bool>,
+    warm_group: Option<bool>,
+    exec: Option<Spanned<ExecValue>>,
+    timeout: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +379,115 @@ impl<'de> Deserialize<'de> for SizeValue {
         }
         deserializer.deserialize_any(SizeVisitor)
     }
+}
+
+/// A duration as written: `"10m"`, `"30s"`, `"500ms"`, `"1h30m"`.
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a duration such as "10m" or "30s""#)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<DurationValue, E> {
+                parse_duration(text).map(DurationValue).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<DurationValue, E> {
+                Err(E::custom(format!(
+                    r#"{n} has no unit: write a duration as a string with its unit, such as "{n}s" or "{n}m""#
+                )))
+            }
+        }
+        deserializer.deserialize_any(DurationVisitor)
+    }
+}
+
+/// `exec` as written: the program and its arguments, never a shell line.
+struct ExecValue(Vec<String>);
+
+impl<'de> Deserialize<'de> for ExecValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ExecVisitor;
+        impl<'de> Visitor<'de> for ExecVisitor {
+            type Value = ExecValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a list of the program and its arguments, such as ["logger", "-t", "modelcache"]"#)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<ExecValue, E> {
+                Err(E::custom(format!(
+                    r#"exec is a list of the program and its arguments, not a command line: write [{}] (no shell runs it; for one, use ["sh", "-c", {text:?}])"#,
+                    text.split_whitespace()
+                        .map(|w| format!("{w:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<ExecValue, A::Error> {
+                let mut argv = Vec::new();
+                while let Some(arg) = seq.next_element::<String>()? {
+                    argv.push(arg);
+                }
+                Ok(ExecValue(argv))
+            }
+        }
+        deserializer.deserialize_any(ExecVisitor)
+    }
+}
+
+/// Parses a duration: one or more `<number><unit>` (units `ms`, `s`, `m`,
+/// `min`, `h`), such as `"10m"`, `"2.5s"`, `"1h30m"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            r#"invalid duration {text:?}: use a number with a unit: "500ms", "30s", "10m", "1h" (or "1m30s")"#
+        )
+    };
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let (number, after) = rest.split_at(number_end);
+        let unit_end = after
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_end);
+        let scale = match unit {
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        let value: f64 = number.parse().map_err(|_| bad())?;
+        let part = Duration::try_from_secs_f64(value * scale).map_err(|_| bad())?;
+        total = total.checked_add(part).ok_or_else(bad)?;
+        rest = after;
+    }
+    Ok(total)
+}
+
+/// A duration as a person writes it: `10m`, `2s`, `1h30m`, `250ms`.
+pub fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let (h, m, s) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    if out.is_empty() { "0s".into() } else { out }
 }
 
 /// The text being parsed, to turn byte spans into messages.
@@ -380,15 +566,19 @@ impl Manifest {
     pub fn parse(text: &str, origin: &Path) -> Result<Manifest, Error> {
         let src = Source { text, origin };
         let raw: RawManifest = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+        let hooks = raw.hooks;
         let mut manifest = Manifest {
             origin: origin.to_path_buf(),
             cache: CacheSettings::default(),
             rules: Vec::new(),
-            hooks: raw.hooks.unwrap_or_default(),
+            hooks: Hooks::default(),
             max_size_at: None,
             min_available_at: None,
             critical_available_at: None,
         };
+        if let Some(hooks) = hooks {
+            manifest.read_hooks(&src, hooks)?;
+        }
         if let Some(cache) = raw.cache {
             manifest.read_cache(&src, cache)?;
         }
@@ -401,10 +591,7 @@ impl Manifest {
         self.max_size_at = at(&raw.max_size);
         self.min_available_at = at(&raw.min_available);
         self.critical_available_at = at(&raw.critical_available);
-        let hooks_lock = [&self.hooks.cuda, &self.hooks.rocm, &self.hooks.cpu]
-            .into_iter()
-            .flatten()
-            .any(|h| h.mlock);
+        let hooks_lock = self.hooks.any_mlock();
         let settings = &mut self.cache;
         let spec = |s: &Option<Spanned<SizeValue>>| s.as_ref().map(|s| s.get_ref().0);
         settings.max_size = spec(&raw.max_size);
@@ -474,6 +661,72 @@ impl Manifest {
                 "pin_budget = 0 lets nothing be locked, yet mlock is on: remove pin_budget \
                  (RLIMIT_MEMLOCK then limits it) or give a size such as \"16GiB\"",
             ));
+        }
+        Ok(())
+    }
+
+    fn read_hooks(&mut self, src: &Source, raw: RawHooks) -> Result<(), Error> {
+        let tables = [
+            (ReaderClass::Cuda, raw.cuda),
+            (ReaderClass::Rocm, raw.rocm),
+            (ReaderClass::Cpu, raw.cpu),
+        ];
+        for (class, table) in tables {
+            let Some(raw) = table else { continue };
+            let name = class.name();
+            let hook = self.hooks.get_mut(class);
+            hook.protect = raw.protect.unwrap_or(hook.protect);
+            hook.mlock = raw.mlock.unwrap_or(hook.mlock);
+            hook.warm_group = raw.warm_group.unwrap_or(hook.warm_group);
+            if let Some(grace) = &raw.grace {
+                if !hook.protect {
+                    return Err(src.error(
+                        &grace.span(),
+                        format!(
+                            "grace has no effect: protect is off for {name} readers; set protect = true or remove grace"
+                        ),
+                    ));
+                }
+                hook.grace = grace.get_ref().0;
+                if hook.grace > MAX_GRACE {
+                    return Err(src.error(
+                        &grace.span(),
+                        format!(
+                            "grace = \"{}\" is too long: at most \"24h\"; to keep a file in RAM for good, [[pin]] it",
+                            show_duration(hook.grace)
+                        ),
+                    ));
+                }
+            }
+            if let Some(exec) = raw.exec {
+                let span = exec.span();
+                let argv = exec.into_inner().0;
+                if argv.first().is_none_or(|program| program.trim().is_empty()) {
+                    return Err(src.error(
+                        &span,
+                        r#"exec names no program: give the program and its arguments, such as ["logger", "-t", "modelcache"], or remove exec"#,
+                    ));
+                }
+                hook.exec = Some(argv);
+            }
+            if let Some(timeout) = &raw.timeout {
+                if hook.exec.is_none() {
+                    return Err(src.error(
+                        &timeout.span(),
+                        format!("timeout has no effect: [hooks.{name}] has no exec; add exec or remove timeout"),
+                    ));
+                }
+                hook.timeout = timeout.get_ref().0;
+                if hook.timeout.is_zero() || hook.timeout > MAX_EXEC_TIMEOUT {
+                    return Err(src.error(
+                        &timeout.span(),
+                        format!(
+                            "timeout = \"{}\" is out of range: give more than 0 and at most \"1h\"",
+                            show_duration(hook.timeout)
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -1254,9 +1507,10 @@ paths = ["a/**", "b/*.gguf"]
 [hooks.cuda]
 protect = true
 mlock = true
-warm_group = true
-exec = "notify-send loaded"
-grace_secs = 30
+warm_group = false
+exec = ["notify-send", "loaded"]
+timeout = "5s"
+grace = "1h30m"
 
 [hooks.cpu]
 "#,
@@ -1287,12 +1541,17 @@ grace_secs = 30
             }
         );
         assert_eq!(m.rules[2].globs, ["a/**", "b/*.gguf"]);
-        let cuda = m.hooks.cuda.as_ref().unwrap();
-        assert!(cuda.protect && cuda.mlock && cuda.warm_group);
-        assert_eq!(cuda.exec.as_deref(), Some("notify-send loaded"));
-        assert_eq!(cuda.grace_secs, Some(30));
-        assert_eq!(m.hooks.cpu, Some(Hook::default()));
-        assert_eq!(m.hooks.rocm, None);
+        let cuda = &m.hooks.cuda;
+        assert!(cuda.protect && cuda.mlock && !cuda.warm_group);
+        assert_eq!(
+            cuda.exec.as_deref(),
+            Some(&["notify-send".to_string(), "loaded".to_string()][..])
+        );
+        assert_eq!(cuda.timeout, Duration::from_secs(5));
+        assert_eq!(cuda.grace, Duration::from_secs(5400));
+        // An empty table, or none: the class's defaults.
+        assert_eq!(m.hooks.cpu, Hook::default_for(ReaderClass::Cpu));
+        assert_eq!(m.hooks.rocm, Hook::default_for(ReaderClass::Rocm));
         let limits = m.limits(100 << 30).unwrap();
         assert_eq!(limits.min_available, 20 << 30);
         assert_eq!(limits.critical_available, 5 << 30);
@@ -1461,8 +1720,65 @@ grace_secs = 30
                 ],
             ),
             (
-                "[hooks.cuda]\ngrace = \"30s\"\n",
-                &["line 2, column 1", "unknown field `grace`", "`grace_secs`"],
+                "[hooks.cuda]\ngrace_secs = 30\n",
+                &["line 2, column 1", "unknown field `grace_secs`", "`grace`"],
+            ),
+            (
+                "[hooks.cuda]\ngrace = \"10 minutes\"\n",
+                &[
+                    "line 2, column 9",
+                    "grace: invalid duration \"10 minutes\"",
+                    "\"10m\"",
+                ],
+            ),
+            (
+                "[hooks.rocm]\ngrace = 30\n",
+                &["line 2, column 9", "30 has no unit", "\"30s\""],
+            ),
+            (
+                "[hooks.cuda]\ngrace = \"2d\"\n",
+                &["line 2, column 9", "invalid duration"],
+            ),
+            (
+                "[hooks.cuda]\ngrace = \"48h\"\n",
+                &["line 2, column 9", "too long", "[[pin]]"],
+            ),
+            (
+                "[hooks.cpu]\ngrace = \"1m\"\n",
+                &["line 2, column 9", "protect is off for cpu readers"],
+            ),
+            (
+                "[hooks.cuda]\nprotect = false\ngrace = \"1m\"\n",
+                &["line 3, column 9", "grace has no effect"],
+            ),
+            (
+                "[hooks.cuda]\nexec = \"logger -t mc\"\n",
+                &[
+                    "line 2, column 8",
+                    "exec is a list",
+                    "[\"logger\", \"-t\", \"mc\"]",
+                    "\"sh\", \"-c\"",
+                ],
+            ),
+            (
+                "[hooks.cuda]\nexec = []\n",
+                &["line 2, column 8", "exec names no program"],
+            ),
+            (
+                "[hooks.cuda]\nexec = [\"logger\", 3]\n",
+                &["line 2, column 19", "exec", "expected a string"],
+            ),
+            (
+                "[hooks.cuda]\ntimeout = \"5s\"\n",
+                &["line 2, column 11", "no exec"],
+            ),
+            (
+                "[hooks.cuda]\nexec = [\"true\"]\ntimeout = \"0s\"\n",
+                &["line 3, column 11", "out of range"],
+            ),
+            (
+                "[cache]\npin_budget = \"0\"\n[hooks.cuda]\nmlock = true\n",
+                &["line 2, column 14", "pin_budget = 0"],
             ),
         ];
         for (text, fragments) in cases {
@@ -1685,6 +2001,41 @@ paths = ["b/*", "c/*"]
         let m = rules("[[group]]\nname = \"wan\"\npaths = [\"d/wan_*.safetensors\"]\n");
         assert!(m.rules[0].is_match(Path::new("d/wan_low.safetensors")));
         assert!(!m.rules[0].is_match(Path::new("d/x/wan_low.safetensors")));
+    }
+
+    #[test]
+    fn durations_parse_and_show_as_written() {
+        let ok = [
+            ("10m", 600_000),
+            ("2s", 2000),
+            ("1.5s", 1500),
+            ("250ms", 250),
+            ("1h30m", 5_400_000),
+            ("1m30s", 90_000),
+            (" 3min ", 180_000),
+            ("0s", 0),
+        ];
+        for (text, ms) in ok {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(ms)),
+                "{text}"
+            );
+        }
+        for bad in [
+            "", "10", "m", "10 m", "1d", "-1s", "1.2.3s", "10mm", "1e400h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        for (ms, shown) in [
+            (600_000, "10m"),
+            (2000, "2s"),
+            (5_400_000, "1h30m"),
+            (250, "250ms"),
+            (0, "0s"),
+        ] {
+            assert_eq!(show_duration(Duration::from_millis(ms)), shown);
+        }
     }
 
     #[test]

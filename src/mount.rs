@@ -119,6 +119,8 @@ impl Settings {
             manifest::Eviction::Lru => policy::Eviction::Lru,
             manifest::Eviction::SizeAware => policy::Eviction::SizeAware,
         };
+        cache.mlock = m.cache.mlock;
+        cache.pin_budget = limits.pin_budget;
         Ok(Settings {
             cache,
             critical_available: limits.critical_available,
@@ -586,8 +588,10 @@ fn wait_signal(timeout: Duration) -> Option<i32> {
     (sig > 0).then_some(sig)
 }
 
-/// Tells a parent waiting in `--background` mode that the mount is live.
+/// Tells systemd (`Type=notify`) and a parent waiting in `--background`
+/// mode that the mount is live.
 fn notify_ready() {
+    crate::notify::ready();
     let Some(fd) = std::env::var(READY_FD_ENV)
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
@@ -709,6 +713,9 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         Overlay::new(root, cache.clone())
             .map_err(|e| Error(format!("{}: {e}", backing.display())))?,
     );
+    // Before the first open: a reader's class acts from its first request.
+    let hooks = settings.manifest.as_ref().map(|m| m.hooks.clone());
+    overlay.start_hooks(hooks.unwrap_or_default(), mountpoint.clone());
 
     raise_nofile_limit();
     // The kernel applies the caller's umask before a create reaches us; ours
@@ -933,6 +940,7 @@ fn serve_until_unmounted(
             }
             Some(_) => {
                 stopping = true;
+                crate::notify::stopping();
                 stop(mountpoint);
             }
             None => {}

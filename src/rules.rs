@@ -189,6 +189,7 @@ fn apply(
             .collect::<HashSet<_>>(),
     );
     *groups.lock() = by_member;
+    overlay.set_hooks(manifest.hooks.clone());
 
     let mut followed = Vec::new();
     for (path, kind) in pinned

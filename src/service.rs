@@ -100,6 +100,7 @@ impl Daemon for MountService {
                     state,
                     loaded_bytes: e.loaded,
                     pinned: e.pinned,
+                    protected: e.protected,
                     hits: s.hits,
                     bytes_from_ram: s.bytes_from_ram,
                     last_access: s
@@ -133,6 +134,8 @@ impl Daemon for MountService {
             max_size: cache.max_size,
             cached_bytes: cache.resident_bytes,
             pinned_bytes: cache.pinned_bytes,
+            protected_bytes: cache.protected_bytes,
+            locked_bytes: cache.locked_bytes,
             held_bytes: cache.held_bytes,
             mem_available: sample.as_ref().map_or(0, |s| s.mem_available),
             psi_some_avg10: sample.and_then(|s| s.psi_some_avg10),

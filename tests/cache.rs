@@ -267,17 +267,22 @@ fn assert_one_copy(m: &CacheMount, mode: Mode, file: &Path, when: &str) {
 }
 
 /// Reads all of `f` and asserts that neither this thread (which reads the
-/// file itself in passthrough mode) nor the daemon (copy mode) read
-/// anything from the disk meanwhile.
+/// file itself in passthrough mode) nor the daemon (copy mode) read it from
+/// the disk meanwhile. After drop_caches either may still fault a few pages
+/// of its own program back in (code it had not run yet): the bound is 2 MiB,
+/// against the file's tens of MiB.
 #[track_caller]
 fn read_from_ram(m: &CacheMount, f: &File, when: &str) -> Vec<u8> {
+    const PROGRAM_PAGES: u64 = 2 << 20;
     let before = (thread_disk_reads(), process_disk_reads(m.pid()));
     let bytes = read_through(f);
     let after = (thread_disk_reads(), process_disk_reads(m.pid()));
-    assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (0, 0),
-        "{when}: bytes read from disk by (the reader, the daemon)"
+    let read = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        read.0 + read.1 <= PROGRAM_PAGES && bytes.len() as u64 > 8 * PROGRAM_PAGES,
+        "{when}: {read:?} bytes read from disk by (the reader, the daemon) while reading {} \
+         bytes",
+        bytes.len()
     );
     bytes
 }

@@ -30,6 +30,7 @@ fn file(path: &str, size: u64, state: FileState, loaded: u64) -> FileStatus {
         state,
         loaded_bytes: loaded,
         pinned: state == FileState::Pinned,
+        protected: false,
         hits: 3,
         bytes_from_ram: 2 * size,
         last_access: Some(1_700_000_000),
@@ -47,6 +48,8 @@ fn sample_status(mountpoint: &str) -> MountStatus {
         max_size: 48 * GIB,
         cached_bytes: 14 * GIB,
         pinned_bytes: 13 * GIB,
+        protected_bytes: 0,
+        locked_bytes: 0,
         held_bytes: 0,
         mem_available: 30 * GIB,
         psi_some_avg10: Some(0.5),
@@ -502,11 +505,13 @@ fn status_json_schema_is_stable() {
             "counters",
             "files",
             "held_bytes",
+            "locked_bytes",
             "max_size",
             "mem_available",
             "mode",
             "mountpoint",
             "pinned_bytes",
+            "protected_bytes",
             "psi_some_avg10"
         ]
     );
@@ -522,6 +527,7 @@ fn status_json_schema_is_stable() {
             "passthrough_handles",
             "path",
             "pinned",
+            "protected",
             "reader_classes",
             "size",
             "state"
@@ -553,6 +559,16 @@ fn status_json_schema_is_stable() {
     let text = serde_json::to_string(&s2).unwrap();
     assert!(text.contains(r#""psi_some_avg10":null"#), "{text}");
     assert_eq!(serde_json::from_str::<MountStatus>(&text).unwrap(), s2);
+    // Fields added later read as their defaults from an older daemon.
+    let mut older: Value = serde_json::from_str(&text).unwrap();
+    let obj = older.as_object_mut().unwrap();
+    obj.remove("protected_bytes");
+    obj.remove("locked_bytes");
+    older["files"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("protected");
+    assert_eq!(serde_json::from_value::<MountStatus>(older).unwrap(), s2);
 
     // Floats JSON cannot carry never make an answer unreadable.
     s2.psi_some_avg10 = Some(f64::NAN);

@@ -1,16 +1,25 @@
 //! One cached file: its bytes in a memfd (copy mode) or the backing file's
 //! locked page cache (passthrough), loaded from the start by a loader and
 //! readable up to how far the load has come.
+//!
+//! A copy-mode entry's pages are locked (mlock) on top when it is pinned
+//! under `[cache] mlock = true` or a reader class's hook asks for it,
+//! within the pin budget (`budget`). A passthrough entry needs no such
+//! option: locking its pages is how it stays resident at all.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
+use parking_lot::Mutex;
 
+use super::budget::{PinBudget, Settle};
 use super::policy::{EntryId, Key};
 use crate::fs::Stat;
+use crate::size::Bytes;
 
 /// What a cached copy was made from. If the backing file no longer matches
 /// (edited behind the mount, replaced by a rename), the copy is stale.
@@ -83,6 +92,39 @@ impl Drop for LockedPages {
 
 /// Warns once per process that pages cannot be locked.
 static MLOCK_WARNED: AtomicBool = AtomicBool::new(false);
+/// Warns once per process that a pinned entry could not be locked: by
+/// the memory-lock limit, or for want of pin budget.
+static PIN_LOCK_WARNED: AtomicBool = AtomicBool::new(false);
+static BUDGET_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Why a copy-mode entry's pages should be locked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockReason {
+    /// Pinned, with `[cache] mlock = true`.
+    Pin,
+    /// Opened by a reader class whose hook has `mlock = true`.
+    Reader,
+}
+
+/// An entry's share of the pin budget, given back when dropped: after its
+/// pages were unlocked, or with the entry (whose mapping, dropped first,
+/// unlocks them).
+struct Grant {
+    budget: Arc<Mutex<PinBudget>>,
+    id: EntryId,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.budget.lock().release(self.id);
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: no arguments.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(4096).max(1)
+}
 
 pub struct Entry {
     pub id: EntryId,
@@ -98,6 +140,15 @@ pub struct Entry {
     /// Set when the file changed: open handles stop reading these bytes and
     /// go to the backing file.
     stale: AtomicBool,
+    /// Reasons to lock a copy-mode entry's pages (`LockReason`).
+    lock_for_pin: AtomicBool,
+    lock_for_reader: AtomicBool,
+    /// Whether the pages are locked, readable while `lock` is held (by a
+    /// loader in a long mlock).
+    locked: AtomicBool,
+    /// Held while its pages are locked. After `storage`, so that dropping
+    /// the entry unmaps (unlocks) before the budget is given back.
+    lock: Mutex<Option<Grant>>,
 }
 
 impl Entry {
@@ -153,6 +204,10 @@ impl Entry {
             loaded: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
             stale: AtomicBool::new(false),
+            lock_for_pin: AtomicBool::new(false),
+            lock_for_reader: AtomicBool::new(false),
+            locked: AtomicBool::new(false),
+            lock: Mutex::new(None),
         }
     }
 
@@ -285,6 +340,102 @@ impl Entry {
             self.loaded.store(done, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Sets or clears one reason to lock the pages; returns whether that
+    /// changed it. `settle_lock` then locks or unlocks.
+    pub fn want_lock(&self, reason: LockReason, on: bool) -> bool {
+        let flag = match reason {
+            LockReason::Pin => &self.lock_for_pin,
+            LockReason::Reader => &self.lock_for_reader,
+        };
+        flag.swap(on, Ordering::Relaxed) != on
+    }
+
+    /// Whether its pages are locked within the pin budget.
+    pub fn is_locked(&self) -> bool {
+        self.locked.load(Ordering::Relaxed)
+    }
+
+    /// Locks or unlocks a copy-mode entry's pages as its reasons say:
+    /// locked once fully loaded while a reason stands, within `budget`.
+    /// Slow for a large file (the kernel walks every page): the loader
+    /// threads call it, never a FUSE thread. Passthrough entries are left
+    /// alone (all their pages are locked already).
+    ///
+    /// Neither a failed mlock nor a spent budget is an error: the entry
+    /// stays cached, unlocked, and the first of each is a warning saying
+    /// what to raise.
+    pub fn settle_lock(&self, budget: &Arc<Mutex<PinBudget>>) {
+        let Storage::Memfd { map, .. } = &self.storage else {
+            return;
+        };
+        let mut held = self.lock.lock();
+        let wanted = (self.lock_for_pin.load(Ordering::Relaxed)
+            || self.lock_for_reader.load(Ordering::Relaxed))
+            && self.is_complete()
+            && !self.is_cancelled();
+        let bytes = self.size().next_multiple_of(page_size());
+        let decision = budget.lock().settle(self.id, bytes, wanted);
+        let (ptr, len) = (map.as_ptr().cast::<libc::c_void>(), map.len());
+        match decision {
+            Settle::Keep => {}
+            Settle::OverBudget => {
+                let (limit, granted) = {
+                    let b = budget.lock();
+                    (b.limit(), b.granted())
+                };
+                let message = format!(
+                    "not locking {} ({}) in RAM: the pin budget of {} (pin_budget, or the \
+                     memory-lock limit if lower) has {} locked already; it stays cached, \
+                     unlocked. Raise pin_budget, or LimitMEMLOCK= in the systemd unit",
+                    self.name,
+                    Bytes(self.size()),
+                    Bytes(limit),
+                    Bytes(granted)
+                );
+                if BUDGET_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::info!("{message}");
+                } else {
+                    tracing::warn!("{message}");
+                }
+            }
+            Settle::Lock => {
+                let grant = Grant {
+                    budget: budget.clone(),
+                    id: self.id,
+                };
+                // SAFETY: locking our own mapping of the sealed memfd.
+                if unsafe { libc::mlock(ptr, len) } != 0 {
+                    let err = io::Error::last_os_error();
+                    // SAFETY: as above; undoes whatever part got locked.
+                    unsafe { libc::munlock(ptr, len) };
+                    drop(grant);
+                    let message = format!(
+                        "cannot lock {} in RAM ({err}); it stays cached, unlocked. Raise the \
+                         memory-lock limit: LimitMEMLOCK=infinity in the systemd unit, or \
+                         memlock in /etc/security/limits.conf",
+                        self.name
+                    );
+                    if PIN_LOCK_WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::debug!("{message}");
+                    } else {
+                        tracing::warn!("{message}");
+                    }
+                    return;
+                }
+                *held = Some(grant);
+                self.locked.store(true, Ordering::Relaxed);
+                tracing::info!("locked {} ({}) in RAM", self.name, Bytes(self.size()));
+            }
+            Settle::Unlock => {
+                // SAFETY: unlocking our own mapping.
+                unsafe { libc::munlock(ptr, len) };
+                *held = None;
+                self.locked.store(false, Ordering::Relaxed);
+                tracing::info!("unlocked {} ({})", self.name, Bytes(self.size()));
+            }
+        }
     }
 
     /// After a complete load whose identity still matches: a memfd is

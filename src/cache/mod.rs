@@ -4,6 +4,7 @@
 //! memfd; this module ties them together under one lock and runs the loader
 //! pool. Readers hold a `CacheRef` per open file, writers a `WriteGuard`.
 
+pub mod budget;
 pub mod entry;
 pub mod policy;
 pub mod pressure;
@@ -15,13 +16,14 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
-pub use entry::{Entry, Identity};
+use budget::PinBudget;
+pub use entry::{Entry, Identity, LockReason};
 use policy::{Admission, EntryId, EvictReason, Key, Policy};
 
 use crate::size::Bytes;
@@ -60,6 +62,10 @@ pub struct CacheConfig {
     pub min_available: u64,
     /// Which entry goes first when room is needed.
     pub eviction: policy::Eviction,
+    /// Lock pinned files' pages in RAM (copy mode; see `budget`).
+    pub mlock: bool,
+    /// The most bytes locked in RAM; `None`: only RLIMIT_MEMLOCK limits it.
+    pub pin_budget: Option<u64>,
 }
 
 impl CacheConfig {
@@ -72,8 +78,20 @@ impl CacheConfig {
             admit_on_open: true,
             min_available: 0,
             eviction: policy::Eviction::Lru,
+            mlock: false,
+            pin_budget: None,
         }
     }
+}
+
+/// What a reader's open asks of the cache besides serving it: its class's
+/// hooks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReaderHold {
+    /// Keep the file cached while open, and this long after the last close.
+    pub protect: Option<Duration>,
+    /// Lock the file's pages in RAM, within the pin budget.
+    pub lock: bool,
 }
 
 struct State {
@@ -117,6 +135,8 @@ struct Shared {
     mem_available: AtomicU64,
     loads: LoadCounters,
     pressure_events: AtomicU64,
+    /// Bytes of copy-mode entries locked in RAM, and how many may be.
+    budget: Arc<Mutex<PinBudget>>,
     state: Mutex<State>,
 }
 
@@ -163,6 +183,8 @@ pub struct CacheRef {
     entry: Arc<Entry>,
     /// The entry was fully loaded when the file was opened.
     hit: bool,
+    /// The reader protects the entry: for this long after it closes.
+    protect: Option<Duration>,
 }
 
 impl CacheRef {
@@ -178,7 +200,14 @@ impl CacheRef {
 
 impl Drop for CacheRef {
     fn drop(&mut self) {
-        self.shared.state.lock().policy.close(self.entry.id);
+        let mut state = self.shared.state.lock();
+        state.policy.close(self.entry.id);
+        if let Some(grace) = self.protect {
+            let now = Instant::now();
+            state
+                .policy
+                .unprotect(self.entry.id, now.checked_add(grace).unwrap_or(now));
+        }
     }
 }
 
@@ -220,6 +249,10 @@ pub struct EntryStatus {
     pub size: u64,
     pub loaded: u64,
     pub pinned: bool,
+    /// Kept by a protecting reader: open, or within the grace after.
+    pub protected: bool,
+    /// Its pages are locked in RAM within the pin budget (copy mode).
+    pub locked: bool,
     /// False: evicted, held until its last handle closes.
     pub resident: bool,
     pub handles: u64,
@@ -231,6 +264,9 @@ pub struct CacheStatus {
     pub max_size: u64,
     pub resident_bytes: u64,
     pub pinned_bytes: u64,
+    pub protected_bytes: u64,
+    /// Bytes locked within the pin budget.
+    pub locked_bytes: u64,
     pub held_bytes: u64,
     pub entries: Vec<EntryStatus>,
     pub evictions: policy::Evictions,
@@ -240,19 +276,23 @@ pub struct CacheStatus {
     pub pressure_events: u64,
 }
 
-struct LoadJob {
-    entry: Arc<Entry>,
-    source: File,
+/// Work for the loader threads.
+enum Job {
+    /// Load a new entry from its backing file.
+    Load { entry: Arc<Entry>, source: File },
+    /// Lock or unlock a loaded entry's pages as its reasons now say.
+    SettleLock(Arc<Entry>),
 }
 
 pub struct Cache {
     shared: Arc<Shared>,
-    loads: Option<Sender<LoadJob>>,
+    loads: Option<Sender<Job>>,
     loaders: Vec<JoinHandle<()>>,
 }
 
 impl Cache {
     pub fn new(config: CacheConfig) -> Self {
+        let lockable = budget::memlock_allowance().min(config.pin_budget.unwrap_or(u64::MAX));
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 policy: Policy::with_eviction(config.max_size, config.eviction),
@@ -266,6 +306,7 @@ impl Cache {
             mem_available: AtomicU64::new(u64::MAX),
             loads: LoadCounters::default(),
             pressure_events: AtomicU64::new(0),
+            budget: Arc::new(Mutex::new(PinBudget::new(lockable))),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let loaders = (0..shared.config.loader_threads.max(1))
@@ -315,12 +356,14 @@ impl Cache {
     /// still matches the backing file, else (admission on open) a new one
     /// whose load is queued (`source` opens the backing file for the
     /// loader). `None` when the file is open for writing, not admitted, or
-    /// no room can be made.
+    /// no room can be made. `hold` is what the reader's class asks for:
+    /// protection from eviction, locked pages.
     pub fn open_for_read(
         &self,
         identity: Identity,
         name: &str,
         source: impl FnOnce() -> io::Result<File>,
+        hold: ReaderHold,
     ) -> Option<CacheRef> {
         let mut state = self.shared.state.lock();
         let (entry, hit) = match self.current(&mut state, identity) {
@@ -334,11 +377,44 @@ impl Cache {
             None => return None,
         };
         state.policy.open(entry.id);
+        if hold.protect.is_some() {
+            state.policy.protect(entry.id);
+        }
+        if hold.lock {
+            // Settled again at every such open: the budget may have room now.
+            self.want_lock(&entry, LockReason::Reader, true, true);
+        }
         Some(CacheRef {
             shared: self.shared.clone(),
             entry,
             hit,
+            protect: hold.protect,
         })
+    }
+
+    /// Sets or clears a reason to lock `entry`'s pages; a loader locks or
+    /// unlocks them (now if it is loaded, else when its load completes).
+    /// `retry`: settle even if the reason stands already.
+    fn want_lock(&self, entry: &Arc<Entry>, reason: LockReason, on: bool, retry: bool) {
+        if (entry.want_lock(reason, on) || retry)
+            && entry.is_complete()
+            && let Some(jobs) = &self.loads
+        {
+            let _ = jobs.send(Job::SettleLock(entry.clone()));
+        }
+    }
+
+    /// Pins or unpins the resident entry `entry`: never evicted for the
+    /// cap, and with `[cache] mlock` its pages locked.
+    fn pin_entry(&self, state: &mut State, entry: &Arc<Entry>, pinned: bool) {
+        let key = entry.identity.key();
+        if pinned {
+            state.policy.pin(key);
+        } else {
+            state.policy.unpin(key);
+        }
+        let lock = pinned && self.shared.config.mlock;
+        self.want_lock(entry, LockReason::Pin, lock, false);
     }
 
     /// Loads a file into the cache without a reader (manifest, `warm`,
@@ -384,6 +460,8 @@ impl Cache {
         if state.writers.contains_key(&key) {
             return None;
         }
+        // Room is made only from what no reader protects any more.
+        state.policy.expire_protection(Instant::now());
         // The same name cached as another inode: the file was replaced
         // behind the mount (a download renamed over it). Its old bytes go.
         let replaced: Vec<Key> = state
@@ -430,9 +508,9 @@ impl Cache {
         };
         state.resident.insert(id, entry.clone());
         if state.pins.contains(name) {
-            state.policy.pin(key);
+            self.pin_entry(state, &entry, true);
         }
-        let job = LoadJob {
+        let job = Job::Load {
             entry: entry.clone(),
             source,
         };
@@ -447,17 +525,13 @@ impl Cache {
     /// become ordinary entries.
     pub fn set_pins(&self, names: HashSet<String>) {
         let mut state = self.shared.state.lock();
-        let entries: Vec<(Key, bool)> = state
+        let entries: Vec<(Arc<Entry>, bool)> = state
             .resident
             .values()
-            .map(|e| (e.identity.key(), names.contains(&e.name)))
+            .map(|e| (e.clone(), names.contains(&e.name)))
             .collect();
-        for (key, pinned) in entries {
-            if pinned {
-                state.policy.pin(key);
-            } else {
-                state.policy.unpin(key);
-            }
+        for (entry, pinned) in entries {
+            self.pin_entry(&mut state, &entry, pinned);
         }
         state.pins = names;
     }
@@ -470,8 +544,10 @@ impl Cache {
     /// Evicts entries in the policy's order until `to_free` bytes are
     /// released or nothing evictable is left; pinned entries only when
     /// `include_pinned` (critical pressure). Returns the bytes released.
+    /// Protected entries count as pinned here.
     pub fn relieve_pressure(&self, to_free: u64, include_pinned: bool) -> u64 {
         let mut state = self.shared.state.lock();
+        state.policy.expire_protection(Instant::now());
         let mut freed = 0;
         while freed < to_free {
             let Some(id) = state.policy.evict_lru_for_pressure(include_pinned) else {
@@ -498,6 +574,7 @@ impl Cache {
     /// What the cache holds now.
     pub fn status(&self) -> CacheStatus {
         let mut state = self.shared.state.lock();
+        state.policy.expire_protection(Instant::now());
         let policy = &state.policy;
         let describe = |entry: &Entry| -> Option<EntryStatus> {
             let info = policy.entry(entry.id)?;
@@ -506,6 +583,8 @@ impl Cache {
                 size: entry.size(),
                 loaded: entry.loaded(),
                 pinned: info.pinned,
+                protected: info.protected(),
+                locked: entry.is_locked(),
                 resident: info.resident,
                 handles: info.handles,
             })
@@ -528,6 +607,8 @@ impl Cache {
             max_size: policy.cap(),
             resident_bytes: policy.resident_bytes(),
             pinned_bytes: policy.pinned_bytes(),
+            protected_bytes: policy.protected_bytes(),
+            locked_bytes: self.shared.budget.lock().granted(),
             held_bytes: policy.held_bytes(),
             entries,
             evictions: policy.evictions(),
@@ -573,17 +654,9 @@ impl Cache {
         } else {
             state.pins.remove(name);
         }
-        let key = state
-            .resident
-            .values()
-            .find(|e| e.name == name)
-            .map(|e| e.identity.key());
-        if let Some(key) = key {
-            if pinned {
-                state.policy.pin(key);
-            } else {
-                state.policy.unpin(key);
-            }
+        let entry = state.resident.values().find(|e| e.name == name).cloned();
+        if let Some(entry) = entry {
+            self.pin_entry(&mut state, &entry, pinned);
         }
     }
 
@@ -637,16 +710,25 @@ impl Drop for Cache {
     }
 }
 
-fn load_loop(jobs: Receiver<LoadJob>, shared: Weak<Shared>) {
+fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
     for job in jobs {
-        let entry = &job.entry;
+        let (entry, source) = match job {
+            Job::Load { entry, source } => (entry, source),
+            Job::SettleLock(entry) => {
+                if let Some(shared) = shared.upgrade() {
+                    entry.settle_lock(&shared.budget);
+                }
+                continue;
+            }
+        };
+        let entry = &entry;
         if entry.is_cancelled() {
             continue;
         }
         let started = Instant::now();
-        let result = entry.load(&job.source, LOAD_CHUNK).and_then(|()| {
+        let result = entry.load(&source, LOAD_CHUNK).and_then(|()| {
             // A change during the load makes the copy stale.
-            let st = crate::fs::backing::stat(std::os::fd::AsFd::as_fd(&job.source))?;
+            let st = crate::fs::backing::stat(std::os::fd::AsFd::as_fd(&source))?;
             if Identity::of(&st) != entry.identity {
                 return Err(io::Error::other("the file changed while loading"));
             }
@@ -668,6 +750,9 @@ fn load_loop(jobs: Receiver<LoadJob>, shared: Weak<Shared>) {
                     Bytes(entry.size()),
                     entry.size() as f64 / secs.max(1e-9) / 1e9
                 );
+                if let Some(shared) = shared.upgrade() {
+                    entry.settle_lock(&shared.budget);
+                }
             }
             Err(_) if entry.is_cancelled() => {}
             Err(e) => {

@@ -9,6 +9,13 @@
 //! *resident* (lookups miss it) but stays charged until its last handle
 //! closes, because its memory is still in use.
 //!
+//! Pinned and *protected* entries are never evicted for room. Protection
+//! comes from readers whose class protects what it reads (GPU readers, by
+//! default): it lasts while such a reader has the entry open and until a
+//! deadline after its last close. The policy reads no clock: the caller
+//! hands it the deadline at each close and the time now to
+//! [`Policy::expire_protection`], before it asks for room.
+//!
 //! Charged bytes only grow in [`Policy::admit`], which checks the sum against
 //! the cap, so no total can overflow; decrements saturate as a backstop.
 //!
@@ -24,6 +31,7 @@
 //! each eviction ages every entry not accessed since.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
 
 use lru::LruCache;
 
@@ -119,6 +127,22 @@ pub struct EntryInfo {
     /// Whether lookups find it. A non-resident entry is kept only while
     /// handles reference it.
     pub resident: bool,
+    /// Open handles of readers that protect it.
+    pub protectors: u64,
+    /// After its last protecting handle closed: protected until then.
+    pub protected_until: Option<Instant>,
+}
+
+impl EntryInfo {
+    /// Resident and protected by a reader: open, or within the grace after.
+    pub fn protected(&self) -> bool {
+        self.resident && (self.protectors > 0 || self.protected_until.is_some())
+    }
+
+    /// Never evicted for room (only pressure may take it).
+    fn kept(&self) -> bool {
+        self.pinned || self.protected()
+    }
 }
 
 /// A resident entry's place in the eviction order: lowest goes first.
@@ -221,7 +245,7 @@ impl Policy {
     /// or not: the caller admits a key again only when the old bytes are
     /// stale. The new entry starts unpinned, with no handles, just accessed.
     ///
-    /// Only unpinned entries without open handles are evicted for room:
+    /// Only entries neither pinned, protected nor open are evicted for room:
     /// evicting an open entry frees nothing until it closes. If the file does
     /// not fit even then, admission is declined and nothing changes.
     pub fn admit(&mut self, key: Key, size: u64) -> Admission {
@@ -255,6 +279,8 @@ impl Policy {
                 pinned: false,
                 handles: 0,
                 resident: true,
+                protectors: 0,
+                protected_until: None,
             },
         );
         self.resident_bytes = self.resident_bytes.saturating_add(size);
@@ -328,6 +354,7 @@ impl Policy {
         self.order.remove(&(rank, id));
         let entry = self.entries.get_mut(&id)?;
         entry.resident = false;
+        entry.protected_until = None;
         self.resident_bytes = self.resident_bytes.saturating_sub(entry.size);
         if entry.pinned {
             entry.pinned = false;
@@ -342,6 +369,44 @@ impl Policy {
         Some(id)
     }
 
+    /// A handle of a protecting reader opened the entry (counted besides
+    /// [`Policy::open`]). Returns false if the entry is released.
+    pub fn protect(&mut self, id: EntryId) -> bool {
+        match self.entries.get_mut(&id) {
+            Some(entry) => {
+                entry.protectors = entry.protectors.saturating_add(1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A protecting handle closed. When it was the entry's last, the entry
+    /// stays protected until `until` (or a later deadline it already had).
+    /// Unknown entries and unmatched calls change nothing and return false.
+    pub fn unprotect(&mut self, id: EntryId, until: Instant) -> bool {
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return false;
+        };
+        let Some(protectors) = entry.protectors.checked_sub(1) else {
+            return false;
+        };
+        entry.protectors = protectors;
+        if protectors == 0 && entry.resident {
+            entry.protected_until = Some(entry.protected_until.map_or(until, |t| t.max(until)));
+        }
+        true
+    }
+
+    /// Ends the protection whose deadline is `now` or earlier.
+    pub fn expire_protection(&mut self, now: Instant) {
+        for entry in self.entries.values_mut() {
+            if entry.protectors == 0 && entry.protected_until.is_some_and(|t| t <= now) {
+                entry.protected_until = None;
+            }
+        }
+    }
+
     /// Shorthand for `evict(key, EvictReason::Invalidated)`.
     pub fn invalidate(&mut self, key: Key) -> Option<EntryId> {
         self.evict(key, EvictReason::Invalidated)
@@ -350,19 +415,20 @@ impl Policy {
     /// Evicts one entry to relieve memory pressure and returns it, or `None`
     /// if there is nothing to evict.
     ///
-    /// Unpinned entries go first, and among them those without open handles,
-    /// whose bytes are freed at once; each group in the policy's eviction
-    /// order, which is least recently used first only under LRU. Pinned
-    /// entries go only when `include_pinned`, after every unpinned one.
+    /// Entries neither pinned nor protected go first, and among them those
+    /// without open handles, whose bytes are freed at once; each group in
+    /// the policy's eviction order, which is least recently used first only
+    /// under LRU. Pinned and protected entries go only when
+    /// `include_pinned`, after every other.
     pub fn evict_lru_for_pressure(&mut self, include_pinned: bool) -> Option<EntryId> {
         let victim = self
             .order
             .iter()
             .filter_map(|(_, id)| self.entries.get(id))
-            .filter(|entry| include_pinned || !entry.pinned)
+            .filter(|entry| include_pinned || !entry.kept())
             // The first of equals is kept: the first in eviction order.
-            .min_by_key(|entry| (entry.pinned, entry.handles > 0))
-            .map(|entry| (entry.key, entry.pinned || entry.handles > 0));
+            .min_by_key(|entry| (entry.kept(), entry.handles > 0))
+            .map(|entry| (entry.key, entry.kept() || entry.handles > 0));
         let (key, out_of_order) = victim?;
         if out_of_order {
             // Not GreedyDual's choice: it must not age the entries that
@@ -381,8 +447,9 @@ impl Policy {
     /// admission would, until the charged bytes fit. Returns the evicted
     /// entries.
     ///
-    /// Pinned and open entries stay, so the charged bytes may remain over a
-    /// lowered cap; admission then declines until enough is released.
+    /// Pinned, protected and open entries stay, so the charged bytes may
+    /// remain over a lowered cap; admission then declines until enough is
+    /// released.
     pub fn set_cap(&mut self, cap: u64) -> Vec<EntryId> {
         self.cap = cap;
         let (victims, _) = self.plan_room(0, None);
@@ -403,6 +470,13 @@ impl Policy {
 
     pub fn pinned_bytes(&self) -> u64 {
         self.pinned_bytes
+    }
+
+    /// Bytes of resident entries that readers protect (pinned or not).
+    pub fn protected_bytes(&self) -> u64 {
+        self.resident_entries()
+            .filter(EntryInfo::protected)
+            .fold(0, |sum, entry| sum.saturating_add(entry.size))
     }
 
     /// Bytes of evicted entries that open handles still reference.
@@ -489,7 +563,7 @@ impl Policy {
             let Some(entry) = self.entries.get(id) else {
                 continue;
             };
-            if entry.pinned || entry.handles > 0 || Some(*id) == replaced {
+            if entry.kept() || entry.handles > 0 || Some(*id) == replaced {
                 continue;
             }
             charged = charged.saturating_sub(entry.size);
@@ -812,6 +886,69 @@ mod tests {
         assert_eq!(resident_keys(&policy), [(2, 1), D, C]);
     }
 
+    #[test]
+    fn protected_entries_stay_while_open_and_for_the_grace_after() {
+        let t0 = Instant::now();
+        let secs = |n| t0 + std::time::Duration::from_secs(n);
+        let mut policy = Policy::new(20);
+        let (a, _) = admitted(policy.admit(A, 10));
+        assert!(policy.open(a) && policy.protect(a));
+        admitted(policy.admit(B, 10));
+        assert_eq!(policy.protected_bytes(), 10);
+
+        // Open and protected: C cannot take A's place, only B's.
+        let (_, evicted) = admitted(policy.admit(C, 10));
+        assert_eq!(resident_keys(&policy), [C, A]);
+        assert_eq!(evicted.len(), 1);
+
+        // Closed: protected until 60 s later, not evicted for room.
+        assert!(!policy.close(a), "resident: nothing released");
+        assert!(policy.unprotect(a, secs(60)));
+        assert!(!policy.unprotect(a, secs(60)), "one protector only");
+        policy.expire_protection(secs(59));
+        assert!(policy.entry(a).unwrap().protected());
+        let (_, evicted) = admitted(policy.admit(D, 10));
+        assert_eq!(resident_keys(&policy), [D, A], "C went, A stayed");
+        assert_eq!(evicted.len(), 1);
+        // Not for pressure either, unless pinned ones may go too.
+        let before = policy.resident_entries().count();
+        assert!(policy.evict_lru_for_pressure(false).is_some());
+        assert_eq!(policy.resident_entries().count(), before - 1);
+        assert_eq!(resident_keys(&policy), [A]);
+        assert_eq!(policy.evict_lru_for_pressure(false), None);
+
+        // After the grace, evictable again.
+        policy.expire_protection(secs(60));
+        assert!(!policy.entry(a).unwrap().protected());
+        assert_eq!(policy.protected_bytes(), 0);
+        admitted(policy.admit(B, 10));
+        let (_, evicted) = admitted(policy.admit(C, 10));
+        assert_eq!(evicted, [a]);
+    }
+
+    #[test]
+    fn a_later_deadline_wins_and_an_open_protector_outlasts_any_deadline() {
+        let t0 = Instant::now();
+        let secs = |n| t0 + std::time::Duration::from_secs(n);
+        let mut policy = Policy::new(100);
+        let (a, _) = admitted(policy.admit(A, 10));
+        policy.protect(a);
+        policy.protect(a);
+        policy.unprotect(a, secs(100));
+        policy.expire_protection(secs(1000));
+        assert!(policy.entry(a).unwrap().protected(), "still one open");
+        policy.unprotect(a, secs(50));
+        policy.protect(a);
+        policy.unprotect(a, secs(10));
+        policy.expire_protection(secs(49));
+        assert!(
+            policy.entry(a).unwrap().protected(),
+            "the later deadline holds"
+        );
+        policy.expire_protection(secs(50));
+        assert!(!policy.entry(a).unwrap().protected());
+    }
+
     /// A deterministic pseudo-random stream (SplitMix64).
     struct SplitMix(u64);
 
@@ -911,6 +1048,12 @@ mod properties {
         Close(usize),
         SetCap(u64),
         SetEviction(Eviction),
+        /// A protecting handle opens the picked entry.
+        Protect(usize),
+        /// One closes, protecting it for this many seconds more.
+        Unprotect(usize, u64),
+        /// Time passes by this many seconds; expired protection ends.
+        Tick(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -928,6 +1071,9 @@ mod properties {
             3 => any::<usize>().prop_map(Op::Close),
             1 => (0..=120u64).prop_map(|cap| Op::SetCap(cap * STEP)),
             1 => eviction.prop_map(Op::SetEviction),
+            2 => any::<usize>().prop_map(Op::Protect),
+            2 => (any::<usize>(), 0..20u64).prop_map(|(i, grace)| Op::Unprotect(i, grace)),
+            1 => (0..15u64).prop_map(Op::Tick),
         ]
     }
 
@@ -950,6 +1096,9 @@ mod properties {
         issued: Vec<EntryId>,
         released: HashSet<EntryId>,
         evictions: Evictions,
+        /// The clock handed to the policy: `start` plus `now` seconds.
+        start: std::time::Instant,
+        now: u64,
     }
 
     impl Model {
@@ -964,7 +1113,13 @@ mod properties {
                 issued: Vec::new(),
                 released: HashSet::new(),
                 evictions: Evictions::default(),
+                start: std::time::Instant::now(),
+                now: 0,
             }
+        }
+
+        fn instant(&self, secs: u64) -> std::time::Instant {
+            self.start + std::time::Duration::from_secs(secs)
         }
 
         fn resident(&self, key: Key) -> Option<EntryId> {
@@ -1017,6 +1172,7 @@ mod properties {
             let entry = self.live.get_mut(&id).unwrap();
             entry.resident = false;
             entry.pinned = false;
+            entry.protected_until = None;
             if entry.handles == 0 {
                 self.release(id);
             }
@@ -1029,8 +1185,8 @@ mod properties {
             self.evicted(id, reason);
         }
 
-        /// The specification of making room: evict unpinned, unopened
-        /// entries in eviction order until `size` more fits.
+        /// The specification of making room: evict entries neither pinned,
+        /// protected nor open, in eviction order, until `size` more fits.
         fn plan(&self, size: u64, replaced: Option<EntryId>) -> (Vec<EntryId>, bool) {
             let mut charged = self.charged();
             if let Some(old) = replaced
@@ -1044,7 +1200,8 @@ mod properties {
                     break;
                 }
                 let entry = &self.live[&id];
-                if !entry.pinned && entry.handles == 0 && Some(id) != replaced {
+                let protected = entry.protectors > 0 || entry.protected_until.is_some();
+                if !entry.pinned && !protected && entry.handles == 0 && Some(id) != replaced {
                     charged -= entry.size;
                     victims.push(id);
                 }
@@ -1056,6 +1213,7 @@ mod properties {
             for victim in victims {
                 let entry = &self.live[victim];
                 assert!(!entry.pinned, "evicted a pin for room");
+                assert!(!entry.protected(), "evicted a protected entry for room");
                 assert_eq!(entry.handles, 0, "evicted an open entry for room");
             }
         }
@@ -1105,6 +1263,8 @@ mod properties {
                             pinned: false,
                             handles: 0,
                             resident: true,
+                            protectors: 0,
+                            protected_until: None,
                         };
                         model.live.insert(id, entry);
                         model.touch(id);
@@ -1150,14 +1310,14 @@ mod properties {
                     .order()
                     .into_iter()
                     .map(|id| model.live[&id])
-                    .filter(|entry| include_pinned || !entry.pinned)
-                    .min_by_key(|entry| (entry.pinned, entry.handles > 0));
+                    .filter(|entry| include_pinned || !entry.kept())
+                    .min_by_key(|entry| (entry.kept(), entry.handles > 0));
                 assert_eq!(
                     policy.evict_lru_for_pressure(include_pinned),
                     expected.map(|entry| entry.id)
                 );
                 match expected {
-                    Some(entry) if entry.pinned || entry.handles > 0 => {
+                    Some(entry) if entry.kept() || entry.handles > 0 => {
                         model.evicted(entry.id, EvictReason::Pressure);
                     }
                     Some(entry) => model.evicted_in_order(entry.id, EvictReason::Pressure),
@@ -1194,6 +1354,39 @@ mod properties {
                     model.evicted_in_order(victim, EvictReason::Cap);
                 }
             }
+            Op::Protect(index) => {
+                let id = model.pick(index);
+                assert_eq!(policy.protect(id), model.live.contains_key(&id));
+                if let Some(entry) = model.live.get_mut(&id) {
+                    entry.protectors += 1;
+                }
+            }
+            Op::Unprotect(index, grace) => {
+                let id = model.pick(index);
+                let until = model.instant(model.now + grace);
+                let mut done = false;
+                if let Some(entry) = model.live.get_mut(&id)
+                    && entry.protectors > 0
+                {
+                    done = true;
+                    entry.protectors -= 1;
+                    if entry.protectors == 0 && entry.resident {
+                        entry.protected_until =
+                            Some(entry.protected_until.map_or(until, |t| t.max(until)));
+                    }
+                }
+                assert_eq!(policy.unprotect(id, until), done);
+            }
+            Op::Tick(secs) => {
+                model.now += secs;
+                let now = model.instant(model.now);
+                policy.expire_protection(now);
+                for entry in model.live.values_mut() {
+                    if entry.protectors == 0 && entry.protected_until.is_some_and(|t| t <= now) {
+                        entry.protected_until = None;
+                    }
+                }
+            }
             Op::SetEviction(eviction) => {
                 policy.set_eviction(eviction);
                 if model.eviction != eviction {
@@ -1219,6 +1412,7 @@ mod properties {
         assert_eq!(policy.resident_bytes(), sum(|entry| entry.resident));
         assert_eq!(policy.held_bytes(), sum(|entry| !entry.resident));
         assert_eq!(policy.pinned_bytes(), sum(|entry| entry.pinned));
+        assert_eq!(policy.protected_bytes(), sum(EntryInfo::protected));
         assert_eq!(policy.cap(), model.cap);
         assert_eq!(policy.eviction(), model.eviction);
         assert_eq!(policy.evictions(), model.evictions);

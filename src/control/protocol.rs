@@ -98,6 +98,13 @@ pub struct MountStatus {
     pub cached_bytes: u64,
     /// Of which pinned.
     pub pinned_bytes: u64,
+    /// Of which protected by a reader (open by a protecting class, or
+    /// within the grace after).
+    #[serde(default)]
+    pub protected_bytes: u64,
+    /// Bytes locked in RAM with mlock within the pin budget (copy mode).
+    #[serde(default)]
+    pub locked_bytes: u64,
     /// Bytes of evicted files still held by open handles (counted against
     /// the cap until their last close).
     pub held_bytes: u64,
@@ -120,6 +127,10 @@ pub struct FileStatus {
     /// Bytes in RAM: `size` once loaded.
     pub loaded_bytes: u64,
     pub pinned: bool,
+    /// Kept by a protecting reader (`[hooks.CLASS] protect`): open by one,
+    /// or within the grace after; not evicted for room meanwhile.
+    #[serde(default)]
+    pub protected: bool,
     /// Opens served from the cache.
     pub hits: u64,
     /// Bytes read from the cache's memory.

@@ -21,7 +21,8 @@ pub fn ago(then: Option<u64>, now: u64) -> String {
     }
 }
 
-/// A file's state: `cached`, `pinned`, `evicted`, or `loading 37%`.
+/// A file's state: `cached`, `pinned`, `protected` (cached and kept by a
+/// GPU reader), `evicted`, or `loading 37%`.
 pub fn state_label(f: &FileStatus) -> String {
     match f.state {
         FileState::Loading => {
@@ -29,6 +30,7 @@ pub fn state_label(f: &FileStatus) -> String {
                 ratio(f.loaded_bytes.min(f.size) as f64 * 100.0, f.size as f64).unwrap_or(0.0);
             format!("loading {}%", pct.floor() as u64)
         }
+        FileState::Cached if f.protected => "protected".into(),
         s => s.as_str().to_string(),
     }
 }
@@ -58,9 +60,17 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
         s.backing,
         s.mode.as_str()
     );
+    // Shown only when in use: most mounts protect nothing and lock nothing.
+    let mut kept = String::new();
+    if s.protected_bytes > 0 {
+        let _ = write!(kept, ", protected {}", Bytes(s.protected_bytes));
+    }
+    if s.locked_bytes > 0 {
+        let _ = write!(kept, ", locked {}", Bytes(s.locked_bytes));
+    }
     let _ = writeln!(
         out,
-        "  cache   cap {}, cached {}, pinned {}, held by open files {}",
+        "  cache   cap {}, cached {}, pinned {}{kept}, held by open files {}",
         Bytes(s.max_size),
         Bytes(s.cached_bytes),
         Bytes(s.pinned_bytes),
@@ -208,6 +218,8 @@ mod tests {
             max_size: 48 * gib,
             cached_bytes: 27 * gib,
             pinned_bytes: 26 * gib,
+            protected_bytes: 0,
+            locked_bytes: 0,
             held_bytes: 0,
             mem_available: 30 * gib,
             psi_some_avg10: Some(0.25),
@@ -218,6 +230,7 @@ mod tests {
                     state: FileState::Loading,
                     loaded_bytes: 376,
                     pinned: false,
+                    protected: false,
                     hits: 0,
                     bytes_from_ram: 0,
                     last_access: None,
@@ -231,6 +244,7 @@ mod tests {
                     state: FileState::Pinned,
                     loaded_bytes: 13 * gib,
                     pinned: true,
+                    protected: false,
                     hits: 12,
                     bytes_from_ram: 160 * gib,
                     last_access: Some(1_000_000 - 12),
@@ -335,5 +349,28 @@ mod tests {
         assert!(text.contains("PSI some avg10 n/a"), "{text}");
         assert!(text.contains("opens      none"), "{text}");
         assert!(text.contains("loads      0, 0 B in 0.0 s\n"), "{text}");
+    }
+
+    #[test]
+    fn protected_and_locked_files_show_only_when_there_are_some() {
+        let mut s = sample();
+        let text = render_status(&s, 1_000_000);
+        assert!(
+            !text.contains("protected") && !text.contains("locked"),
+            "{text}"
+        );
+        let gib = 1u64 << 30;
+        s.files[0].state = FileState::Cached;
+        s.files[0].protected = true;
+        s.protected_bytes = 13 * gib;
+        s.locked_bytes = 2 * gib;
+        assert_eq!(state_label(&s.files[0]), "protected");
+        s.files[1].protected = true;
+        assert_eq!(state_label(&s.files[1]), "pinned", "a pin shows as a pin");
+        let text = render_status(&s, 1_000_000);
+        assert!(
+            text.contains("pinned 26.0 GiB, protected 13.0 GiB, locked 2.0 GiB, held"),
+            "{text}"
+        );
     }
 }

@@ -18,8 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::cache::{Cache, CacheRef, Identity, WriteGuard};
+use crate::cache::{Cache, CacheRef, Identity, ReaderHold, WriteGuard};
+use crate::gpu::hooks::CommandRunner;
 use crate::gpu::{Classifier, ReaderClass};
+use crate::manifest::Hooks;
 use crate::stats::Stats;
 pub use backing::{Stat, TimeSpec};
 use creds::ActingAs;
@@ -133,11 +135,16 @@ pub struct Overlay {
     cache: Arc<Cache>,
     /// The backing directory's path, to name files relative to it.
     root_path: std::path::PathBuf,
-    /// Told the relative path of every cacheable file opened for reading
-    /// (the manifest's groups warm the rest of a group).
+    /// Told the relative path of cacheable files opened for reading by a
+    /// class whose hook has `warm_group` (the manifest's groups warm the
+    /// rest of a group).
     on_cacheable_open: std::sync::OnceLock<OpenHook>,
     stats: Stats,
     classifier: Classifier,
+    /// What opens by each class of reader do (the manifest's hooks).
+    hooks: RwLock<Arc<Hooks>>,
+    /// Runs `exec` hooks; none until `start_hooks`.
+    commands: std::sync::OnceLock<CommandRunner>,
 }
 
 /// Told the relative path of a cacheable file opened for reading.
@@ -176,7 +183,23 @@ impl Overlay {
             on_cacheable_open: std::sync::OnceLock::new(),
             stats: Stats::default(),
             classifier: Classifier::default(),
+            hooks: RwLock::new(Arc::new(Hooks::default())),
+            commands: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Applies `hooks` from now on and runs their `exec` commands, which
+    /// see the mount as `mountpoint` (once; `set_hooks` replaces the hooks
+    /// later).
+    pub fn start_hooks(&self, hooks: Hooks, mountpoint: std::path::PathBuf) {
+        self.set_hooks(hooks);
+        let _ = self.commands.set(CommandRunner::start(mountpoint));
+    }
+
+    /// Replaces the hooks (a reloaded manifest). Files already protected
+    /// stay so for the grace they were given.
+    pub fn set_hooks(&self, hooks: Hooks) {
+        *self.hooks.write() = Arc::new(hooks);
     }
 
     pub fn cache(&self) -> &Cache {
@@ -428,15 +451,30 @@ impl Overlay {
                 .cache
                 .is_cacheable(OsStr::new(&name), st.st_size as u64);
         let (cached, counted) = if cacheable {
-            if let Some(hook) = self.on_cacheable_open.get() {
-                hook(&name);
+            // Classification reads /proc and never fails: an unreadable
+            // process is a CPU reader.
+            let reader = self.classifier.classify(pid);
+            let hooks = self.hooks.read().clone();
+            let hook = hooks.get(reader.class);
+            if hook.warm_group
+                && let Some(warm_group) = self.on_cacheable_open.get()
+            {
+                warm_group(&name);
             }
+            let hold = ReaderHold {
+                protect: hook.protect.then_some(hook.grace),
+                lock: hook.mlock,
+            };
             let source = || backing::reopen(node.fd(), libc::O_RDONLY);
-            let cached = self.cache.open_for_read(Identity::of(&st), &name, source);
+            let cached = self
+                .cache
+                .open_for_read(Identity::of(&st), &name, source, hold);
             let hit = cached.as_ref().is_some_and(|c| c.hit());
-            let class = self.classifier.classify(pid);
-            self.stats.opened(&name, class, hit);
-            (cached, Some((Arc::from(name.as_str()), class)))
+            self.stats.opened(&name, reader.class, hit);
+            if let (Some(argv), Some(commands)) = (&hook.exec, self.commands.get()) {
+                commands.first_open(&name, reader, argv, hook.timeout);
+            }
+            (cached, Some((Arc::from(name.as_str()), reader.class)))
         } else {
             (None, None)
         };
