@@ -19,25 +19,6 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn modelcache(args: &[&str]) -> std::process::Output {
-    Command::new(bin()).args(args).output().unwrap()
-}
-
-/// `modelcache status MOUNT --json`: the mount's object.
-fn status(mnt: &Path) -> Value {
-    let out = modelcache(&["status", mnt.to_str().unwrap(), "--json"]);
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["version"], 1);
-    let mounts = v["mounts"].as_array().unwrap();
-    assert_eq!(mounts.len(), 1, "{v}");
-    mounts[0].clone()
-}
-
 fn file<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
     status["files"]
         .as_array()
@@ -49,7 +30,7 @@ fn file<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
 fn wait_state(mnt: &Path, path: &str, state: &str) -> Value {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let s = status(mnt);
+        let s = mount_status(mnt);
         if file(&s, path).is_some_and(|f| f["state"] == state) {
             return s;
         }
@@ -88,7 +69,7 @@ fn status_follows_a_file_from_loading_to_cached_with_its_counters() {
         String::from_utf8_lossy(&run.stderr)
     );
     let small = File::open(m.path("small.safetensors")).unwrap();
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     assert_eq!(s["mode"], "passthrough");
     assert_eq!(file(&s, "small.safetensors").unwrap()["state"], "loading");
     let s = wait_state(&mnt, "small.safetensors", "cached");
@@ -104,7 +85,7 @@ fn status_follows_a_file_from_loading_to_cached_with_its_counters() {
     // A second open is a hit; the table says so too.
     let again = File::open(m.path("small.safetensors")).unwrap();
     wait_state(&mnt, "big.safetensors", "cached");
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     assert_eq!(file(&s, "small.safetensors").unwrap()["hits"], 1);
     assert_eq!(s["counters"]["file_hits"], 1);
     assert_eq!(s["counters"]["loads"], 2);
@@ -129,11 +110,11 @@ fn copy_mode_counts_bytes_served_from_ram() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     assert_eq!(s["mode"], "copy");
     assert_eq!(file(&s, "a.safetensors").unwrap()["state"], "cached");
     assert!(read_all(&m.path("a.safetensors")) == pseudo_random(32 << 20, 3));
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     assert_eq!(
         file(&s, "a.safetensors").unwrap()["bytes_from_ram"],
         32 * MIB
@@ -173,7 +154,7 @@ fn warm_evict_pin_unpin_and_reload_work_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     for p in ["sub/a.safetensors", "sub/b.gguf"] {
         assert_eq!(file(&s, p).unwrap()["state"], "cached", "{s:#}");
     }
@@ -181,16 +162,16 @@ fn warm_evict_pin_unpin_and_reload_work_end_to_end() {
 
     // pin, then evict: a pinned file is evicted on request too.
     ok(&["pin", m.path("sub/a.safetensors").to_str().unwrap()]);
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     assert_eq!(file(&s, "sub/a.safetensors").unwrap()["state"], "pinned");
     assert_eq!(s["pinned_bytes"], 32 * MIB);
     ok(&["unpin", m.path("sub/a.safetensors").to_str().unwrap()]);
     assert_eq!(
-        file(&status(&mnt), "sub/a.safetensors").unwrap()["state"],
+        file(&mount_status(&mnt), "sub/a.safetensors").unwrap()["state"],
         "cached"
     );
     ok(&["evict", m.path("sub/b.gguf").to_str().unwrap()]);
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     assert!(file(&s, "sub/b.gguf").is_none(), "{s:#}");
     assert_eq!(s["counters"]["evictions"]["manual"], 1);
 
@@ -290,7 +271,7 @@ fn two_mounts_keep_separate_sockets_and_numbers() {
     assert_ne!(socket_of(&a), socket_of(&b));
     read_all(&a.path("one.safetensors"));
     wait_state(&m1, "one.safetensors", "cached");
-    let (s1, s2) = (status(&m1), status(&m2));
+    let (s1, s2) = (mount_status(&m1), mount_status(&m2));
     assert_eq!(s1["counters"]["file_misses"], 1, "{s1:#}");
     assert_eq!(s2["counters"]["file_misses"], 0);
     assert_eq!(s1["cached_bytes"], 8 * MIB);
@@ -332,7 +313,7 @@ fn status_answers_during_heavy_reads() {
             .map(|_| {
                 s.spawn(|| {
                     for _ in 0..10 {
-                        let s = status(&mnt);
+                        let s = mount_status(&mnt);
                         assert_eq!(s["mode"], "copy");
                     }
                 })

@@ -123,22 +123,6 @@ impl Drop for Helper {
     }
 }
 
-fn modelcache(args: &[&str]) -> std::process::Output {
-    Command::new(bin()).args(args).output().unwrap()
-}
-
-/// `modelcache status MOUNT --json`: the mount's object.
-fn status(mnt: &Path) -> Value {
-    let out = modelcache(&["status", mnt.to_str().unwrap(), "--json"]);
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["mounts"][0].clone()
-}
-
 fn file<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
     status["files"]
         .as_array()
@@ -151,7 +135,7 @@ fn file<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
 fn wait_status(m: &Mounted, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let s = status(&m.mountpoint);
+        let s = mount_status(&m.mountpoint);
         if done(&s) {
             return s;
         }
@@ -262,7 +246,7 @@ fn a_process_mapping_libcudart_is_a_cuda_reader_whose_file_outlasts_cap_pressure
     // Under cap pressure while the CUDA reader holds it open: the others go.
     read_and_close(&m, "a.safetensors", 2);
     read_and_close(&m, "b.safetensors", 3);
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     assert!(cached(&s, "gpu.safetensors"), "{s:#}");
     assert!(cached(&s, "b.safetensors"), "{s:#}");
     assert!(!cached(&s, "a.safetensors"), "{s:#}");
@@ -274,7 +258,7 @@ fn a_process_mapping_libcudart_is_a_cuda_reader_whose_file_outlasts_cap_pressure
         file(s, "gpu.safetensors").is_some_and(|f| f["open_handles"] == 0)
     });
     read_and_close(&m, "a.safetensors", 2);
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     assert!(
         closed.elapsed() < grace,
         "too slow to check within the grace ({:?})",
@@ -291,7 +275,7 @@ fn a_process_mapping_libcudart_is_a_cuda_reader_whose_file_outlasts_cap_pressure
     });
     assert!(closed.elapsed() >= grace - Duration::from_millis(100));
     read_and_close(&m, "b.safetensors", 3);
-    let s = status(&mnt);
+    let s = mount_status(&mnt);
     assert!(!cached(&s, "gpu.safetensors"), "{s:#}");
     assert!(cached(&s, "a.safetensors") && cached(&s, "b.safetensors"));
     assert_eq!(s["protected_bytes"], 0);
@@ -445,7 +429,7 @@ fn pins_and_mlock_hooks_lock_pages_within_the_pin_budget() {
         &m,
         "not locking other.safetensors (24.0 MiB) in RAM: the pin budget of 40.0 MiB",
     );
-    assert_eq!(status(&mnt)["locked_bytes"], 24 * MIB);
+    assert_eq!(mount_status(&mnt)["locked_bytes"], 24 * MIB);
     assert!(locked_bytes(m.pid()) < 48 * MIB);
 
     // Unpinned: unlocked, which leaves room for the other's next open.

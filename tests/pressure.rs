@@ -6,62 +6,15 @@
 mod common;
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const MIB: u64 = 1 << 20;
 const FILE: u64 = 256 * MIB;
-
-fn mem_available() -> u64 {
-    fs::read_to_string("/proc/meminfo")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
-/// A process holding `bytes` of touched memory until dropped (perl is part
-/// of every Debian system).
-struct Hog(Child);
-
-impl Hog {
-    fn take(bytes: u64) -> Hog {
-        let mut child = Command::new("perl")
-            .arg("-e")
-            .arg(format!(
-                "my $x = 'x' x {bytes}; $| = 1; print \"ready\\n\"; <STDIN>; exit 0"
-            ))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start perl");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "ready\n", "the memory hog did not start");
-        Hog(child)
-    }
-
-    /// Ends it and returns whether it exited by itself (not OOM-killed).
-    fn release(mut self) -> bool {
-        drop(self.0.stdin.take());
-        self.0.wait().unwrap().success()
-    }
-}
-
-impl Drop for Hog {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn cached_names(m: &Mounted, backing: &Path) -> Vec<String> {
     let mut names: Vec<String> = cached_files(m.pid(), backing)

@@ -8,7 +8,6 @@
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -25,16 +24,6 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", "3").expect("write /proc/sys/vm/drop_caches");
-}
-
-fn mem_available() -> u64 {
-    fs::read_to_string("/proc/meminfo")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
-        .unwrap()
-        * 1024
 }
 
 fn name(i: usize) -> String {
@@ -72,33 +61,6 @@ fn median(mut v: Vec<f64>) -> f64 {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// A process holding `bytes` of touched memory while it lives.
-struct Hog(std::process::Child);
-
-impl Hog {
-    /// Starts taking the memory (in the background: the caller watches
-    /// MemAvailable fall).
-    fn start(bytes: u64) -> Hog {
-        let child = Command::new("perl")
-            .arg("-e")
-            .arg(format!(
-                "my $x = 'x' x {bytes}; $| = 1; print \"ready\\n\"; <STDIN>; exit 0"
-            ))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start perl");
-        Hog(child)
-    }
-}
-
-impl Drop for Hog {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -181,7 +143,7 @@ fn main() {
         let mut line = format!("  rep {rep}:");
         for (k, (label, flag)) in modes.iter().enumerate() {
             drop_caches();
-            let floor = mem_available() - (3 << 30);
+            let floor = common::mem_available() - (3 << 30);
             let m_toml = tmp.path().join("pressure.toml");
             fs::write(
                 &m_toml,
@@ -213,12 +175,13 @@ fn main() {
             }
             // Push MemAvailable 512 MiB under the floor, and time from the
             // moment it crosses the floor to the cache being empty.
-            let hog = Hog::start(mem_available().saturating_sub(floor) + (512 << 20));
+            let hog =
+                common::Hog::start(common::mem_available().saturating_sub(floor) + (512 << 20));
             let t = Instant::now();
             let mut crossed: Option<Instant> = None;
             while !common::cached_files(m.pid(), &backing).is_empty() {
                 assert!(t.elapsed() < TIMEOUT, "the cache did not give memory back");
-                if crossed.is_none() && mem_available() < floor {
+                if crossed.is_none() && common::mem_available() < floor {
                     crossed = Some(Instant::now());
                 }
                 sleep(Duration::from_millis(1));

@@ -468,3 +468,80 @@ fn io_read_bytes(path: &str) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .expect("read_bytes in /proc/PID/io")
 }
+
+/// MemAvailable from /proc/meminfo, in bytes.
+pub fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .expect("MemAvailable in /proc/meminfo")
+        * 1024
+}
+
+/// Another process holding memory (perl: part of every Debian system),
+/// killed on drop.
+pub struct Hog(Child);
+
+impl Hog {
+    /// Starts taking and touching `bytes`; returns at once.
+    pub fn start(bytes: u64) -> Hog {
+        let child = Command::new("perl")
+            .arg("-e")
+            .arg(format!(
+                "my $x = 'x' x {bytes}; $| = 1; print \"ready\\n\"; <STDIN>; exit 0"
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start perl");
+        Hog(child)
+    }
+
+    /// Takes `bytes` and returns once they are held.
+    pub fn take(bytes: u64) -> Hog {
+        let mut hog = Hog::start(bytes);
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(hog.0.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "ready\n", "the memory hog did not start");
+        hog
+    }
+
+    /// Ends it; true if it exited by itself (was not OOM-killed).
+    pub fn release(mut self) -> bool {
+        drop(self.0.stdin.take());
+        self.0.wait().unwrap().success()
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `modelcache ARGS` to completion.
+pub fn modelcache(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+/// `modelcache status MOUNT --json`: the mount's object.
+pub fn mount_status(mnt: &Path) -> serde_json::Value {
+    let out = modelcache(&["status", mnt.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["version"], 1);
+    let mounts = v["mounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 1, "{v}");
+    mounts[0].clone()
+}
