@@ -19,19 +19,11 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn file<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
-    status["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"] == path)
-}
-
 fn wait_state(mnt: &Path, path: &str, state: &str) -> Value {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let s = mount_status(mnt);
-        if file(&s, path).is_some_and(|f| f["state"] == state) {
+        if status_file(&s, path).is_some_and(|f| f["state"] == state) {
             return s;
         }
         assert!(Instant::now() < deadline, "{path} never {state}: {s:#}");
@@ -71,9 +63,12 @@ fn status_follows_a_file_from_loading_to_cached_with_its_counters() {
     let small = File::open(m.path("small.safetensors")).unwrap();
     let s = mount_status(&mnt);
     assert_eq!(s["mode"], "passthrough");
-    assert_eq!(file(&s, "small.safetensors").unwrap()["state"], "loading");
+    assert_eq!(
+        status_file(&s, "small.safetensors").unwrap()["state"],
+        "loading"
+    );
     let s = wait_state(&mnt, "small.safetensors", "cached");
-    let f = file(&s, "small.safetensors").unwrap();
+    let f = status_file(&s, "small.safetensors").unwrap();
     assert_eq!(f["size"], 16 * MIB);
     assert_eq!(f["loaded_bytes"], 16 * MIB);
     assert_eq!(f["open_handles"], 1);
@@ -86,7 +81,7 @@ fn status_follows_a_file_from_loading_to_cached_with_its_counters() {
     let again = File::open(m.path("small.safetensors")).unwrap();
     wait_state(&mnt, "big.safetensors", "cached");
     let s = mount_status(&mnt);
-    assert_eq!(file(&s, "small.safetensors").unwrap()["hits"], 1);
+    assert_eq!(status_file(&s, "small.safetensors").unwrap()["hits"], 1);
     assert_eq!(s["counters"]["file_hits"], 1);
     assert_eq!(s["counters"]["loads"], 2);
     assert_eq!(s["cached_bytes"], 528 * MIB);
@@ -112,11 +107,11 @@ fn copy_mode_counts_bytes_served_from_ram() {
     );
     let s = mount_status(&mnt);
     assert_eq!(s["mode"], "copy");
-    assert_eq!(file(&s, "a.safetensors").unwrap()["state"], "cached");
+    assert_eq!(status_file(&s, "a.safetensors").unwrap()["state"], "cached");
     assert!(read_all(&m.path("a.safetensors")) == pseudo_random(32 << 20, 3));
     let s = mount_status(&mnt);
     assert_eq!(
-        file(&s, "a.safetensors").unwrap()["bytes_from_ram"],
+        status_file(&s, "a.safetensors").unwrap()["bytes_from_ram"],
         32 * MIB
     );
     assert_eq!(s["counters"]["bytes_from_ram"], 32 * MIB);
@@ -156,23 +151,26 @@ fn warm_evict_pin_unpin_and_reload_work_end_to_end() {
     );
     let s = mount_status(&mnt);
     for p in ["sub/a.safetensors", "sub/b.gguf"] {
-        assert_eq!(file(&s, p).unwrap()["state"], "cached", "{s:#}");
+        assert_eq!(status_file(&s, p).unwrap()["state"], "cached", "{s:#}");
     }
-    assert!(file(&s, "c.safetensors").is_none());
+    assert!(status_file(&s, "c.safetensors").is_none());
 
     // pin, then evict: a pinned file is evicted on request too.
     ok(&["pin", m.path("sub/a.safetensors").to_str().unwrap()]);
     let s = mount_status(&mnt);
-    assert_eq!(file(&s, "sub/a.safetensors").unwrap()["state"], "pinned");
+    assert_eq!(
+        status_file(&s, "sub/a.safetensors").unwrap()["state"],
+        "pinned"
+    );
     assert_eq!(s["pinned_bytes"], 32 * MIB);
     ok(&["unpin", m.path("sub/a.safetensors").to_str().unwrap()]);
     assert_eq!(
-        file(&mount_status(&mnt), "sub/a.safetensors").unwrap()["state"],
+        status_file(&mount_status(&mnt), "sub/a.safetensors").unwrap()["state"],
         "cached"
     );
     ok(&["evict", m.path("sub/b.gguf").to_str().unwrap()]);
     let s = mount_status(&mnt);
-    assert!(file(&s, "sub/b.gguf").is_none(), "{s:#}");
+    assert!(status_file(&s, "sub/b.gguf").is_none(), "{s:#}");
     assert_eq!(s["counters"]["evictions"]["manual"], 1);
 
     // reload picks up a new pin.

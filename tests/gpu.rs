@@ -123,14 +123,6 @@ impl Drop for Helper {
     }
 }
 
-fn file<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
-    status["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"] == path)
-}
-
 /// Waits until `done` holds for the mount's status; returns that status.
 fn wait_status(m: &Mounted, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + PATIENCE;
@@ -169,12 +161,12 @@ fn read_and_close(m: &Mounted, name: &str, seed: u64) {
     let bytes = fs::read(m.path(name)).unwrap();
     assert!(bytes == pseudo_random(bytes.len(), seed), "{name}: bytes");
     wait_status(m, &format!("{name} closed"), |s| {
-        file(s, name).is_none_or(|f| f["open_handles"] == 0)
+        status_file(s, name).is_none_or(|f| f["open_handles"] == 0)
     });
 }
 
 fn cached(s: &Value, name: &str) -> bool {
-    file(s, name).is_some_and(|f| f["state"] != "evicted")
+    status_file(s, name).is_some_and(|f| f["state"] != "evicted")
 }
 
 fn write_manifest(dir: &Path, text: &str) -> PathBuf {
@@ -218,13 +210,13 @@ fn a_process_mapping_libcudart_is_a_cuda_reader_whose_file_outlasts_cap_pressure
     helper.run(&format!("map {}", lib.join("libcudart.so.12").display()));
     helper.run(&format!("open {}", m.path("gpu.safetensors").display()));
     let s = wait_status(&m, "gpu.safetensors loaded and protected", |s| {
-        file(s, "gpu.safetensors").is_some_and(|f| f["state"] == "cached")
+        status_file(s, "gpu.safetensors").is_some_and(|f| f["state"] == "cached")
     });
-    let gpu = file(&s, "gpu.safetensors").unwrap();
+    let gpu = status_file(&s, "gpu.safetensors").unwrap();
     assert_eq!(gpu["reader_classes"], serde_json::json!(["cuda"]), "{s:#}");
     assert_eq!(gpu["protected"], true, "{s:#}");
     assert_eq!(gpu["pinned"], false);
-    let early = file(&s, "early.safetensors").unwrap();
+    let early = status_file(&s, "early.safetensors").unwrap();
     assert_eq!(early["reader_classes"], serde_json::json!(["cpu"]), "{s:#}");
     assert_eq!(early["protected"], false);
     assert_eq!(s["counters"]["opens_by_class"]["cuda"], 1, "{s:#}");
@@ -255,7 +247,7 @@ fn a_process_mapping_libcudart_is_a_cuda_reader_whose_file_outlasts_cap_pressure
     helper.run("close");
     let closed = Instant::now();
     wait_status(&m, "gpu.safetensors closed", |s| {
-        file(s, "gpu.safetensors").is_some_and(|f| f["open_handles"] == 0)
+        status_file(s, "gpu.safetensors").is_some_and(|f| f["open_handles"] == 0)
     });
     read_and_close(&m, "a.safetensors", 2);
     let s = mount_status(&mnt);
@@ -265,13 +257,16 @@ fn a_process_mapping_libcudart_is_a_cuda_reader_whose_file_outlasts_cap_pressure
         closed.elapsed()
     );
     assert!(cached(&s, "gpu.safetensors"), "{s:#}");
-    assert_eq!(file(&s, "gpu.safetensors").unwrap()["protected"], true);
+    assert_eq!(
+        status_file(&s, "gpu.safetensors").unwrap()["protected"],
+        true
+    );
     assert!(cached(&s, "a.safetensors"), "{s:#}");
     assert!(!cached(&s, "b.safetensors"), "b went instead: {s:#}");
 
     // After the grace it is an ordinary entry: least recently used, it goes.
     wait_status(&m, "protection ended", |s| {
-        file(s, "gpu.safetensors").is_some_and(|f| f["protected"] == false)
+        status_file(s, "gpu.safetensors").is_some_and(|f| f["protected"] == false)
     });
     assert!(closed.elapsed() >= grace - Duration::from_millis(100));
     read_and_close(&m, "b.safetensors", 3);
@@ -419,7 +414,10 @@ fn pins_and_mlock_hooks_lock_pages_within_the_pin_budget() {
     );
     wait_log(&m, "locked pinned.safetensors (24.0 MiB) in RAM");
     let s = wait_status(&m, "the pin locked", |s| s["locked_bytes"] == 24 * MIB);
-    assert_eq!(file(&s, "pinned.safetensors").unwrap()["pinned"], true);
+    assert_eq!(
+        status_file(&s, "pinned.safetensors").unwrap()["pinned"],
+        true
+    );
     assert!(locked_bytes(m.pid()) >= 24 * MIB);
 
     // A CPU reader's file would lock too, but 24 + 24 MiB is over budget:

@@ -545,3 +545,12 @@ pub fn mount_status(mnt: &Path) -> serde_json::Value {
     assert_eq!(mounts.len(), 1, "{v}");
     mounts[0].clone()
 }
+
+/// The entry for `path` in a mount's status, if listed.
+pub fn status_file<'a>(status: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    status["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == path)
+}
