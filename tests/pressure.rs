@@ -103,13 +103,15 @@ fn pressure_in(mode: Mode) {
 
     // Under the floor (but above the critical one): the unpinned files go,
     // the pinned one stays.
-    let low = Hog::take((mem_available() - min) + 512 * MIB);
+    let mut low = Hog::new();
+    low.grow_until_available_below(min - 256 * MIB);
     wait_for(&m, &backing, &["pinned.safetensors"], "under min_available");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(cached_names(&m, &backing), ["pinned.safetensors"]);
 
     // Under the critical floor: the pinned file goes too, loudly.
-    let critical_hog = Hog::take(mem_available().saturating_sub(critical) + 512 * MIB);
+    let mut critical_hog = Hog::new();
+    critical_hog.grow_until_available_below(critical - 256 * MIB);
     wait_for(&m, &backing, &[], "under critical_available");
     let log = m.log_text();
     assert!(log.contains("memory low"), "{log}");

@@ -173,20 +173,15 @@ fn main() {
                 assert!(t.elapsed() < TIMEOUT, "prewarm did not finish");
                 sleep(Duration::from_millis(5));
             }
-            // Push MemAvailable 512 MiB under the floor, and time from the
-            // moment it crosses the floor to the cache being empty.
-            let hog =
-                common::Hog::start(common::mem_available().saturating_sub(floor) + (512 << 20));
+            // Grow another process until MemAvailable is under the floor, and
+            // time from that moment to the cache being empty.
+            let mut hog = common::Hog::new();
+            hog.grow_until_available_below(floor);
             let t = Instant::now();
-            let mut crossed: Option<Instant> = None;
             while !common::cached_files(m.pid(), &backing).is_empty() {
                 assert!(t.elapsed() < TIMEOUT, "the cache did not give memory back");
-                if crossed.is_none() && common::mem_available() < floor {
-                    crossed = Some(Instant::now());
-                }
                 sleep(Duration::from_millis(1));
             }
-            let t = crossed.unwrap_or(t);
             let secs = t.elapsed().as_secs_f64();
             give_back[k].push(secs);
             line.push_str(&format!("   {label} {secs:.2} s"));

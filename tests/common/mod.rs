@@ -480,49 +480,66 @@ pub fn mem_available() -> u64 {
         * 1024
 }
 
-/// Another process holding memory (perl: part of every Debian system),
-/// killed on drop.
-pub struct Hog(Child);
+/// Another process that allocates and touches memory on request (perl:
+/// part of every Debian system), killed on drop. It grows 64 MiB at a time
+/// until MemAvailable falls under a target: MemAvailable is an estimate,
+/// and allocating N bytes does not always lower it by exactly N.
+pub struct Hog {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    held: u64,
+}
 
 impl Hog {
-    /// Starts taking and touching `bytes`; returns at once.
-    pub fn start(bytes: u64) -> Hog {
-        let child = Command::new("perl")
+    pub fn new() -> Hog {
+        let mut child = Command::new("perl")
             .arg("-e")
-            .arg(format!(
-                "my $x = 'x' x {bytes}; $| = 1; print \"ready\\n\"; <STDIN>; exit 0"
-            ))
+            .arg(
+                "$| = 1; my @x; while (my $n = <STDIN>) { $n = int($n); \
+                 push @x, 'x' x $n if $n > 0; print \"ok\\n\"; } exit 0",
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("start perl");
-        Hog(child)
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Hog {
+            child,
+            out,
+            held: 0,
+        }
     }
 
-    /// Takes `bytes` and returns once they are held.
-    pub fn take(bytes: u64) -> Hog {
-        let mut hog = Hog::start(bytes);
+    /// Takes `bytes` more and returns once they are held.
+    pub fn grow(&mut self, bytes: u64) {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{bytes}").unwrap();
         let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(hog.0.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line, "ready\n", "the memory hog did not start");
-        hog
+        self.out.read_line(&mut line).unwrap();
+        assert_eq!(line, "ok\n", "the memory hog died");
+        self.held += bytes;
+    }
+
+    /// Grows until MemAvailable is under `target` (at most 16 GiB).
+    pub fn grow_until_available_below(&mut self, target: u64) {
+        while mem_available() >= target {
+            assert!(self.held < 16 << 30, "MemAvailable stays above {target}");
+            self.grow(64 << 20);
+        }
     }
 
     /// Ends it; true if it exited by itself (was not OOM-killed).
     pub fn release(mut self) -> bool {
-        drop(self.0.stdin.take());
-        self.0.wait().unwrap().success()
+        drop(self.child.stdin.take());
+        self.child.wait().unwrap().success()
     }
 }
 
 impl Drop for Hog {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
