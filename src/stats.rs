@@ -4,7 +4,10 @@
 //! hits and misses count in both modes.
 
 use std::collections::HashMap;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU8, AtomicU64};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
@@ -42,53 +45,97 @@ pub struct Counters {
     pub file_misses: u64,
 }
 
+/// One file's counters, held by its open handles: a read updates them with
+/// atomics alone, no lock and no lookup on the read path.
+#[derive(Debug, Default)]
+pub struct FileCounters {
+    hits: AtomicU64,
+    bytes_from_ram: AtomicU64,
+    /// Seconds since the Unix epoch; 0 = never.
+    last_access: AtomicU64,
+    /// Bit `ReaderClass::index` set for each class that opened it.
+    classes: AtomicU8,
+}
+
+impl FileCounters {
+    fn touch(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_access.store(now, Relaxed);
+    }
+
+    fn snapshot(&self) -> FileStats {
+        let classes = self.classes.load(Relaxed);
+        let last = self.last_access.load(Relaxed);
+        FileStats {
+            hits: self.hits.load(Relaxed),
+            bytes_from_ram: self.bytes_from_ram.load(Relaxed),
+            last_access: (last > 0).then(|| UNIX_EPOCH + Duration::from_secs(last)),
+            classes: ReaderClass::ALL.map(|c| classes & (1 << c.index()) != 0),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Stats {
-    inner: Mutex<(Counters, HashMap<String, FileStats>)>,
+    opens_by_class: [AtomicU64; 3],
+    bytes_by_class: [AtomicU64; 3],
+    bytes_from_ram: AtomicU64,
+    bytes_from_backing: AtomicU64,
+    file_hits: AtomicU64,
+    file_misses: AtomicU64,
+    files: Mutex<HashMap<String, Arc<FileCounters>>>,
 }
 
 impl Stats {
     /// An open for reading of a model file (`hit`: its cache entry was
-    /// fully loaded).
-    pub fn opened(&self, name: &str, class: ReaderClass, hit: bool) {
-        let mut inner = self.inner.lock();
-        let (counters, files) = &mut *inner;
-        counters.opens_by_class[class.index()] += 1;
+    /// fully loaded). Returns the file's counters, for its reads.
+    pub fn opened(&self, name: &str, class: ReaderClass, hit: bool) -> Arc<FileCounters> {
+        self.opens_by_class[class.index()].fetch_add(1, Relaxed);
         if hit {
-            counters.file_hits += 1;
+            self.file_hits.fetch_add(1, Relaxed);
         } else {
-            counters.file_misses += 1;
+            self.file_misses.fetch_add(1, Relaxed);
         }
-        let file = files.entry(name.to_string()).or_default();
-        file.hits += u64::from(hit);
-        file.classes[class.index()] = true;
-        file.last_access = Some(SystemTime::now());
+        let file = self
+            .files
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        file.hits.fetch_add(u64::from(hit), Relaxed);
+        file.classes.fetch_or(1 << class.index(), Relaxed);
+        file.touch();
+        file
     }
 
     /// A read of a model file the daemon answered.
-    pub fn read(&self, name: &str, class: ReaderClass, bytes: u64, from_ram: bool) {
-        let mut inner = self.inner.lock();
-        let (counters, files) = &mut *inner;
-        counters.bytes_by_class[class.index()] += bytes;
+    pub fn read(&self, file: &FileCounters, class: ReaderClass, bytes: u64, from_ram: bool) {
+        self.bytes_by_class[class.index()].fetch_add(bytes, Relaxed);
         if from_ram {
-            counters.bytes_from_ram += bytes;
+            self.bytes_from_ram.fetch_add(bytes, Relaxed);
+            file.bytes_from_ram.fetch_add(bytes, Relaxed);
         } else {
-            counters.bytes_from_backing += bytes;
+            self.bytes_from_backing.fetch_add(bytes, Relaxed);
         }
-        if let Some(file) = files.get_mut(name) {
-            if from_ram {
-                file.bytes_from_ram += bytes;
-            }
-            file.last_access = Some(SystemTime::now());
-        }
+        file.touch();
     }
 
     pub fn counters(&self) -> Counters {
-        self.inner.lock().0.clone()
+        let load = |a: &[AtomicU64; 3]| a.each_ref().map(|v| v.load(Relaxed));
+        Counters {
+            opens_by_class: load(&self.opens_by_class),
+            bytes_by_class: load(&self.bytes_by_class),
+            bytes_from_ram: self.bytes_from_ram.load(Relaxed),
+            bytes_from_backing: self.bytes_from_backing.load(Relaxed),
+            file_hits: self.file_hits.load(Relaxed),
+            file_misses: self.file_misses.load(Relaxed),
+        }
     }
 
     pub fn file(&self, name: &str) -> Option<FileStats> {
-        self.inner.lock().1.get(name).cloned()
+        self.files.lock().get(name).map(|f| f.snapshot())
     }
 }
 
@@ -99,10 +146,10 @@ mod tests {
     #[test]
     fn opens_and_reads_add_up_per_class_and_per_file() {
         let s = Stats::default();
-        s.opened("a.safetensors", ReaderClass::Cuda, false);
+        let a = s.opened("a.safetensors", ReaderClass::Cuda, false);
         s.opened("a.safetensors", ReaderClass::Cpu, true);
-        s.read("a.safetensors", ReaderClass::Cuda, 100, true);
-        s.read("a.safetensors", ReaderClass::Cpu, 30, false);
+        s.read(&a, ReaderClass::Cuda, 100, true);
+        s.read(&a, ReaderClass::Cpu, 30, false);
         let c = s.counters();
         assert_eq!((c.file_hits, c.file_misses), (1, 1));
         assert_eq!((c.bytes_from_ram, c.bytes_from_backing), (100, 30));

@@ -22,7 +22,7 @@ use crate::cache::{Cache, CacheRef, Identity, ReaderHold, WriteGuard};
 use crate::gpu::hooks::CommandRunner;
 use crate::gpu::{Classifier, ReaderClass};
 use crate::manifest::Hooks;
-use crate::stats::Stats;
+use crate::stats::{FileCounters, Stats};
 pub use backing::{Stat, TimeSpec};
 use creds::ActingAs;
 pub use creds::Caller;
@@ -110,9 +110,8 @@ struct DirStream {
 /// An open file: the backing file, and the cache's hold on it.
 struct OpenFile {
     file: File,
-    /// For a model file opened for reading: its name and reader, counted
-    /// in the stats.
-    counted: Option<(Arc<str>, ReaderClass)>,
+    /// For a model file opened for reading: its counters and its reader.
+    counted: Option<(Arc<FileCounters>, ReaderClass)>,
     /// For a cacheable file opened for reading: the entry serving it.
     cached: Option<CacheRef>,
     /// For a file opened for writing: keeps it out of the cache.
@@ -470,11 +469,11 @@ impl Overlay {
                 .cache
                 .open_for_read(Identity::of(&st), &name, source, hold);
             let hit = cached.as_ref().is_some_and(|c| c.hit());
-            self.stats.opened(&name, reader.class, hit);
+            let counters = self.stats.opened(&name, reader.class, hit);
             if let (Some(argv), Some(commands)) = (&hook.exec, self.commands.get()) {
                 commands.first_open(&name, reader, argv, hook.timeout);
             }
-            (cached, Some((Arc::from(name.as_str()), reader.class)))
+            (cached, Some((counters, reader.class)))
         } else {
             (None, None)
         };
@@ -525,8 +524,8 @@ impl Overlay {
     ) -> io::Result<R> {
         let open = self.files.get(fh)?;
         let count = |n: usize, from_ram: bool| {
-            if let Some((name, class)) = &open.counted {
-                self.stats.read(name, *class, n as u64, from_ram);
+            if let Some((file, class)) = &open.counted {
+                self.stats.read(file, *class, n as u64, from_ram);
             }
         };
         if let Some(bytes) = open
