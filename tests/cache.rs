@@ -287,7 +287,8 @@ fn read_from_ram(m: &CacheMount, f: &File, when: &str) -> Vec<u8> {
     bytes
 }
 
-/// Samples the daemon's cached bytes every few milliseconds until dropped.
+/// Samples the RAM the daemon's cache holds every few milliseconds until
+/// dropped.
 struct PeakUsage {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
@@ -303,7 +304,10 @@ impl PeakUsage {
             let (stop, peak) = (stop.clone(), peak.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let total = cached_files(pid, &backing).iter().map(|f| f.size).sum();
+                    // RAM held: a memfd's pages, or locked pages (an entry
+                    // evicted for room is unlocked at once, and unmapped
+                    // before the next load starts).
+                    let total = cached_files(pid, &backing).iter().map(|f| f.resident).sum();
                     peak.fetch_max(total, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -787,6 +791,36 @@ fn a_reader_holding_a_cached_file_reads_current_bytes_through_invalidations(mode
     m.unmount();
 }
 
+// An entry evicted for room (here by request) while a reader holds it
+// stays mapped for that reader; a later write must still reach the reader.
+fn a_reader_holding_an_evicted_copy_sees_later_writes(mode: Mode) {
+    let (_tmp, backing, mnt) = dirs();
+    let file = backing.join("model.safetensors");
+    let mut want = pseudo_random(32 * MIB as usize, 130);
+    write_synced(&file, &want);
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
+    let path = m.path("model.safetensors");
+    let reader = File::open(&path).unwrap();
+    wait_cached(&m, "model.safetensors", want.len() as u64);
+    assert_same(&read_through(&reader), &want, "cached");
+    let out = modelcache(&["evict", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "evict: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let patch = pseudo_random(MIB as usize, 131);
+    let at = 5 * MIB as usize + 3;
+    let writer = OpenOptions::new().write(true).open(&path).unwrap();
+    writer.write_all_at(&patch, at as u64).unwrap();
+    drop(writer);
+    want[at..at + patch.len()].copy_from_slice(&patch);
+    assert_same(&read_through(&reader), &want, "the reader after the write");
+    drop(reader);
+    m.unmount();
+}
+
 fn non_model_files_and_tiny_model_files_are_never_cached(mode: Mode) {
     let (_tmp, backing, mnt) = dirs();
     let files = [
@@ -932,6 +966,7 @@ in_both_modes!(
     writing_through_the_mount_invalidates_the_cached_copy,
     the_cap_holds_when_the_files_together_exceed_it,
     a_reader_holding_a_cached_file_reads_current_bytes_through_invalidations,
+    a_reader_holding_an_evicted_copy_sees_later_writes,
     non_model_files_and_tiny_model_files_are_never_cached,
     files_opened_for_writing_are_never_cached,
     a_file_replaced_behind_the_mount_leaves_no_dead_copy_in_the_cache,

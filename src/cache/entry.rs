@@ -74,18 +74,36 @@ enum Storage {
 /// A read-only shared mapping of the backing file, locked in RAM (or only
 /// populated where locking is not allowed). It holds no descriptor: the
 /// daemon keeps none open on a file it merely caches.
-struct LockedPages(MmapRaw);
+struct LockedPages {
+    map: MmapRaw,
+    /// Page the file out when the entry goes (evicted for room); not when
+    /// it goes because the file changed: its pages are then the file's
+    /// current contents, likely read again soon.
+    page_out: AtomicBool,
+}
+
+impl LockedPages {
+    fn unlock(&self) {
+        // SAFETY: our own mapping; unlocking an unlocked range is harmless.
+        unsafe { libc::munlock(self.map.as_mut_ptr().cast(), self.map.len()) };
+    }
+}
 
 impl Drop for LockedPages {
-    /// Unlocks the pages and gives their memory back at once: paging them
-    /// out drops clean pages and writes dirty ones first, so nothing is
-    /// lost; pages other processes map stay.
+    /// Unlocks the pages and, for an eviction, gives their memory back at
+    /// once: paging them out drops clean pages and writes dirty ones first,
+    /// so nothing is lost; pages other processes map stay.
     fn drop(&mut self) {
-        let (ptr, len) = (self.0.as_mut_ptr().cast::<libc::c_void>(), self.0.len());
-        // SAFETY: our own mapping, unmapped right after by MmapRaw's drop.
-        unsafe {
-            libc::munlock(ptr, len);
-            libc::madvise(ptr, len, libc::MADV_PAGEOUT);
+        self.unlock();
+        if self.page_out.load(Ordering::Relaxed) {
+            // SAFETY: our own mapping, unmapped right after by MmapRaw's drop.
+            unsafe {
+                libc::madvise(
+                    self.map.as_mut_ptr().cast(),
+                    self.map.len(),
+                    libc::MADV_PAGEOUT,
+                )
+            };
         }
     }
 }
@@ -191,7 +209,10 @@ impl Entry {
             id,
             identity,
             name,
-            Storage::Locked(LockedPages(map)),
+            Storage::Locked(LockedPages {
+                map,
+                page_out: AtomicBool::new(true),
+            }),
         ))
     }
 
@@ -250,9 +271,45 @@ impl Entry {
     }
 
     /// The file changed: nothing may be served from these bytes any more.
+    /// Locked pages are unlocked now and kept in the page cache (they are
+    /// the file's current contents).
     pub fn mark_stale(&self) {
         self.stale.store(true, Ordering::Release);
         self.cancel();
+        if let Storage::Locked(pages) = &self.storage {
+            pages.page_out.store(false, Ordering::Relaxed);
+            pages.unlock();
+        }
+    }
+
+    /// Evicted for room while open handles still hold it: the load stops,
+    /// and locked pages are unlocked now, so memory reclaim may take them
+    /// (a memfd's pages stay until the last handle closes).
+    pub fn release(&self) {
+        self.cancel();
+        if let Storage::Locked(pages) = &self.storage {
+            pages.unlock();
+        }
+    }
+
+    /// Whether the entry's memory is free to reclaim once it is evicted,
+    /// even while handles hold it (unlocked page cache).
+    pub fn reclaimable_when_evicted(&self) -> bool {
+        matches!(self.storage, Storage::Locked(_))
+    }
+
+    /// Whether the entry still serves the backing file now described by
+    /// `identity`. A copy (memfd) must match every field. Locked pages are
+    /// the file's own page cache, current whatever is written: the same
+    /// file at the same size will do (a `touch` or `chmod` changes ctime
+    /// and must not cost a reload from disk).
+    pub fn serves(&self, identity: &Identity) -> bool {
+        match self.storage {
+            Storage::Memfd { .. } => self.identity == *identity,
+            Storage::Locked(_) => {
+                (self.identity.key(), self.identity.size) == (identity.key(), identity.size)
+            }
+        }
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -273,7 +330,7 @@ impl Entry {
     pub fn load(&self, source: &File, chunk: u64) -> io::Result<()> {
         match &self.storage {
             Storage::Memfd { memfd, .. } => self.fill_memfd(memfd, source, chunk),
-            Storage::Locked(LockedPages(map)) => self.lock_pages(map, source, chunk),
+            Storage::Locked(pages) => self.lock_pages(&pages.map, source, chunk),
         }
     }
 

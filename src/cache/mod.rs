@@ -104,8 +104,13 @@ struct State {
     /// Paths (relative to the root) pinned by the manifest or a command:
     /// their entries are pinned whenever they are (re)admitted.
     pins: HashSet<String>,
-    /// Evicted entries that open handles may still hold (for status).
+    /// Evicted entries that open handles may still hold (for status, and
+    /// to mark them stale when their file changes).
     evicted: HashMap<EntryId, Weak<Entry>>,
+    /// Entries let go under the lock, dropped by the reaper thread after
+    /// it: freeing a multi-gigabyte mapping takes long, and must hold up
+    /// neither the lock nor a FUSE thread.
+    released: Vec<Arc<Entry>>,
 }
 
 /// Why entries leave the cache, for the log and for what open handles may
@@ -138,9 +143,53 @@ struct Shared {
     /// Bytes of copy-mode entries locked in RAM, and how many may be.
     budget: Arc<Mutex<PinBudget>>,
     state: Mutex<State>,
+    /// To the reaper thread, which drops released entries.
+    reaper: Sender<Vec<Arc<Entry>>>,
+}
+
+/// The cache's lock. Entries released while it is held go to the reaper
+/// once it is let go.
+struct StateGuard<'a> {
+    guard: Option<parking_lot::MutexGuard<'a, State>>,
+    reaper: &'a Sender<Vec<Arc<Entry>>>,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let released = self
+            .guard
+            .as_mut()
+            .map(|g| std::mem::take(&mut g.released))
+            .unwrap_or_default();
+        self.guard = None;
+        if !released.is_empty() {
+            // If the reaper is gone (shutting down), they drop here.
+            let _ = self.reaper.send(released);
+        }
+    }
 }
 
 impl Shared {
+    fn lock(&self) -> StateGuard<'_> {
+        StateGuard {
+            guard: Some(self.state.lock()),
+            reaper: &self.reaper,
+        }
+    }
+
     /// Removes evicted entries from the resident set and stops their loads.
     /// Entries evicted because their file changed are also marked stale, so
     /// that handles still holding them read the backing file instead.
@@ -151,24 +200,39 @@ impl Shared {
                     state.evicted.insert(id, Arc::downgrade(&entry));
                 }
                 match why {
-                    Why::Changed(_) => entry.mark_stale(),
-                    Why::Room(_) => entry.cancel(),
+                    Why::Changed(_) => {
+                        entry.mark_stale();
+                        Self::stale_held(state, entry.identity.key());
+                    }
+                    Why::Room(_) => entry.release(),
                 }
                 info!("evicted {} ({}, {why})", entry.name, Bytes(entry.size()));
+                state.released.push(entry);
+            }
+        }
+    }
+
+    /// The file changed: entries evicted earlier but still held by open
+    /// handles must not serve their bytes either.
+    fn stale_held(state: &State, key: Key) {
+        for entry in state.evicted.values().filter_map(Weak::upgrade) {
+            if entry.identity.key() == key {
+                entry.mark_stale();
             }
         }
     }
 
     fn invalidate(&self, key: Key, why: &'static str) {
-        let mut state = self.state.lock();
+        let mut state = self.lock();
         let evicted = state.policy.evict(key, EvictReason::Invalidated);
         Self::drop_resident(&mut state, evicted, Why::Changed(why));
+        Self::stale_held(&state, key);
     }
 
     /// Drops `entry` if it is still the resident entry of its file (a failed
     /// or stale load).
     fn discard(&self, entry: &Entry) {
-        let mut state = self.state.lock();
+        let mut state = self.lock();
         let key = entry.identity.key();
         if state.policy.lookup(key) == Some(entry.id) {
             let evicted = state.policy.evict(key, EvictReason::Invalidated);
@@ -180,7 +244,9 @@ impl Shared {
 /// A reader's hold on a cache entry: its bytes stay mapped while it lives.
 pub struct CacheRef {
     shared: Arc<Shared>,
-    entry: Arc<Entry>,
+    /// `Some` until dropped: then handed to the reaper with the lock's
+    /// other releases, so a last close frees no mapping on a FUSE thread.
+    entry: Option<Arc<Entry>>,
     /// The entry was fully loaded when the file was opened.
     hit: bool,
     /// The reader protects the entry: for this long after it closes.
@@ -189,7 +255,7 @@ pub struct CacheRef {
 
 impl CacheRef {
     pub fn entry(&self) -> &Entry {
-        &self.entry
+        self.entry.as_deref().expect("held until drop")
     }
 
     /// Whether the open found the file already loaded (a cache hit).
@@ -200,14 +266,21 @@ impl CacheRef {
 
 impl Drop for CacheRef {
     fn drop(&mut self) {
-        let mut state = self.shared.state.lock();
-        state.policy.close(self.entry.id);
+        let Some(entry) = self.entry.take() else {
+            return;
+        };
+        let mut state = self.shared.lock();
+        if state.policy.close(entry.id) {
+            // Its last handle: the evicted entry is gone for good.
+            state.evicted.remove(&entry.id);
+        }
         if let Some(grace) = self.protect {
             let now = Instant::now();
             state
                 .policy
-                .unprotect(self.entry.id, now.checked_add(grace).unwrap_or(now));
+                .unprotect(entry.id, now.checked_add(grace).unwrap_or(now));
         }
+        state.released.push(entry);
     }
 }
 
@@ -222,7 +295,7 @@ pub struct WriteGuard {
 impl Drop for WriteGuard {
     fn drop(&mut self) {
         {
-            let mut state = self.shared.state.lock();
+            let mut state = self.shared.lock();
             if let Some(n) = state.writers.get_mut(&self.key) {
                 *n -= 1;
                 if *n == 0 {
@@ -278,8 +351,14 @@ pub struct CacheStatus {
 
 /// Work for the loader threads.
 enum Job {
-    /// Load a new entry from its backing file.
-    Load { entry: Arc<Entry>, source: File },
+    /// Load a new entry from its backing file, after dropping the entries
+    /// evicted to make room for it: their memory is given back before the
+    /// new entry takes any, and not on the opener's FUSE thread.
+    Load {
+        entry: Arc<Entry>,
+        source: File,
+        victims: Vec<Arc<Entry>>,
+    },
     /// Lock or unlock a loaded entry's pages as its reasons now say.
     SettleLock(Arc<Entry>),
 }
@@ -293,13 +372,21 @@ pub struct Cache {
 impl Cache {
     pub fn new(config: CacheConfig) -> Self {
         let lockable = budget::memlock_allowance().min(config.pin_budget.unwrap_or(u64::MAX));
+        let (reaper, released) = crossbeam_channel::unbounded::<Vec<Arc<Entry>>>();
+        // Ends when the last sender (Shared) is gone.
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || released.iter().for_each(drop))
+            .expect("spawn the reaper thread");
         let shared = Arc::new(Shared {
+            reaper,
             state: Mutex::new(State {
                 policy: Policy::with_eviction(config.max_size, config.eviction),
                 resident: HashMap::new(),
                 writers: HashMap::new(),
                 pins: HashSet::new(),
                 evicted: HashMap::new(),
+                released: Vec::new(),
             }),
             config,
             in_page_cache: AtomicBool::new(false),
@@ -345,10 +432,13 @@ impl Cache {
             .extension()
             .and_then(|e| e.to_str())
             .map(|e| e.to_ascii_lowercase());
-        config.max_size > 0
-            && size >= config.min_file_size
-            && size <= config.max_size
-            && ext.is_some_and(|e| config.extensions.contains(&e))
+        self.fits(size) && ext.is_some_and(|e| config.extensions.contains(&e))
+    }
+
+    /// A size within `[min_file_size, max_size]` (the cache on).
+    pub fn fits(&self, size: u64) -> bool {
+        let config = &self.shared.config;
+        config.max_size > 0 && size >= config.min_file_size && size <= config.max_size
     }
 
     /// An open for reading of a cacheable file whose backing file is now
@@ -365,7 +455,7 @@ impl Cache {
         source: impl FnOnce() -> io::Result<File>,
         hold: ReaderHold,
     ) -> Option<CacheRef> {
-        let mut state = self.shared.state.lock();
+        let mut state = self.shared.lock();
         let (entry, hit) = match self.current(&mut state, identity) {
             Some(entry) => {
                 let hit = entry.is_complete();
@@ -386,7 +476,7 @@ impl Cache {
         }
         Some(CacheRef {
             shared: self.shared.clone(),
-            entry,
+            entry: Some(entry),
             hit,
             protect: hold.protect,
         })
@@ -426,7 +516,7 @@ impl Cache {
         name: &str,
         source: impl FnOnce() -> io::Result<File>,
     ) -> bool {
-        let mut state = self.shared.state.lock();
+        let mut state = self.shared.lock();
         self.current(&mut state, identity).is_some()
             || self.admit(&mut state, identity, name, source).is_some()
     }
@@ -440,7 +530,7 @@ impl Cache {
         }
         let id = state.policy.lookup(key)?;
         let entry = state.resident[&id].clone();
-        if entry.identity == identity {
+        if entry.serves(&identity) {
             return Some(entry);
         }
         let evicted = state.policy.evict(key, EvictReason::Invalidated);
@@ -513,6 +603,7 @@ impl Cache {
         let job = Job::Load {
             entry: entry.clone(),
             source,
+            victims: std::mem::take(&mut state.released),
         };
         if let Some(loads) = &self.loads {
             let _ = loads.send(job);
@@ -524,7 +615,7 @@ impl Cache {
     /// them are pinned now, others when admitted; entries no longer named
     /// become ordinary entries.
     pub fn set_pins(&self, names: HashSet<String>) {
-        let mut state = self.shared.state.lock();
+        let mut state = self.shared.lock();
         let entries: Vec<(Arc<Entry>, bool)> = state
             .resident
             .values()
@@ -546,24 +637,29 @@ impl Cache {
     /// `include_pinned` (critical pressure). Returns the bytes released.
     /// Protected entries count as pinned here.
     pub fn relieve_pressure(&self, to_free: u64, include_pinned: bool) -> u64 {
-        let mut state = self.shared.state.lock();
+        let mut state = self.shared.lock();
         state.policy.expire_protection(Instant::now());
         let mut freed = 0;
         while freed < to_free {
             let Some(id) = state.policy.evict_lru_for_pressure(include_pinned) else {
                 break;
             };
-            if let Some(entry) = state.resident.get(&id) {
-                if state.pins.contains(&entry.name) {
-                    warn!(
-                        "releasing pinned {} ({}): memory is critically low",
-                        entry.name,
-                        Bytes(entry.size())
-                    );
-                }
-                freed += entry.size();
+            let Some(entry) = state.resident.get(&id).cloned() else {
+                continue;
+            };
+            if state.pins.contains(&entry.name) {
+                warn!(
+                    "releasing pinned {} ({}): memory is critically low",
+                    entry.name,
+                    Bytes(entry.size())
+                );
             }
             Shared::drop_resident(&mut state, Some(id), Why::Room("memory pressure"));
+            // Only memory that is actually given back counts: a copy still
+            // held by open handles stays until they close.
+            if state.policy.entry(id).is_none() || entry.reclaimable_when_evicted() {
+                freed += entry.size();
+            }
         }
         if freed > 0 {
             self.shared.pressure_events.fetch_add(1, Ordering::Relaxed);
@@ -573,7 +669,7 @@ impl Cache {
 
     /// What the cache holds now.
     pub fn status(&self) -> CacheStatus {
-        let mut state = self.shared.state.lock();
+        let mut state = self.shared.lock();
         state.policy.expire_protection(Instant::now());
         let policy = &state.policy;
         let describe = |entry: &Entry| -> Option<EntryStatus> {
@@ -631,7 +727,7 @@ impl Cache {
     /// Evicts the file named `name` now (`modelcache evict`). Returns false
     /// if it is not cached.
     pub fn evict_by_name(&self, name: &str) -> bool {
-        let mut state = self.shared.state.lock();
+        let mut state = self.shared.lock();
         let Some(key) = state
             .resident
             .values()
@@ -648,7 +744,7 @@ impl Cache {
     /// Pins or unpins `name` (`modelcache pin|unpin`): its entry now if it
     /// has one, and whenever it is admitted again.
     pub fn set_pinned(&self, name: &str, pinned: bool) {
-        let mut state = self.shared.state.lock();
+        let mut state = self.shared.lock();
         if pinned {
             state.pins.insert(name.to_string());
         } else {
@@ -662,7 +758,7 @@ impl Cache {
 
     /// (bytes loaded, size) of the resident entry of `key`, if any.
     pub fn progress(&self, key: Key) -> Option<(u64, u64)> {
-        let state = self.shared.state.lock();
+        let state = self.shared.lock();
         state
             .resident
             .values()
@@ -673,7 +769,7 @@ impl Cache {
     /// An open for writing: drops the cached copy and keeps the file out of
     /// the cache until the returned guard (and every other) is dropped.
     pub fn open_for_write(&self, key: Key) -> WriteGuard {
-        *self.shared.state.lock().writers.entry(key).or_insert(0) += 1;
+        *self.shared.lock().writers.entry(key).or_insert(0) += 1;
         self.shared.invalidate(key, "opened for writing");
         WriteGuard {
             shared: self.shared.clone(),
@@ -688,19 +784,19 @@ impl Cache {
 
     /// Bytes of resident entries loaded so far.
     pub fn loaded_bytes(&self) -> u64 {
-        let state = self.shared.state.lock();
+        let state = self.shared.lock();
         state.resident.values().map(|e| e.loaded()).sum()
     }
 
     /// Bytes charged against the cap (resident, and evicted but still held).
     pub fn charged_bytes(&self) -> u64 {
-        self.shared.state.lock().policy.charged_bytes()
+        self.shared.lock().policy.charged_bytes()
     }
 }
 
 impl Drop for Cache {
     fn drop(&mut self) {
-        for entry in self.shared.state.lock().resident.values() {
+        for entry in self.shared.lock().resident.values() {
             entry.cancel();
         }
         self.loads = None;
@@ -713,7 +809,14 @@ impl Drop for Cache {
 fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
     for job in jobs {
         let (entry, source) = match job {
-            Job::Load { entry, source } => (entry, source),
+            Job::Load {
+                entry,
+                source,
+                victims,
+            } => {
+                drop(victims);
+                (entry, source)
+            }
             Job::SettleLock(entry) => {
                 if let Some(shared) = shared.upgrade() {
                     entry.settle_lock(&shared.budget);
@@ -729,7 +832,7 @@ fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
         let result = entry.load(&source, LOAD_CHUNK).and_then(|()| {
             // A change during the load makes the copy stale.
             let st = crate::fs::backing::stat(std::os::fd::AsFd::as_fd(&source))?;
-            if Identity::of(&st) != entry.identity {
+            if !entry.serves(&Identity::of(&st)) {
                 return Err(io::Error::other("the file changed while loading"));
             }
             entry.finish()

@@ -428,9 +428,11 @@ impl Overlay {
     /// Opens node `id` for process `pid` (counted by reader class).
     pub fn open(&self, id: u64, flags: i32, pid: u32) -> io::Result<Opened> {
         let node = self.inodes.get(id)?;
-        let file = backing::reopen(node.fd(), io_flags(flags))?;
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            // Out of the cache before the open (which may truncate), so no
+            // reader is served the old bytes meanwhile.
             let writing = Some(self.cache.open_for_write(node.key));
+            let file = backing::reopen(node.fd(), io_flags(flags))?;
             let fh = self.files.insert(OpenFile {
                 file,
                 counted: None,
@@ -442,10 +444,19 @@ impl Overlay {
                 cacheable: false,
             });
         }
+        let file = backing::reopen(node.fd(), io_flags(flags))?;
         // The identity check of every open: what the backing file is now.
         let st = backing::stat(file.as_fd())?;
-        let name = self.relative_name(&node);
-        let cacheable = st.st_mode & libc::S_IFMT == libc::S_IFREG
+        // The name costs a readlink: only regular files the cache could
+        // take by size need it.
+        let sized =
+            st.st_mode & libc::S_IFMT == libc::S_IFREG && self.cache.fits(st.st_size as u64);
+        let name = if sized {
+            self.relative_name(&node)
+        } else {
+            String::new()
+        };
+        let cacheable = sized
             && self
                 .cache
                 .is_cacheable(OsStr::new(&name), st.st_size as u64);

@@ -412,11 +412,15 @@ pub fn cached_files(pid: u32, backing: &Path) -> Vec<CachedFile> {
         });
     }
     let prefix = format!("{}/", backing.canonicalize().unwrap().display());
-    // path -> (mapped bytes, locked bytes); a partly locked mapping shows
-    // as several areas.
+    // path -> (mapped bytes, locked bytes). A partly locked mapping shows
+    // as several areas; an evicted entry still held open is a second,
+    // unlocked mapping of the same file. Locked bytes are the Rss of the
+    // areas flagged "lo" (smaps' own "Locked:" is proportional, so it
+    // halves when a page is mapped twice).
     let mut maps: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
     let mut current: Option<String> = None;
+    let mut rss = 0;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or("");
@@ -432,7 +436,8 @@ pub fn cached_files(pid: u32, backing: &Path) -> Vec<CachedFile> {
         let e = maps.entry(path.clone()).or_default();
         match first {
             "Size:" => e.0 += kib(words.next()),
-            "Locked:" => e.1 += kib(words.next()),
+            "Rss:" => rss = kib(words.next()),
+            "VmFlags:" if words.any(|f| f == "lo") => e.1 += rss,
             _ => {}
         }
     }
