@@ -57,8 +57,9 @@ pub enum Command {
         /// Threads that load files into the cache (default 2).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
         loader_threads: Option<u16>,
-        /// How the kernel serves reads of model files (a tuning knob; the
-        /// default was chosen by measurement, see README).
+        /// Copy mode: how the kernel serves reads of model files the cache
+        /// does not hold (cached ones are read from the page cache it keeps).
+        /// A tuning knob; the default was chosen by measurement, see README.
         #[arg(long, value_enum, default_value = "direct")]
         read_mode: ReadMode,
         /// Kernel passthrough (root, Linux 6.9+): the kernel reads open files

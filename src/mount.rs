@@ -527,6 +527,37 @@ fn describe_holders(mountpoint: &Path) -> String {
     format!("held by {}", list.join(", "))
 }
 
+/// A copy-mode daemon maps the files it caches through its own mount, so
+/// the mount is busy while it caches anything. If the daemon is its only
+/// holder, asks it to stop (SIGTERM: it lets go of its files, unmounts
+/// and exits) and waits up to 10 s for the mount to go. Returns whether
+/// it went.
+fn stop_daemon_of(mount: &mountinfo::MountEntry) -> bool {
+    let holders = mountinfo::holders(mount);
+    let [holder] = holders.as_slice() else {
+        return false;
+    };
+    let serves_fuse = std::fs::read_dir(format!("/proc/{}/fd", holder.pid))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")));
+    if holder.command != "modelcache" || !serves_fuse {
+        return false;
+    }
+    // SAFETY: plain syscall.
+    if unsafe { libc::kill(holder.pid as libc::pid_t, libc::SIGTERM) } != 0 {
+        return false;
+    }
+    for _ in 0..200 {
+        if !mountinfo::mounts().iter().any(|m| m.id == mount.id) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 /// `modelcache umount PATH [--lazy]`.
 pub fn umount_command(path: &Path, lazy: bool) -> Result<(), Error> {
     let mountpoint = absolute(path)?;
@@ -548,6 +579,7 @@ pub fn umount_command(path: &Path, lazy: bool) -> Result<(), Error> {
     }
     match unmount(&entry.mountpoint, lazy) {
         Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) && stop_daemon_of(&entry) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error(format!(
             "{mp} is busy: {}. Close those, or detach it now with `modelcache umount --lazy {mp}` \
              (it disappears at once and is released when the last user closes it)",
@@ -708,7 +740,6 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     };
     let backing_files = Arc::new(BackingFiles::new(passthrough_wanted));
     let cache = Arc::new(Cache::new(settings.cache.clone()));
-    cache.keep_in_page_cache(passthrough_wanted);
     let overlay = Arc::new(
         Overlay::new(root, cache.clone())
             .map_err(|e| Error(format!("{}: {e}", backing.display())))?,
@@ -751,6 +782,12 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
             return Err(Error(format!("FUSE handshake failed: {e}")));
         }
     };
+    let mounted_files: Arc<dyn crate::cache::MountView> =
+        Arc::new(crate::fs::mounted::MountedFiles::new(
+            mountpoint.clone(),
+            session.notifier(),
+            Arc::downgrade(&overlay),
+        ));
     let session = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || session.run())
@@ -761,7 +798,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         format!("from {}", backing.display())
     };
     let confirmed = confirm_passthrough(&mountpoint, &fuse_dev, &backing_files);
-    cache.keep_in_page_cache(matches!(confirmed, Ok(true)));
+    cache.serve_from((!matches!(confirmed, Ok(true))).then_some(mounted_files));
     let reads = match confirmed {
         Ok(true) => "passthrough".to_string(),
         Ok(false) if config.passthrough == Passthrough::On => {
@@ -828,10 +865,19 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         }
     );
     notify_ready();
-    serve_until_unmounted(&mountpoint, session, &|| match rules.reload() {
-        Ok(what) => info!("{what}"),
-        Err(e) => warn!("reload failed, the manifest in force stays: {e}"),
-    })
+    let ours = mountinfo::mount_at(&mountpoint)
+        .filter(|m| m.is_modelcache())
+        .map(|m| m.id);
+    serve_until_unmounted(
+        &mountpoint,
+        ours,
+        session,
+        &|| match rules.reload() {
+            Ok(what) => info!("{what}"),
+            Err(e) => warn!("reload failed, the manifest in force stays: {e}"),
+        },
+        &|| cache.release_all(),
+    )
 }
 
 /// How often `--metrics-file` is rewritten.
@@ -924,13 +970,20 @@ fn confirm_passthrough(
     }
 }
 
+/// Serves until the session ends: the mount was unmounted and its last
+/// user is gone. `release` lets go of the cache's own files in the mount
+/// (copy-mode entries map them): before unmounting on a stop signal, and
+/// when the mount (id `ours`) was detached from outside (`umount -l`).
 fn serve_until_unmounted(
     mountpoint: &Path,
+    ours: Option<u64>,
     session: JoinHandle<io::Result<()>>,
     reload: &dyn Fn(),
+    release: &dyn Fn(),
 ) -> Result<(), Error> {
     let mp = mountpoint.display();
     let mut stopping = false;
+    let mut detached = false;
     while !session.is_finished() {
         match wait_signal(Duration::from_millis(200)) {
             Some(libc::SIGHUP) => reload(),
@@ -941,9 +994,18 @@ fn serve_until_unmounted(
             Some(_) => {
                 stopping = true;
                 crate::notify::stopping();
+                release();
                 stop(mountpoint);
             }
             None => {}
+        }
+        if !detached
+            && let Some(id) = ours
+            && !mountinfo::mounts().iter().any(|m| m.id == id)
+        {
+            detached = true;
+            info!("{mp} was detached: releasing the cache's files in it");
+            release();
         }
     }
     match session.join() {
@@ -964,7 +1026,19 @@ fn serve_until_unmounted(
 fn stop(mountpoint: &Path) {
     let mp = mountpoint.display();
     info!("unmounting {mp}");
-    match unmount(mountpoint, false) {
+    let mut result = unmount(mountpoint, false);
+    // A loader may still hold a file in the mount for the chunk it is
+    // storing: busy with no other holder, it is ours for a moment more.
+    for _ in 0..20 {
+        let ours_only =
+            mountinfo::mount_at(mountpoint).is_some_and(|m| mountinfo::holders(&m).is_empty());
+        if !matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EBUSY)) || !ours_only {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        result = unmount(mountpoint, false);
+    }
+    match result {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
             warn!(

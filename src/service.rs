@@ -102,7 +102,7 @@ impl Daemon for MountService {
                     pinned: e.pinned,
                     protected: e.protected,
                     hits: s.hits,
-                    bytes_from_ram: s.bytes_from_ram,
+                    bytes_from_backing: s.bytes_from_backing,
                     last_access: s
                         .last_access
                         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -143,7 +143,6 @@ impl Daemon for MountService {
             counters: protocol::Counters {
                 opens_by_class: by_class(c.opens_by_class),
                 bytes_by_class: by_class(c.bytes_by_class),
-                bytes_from_ram: c.bytes_from_ram,
                 bytes_from_backing: c.bytes_from_backing,
                 file_hits: c.file_hits,
                 file_misses: c.file_misses,

@@ -1,7 +1,8 @@
 //! Counters for `status` and the metrics file, updated on opens and on
-//! reads the daemon answers. In passthrough mode the kernel serves reads
-//! without the daemon, so byte counters only count copy-mode reads; opens,
-//! hits and misses count in both modes.
+//! reads the daemon answers. The kernel serves a cached file's reads from
+//! the page cache the cache keeps, without the daemon, so byte counters only
+//! count what the daemon read from the backing file (while loading, or not
+//! cached); opens, hits and misses count every open.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use crate::gpu::ReaderClass;
 pub struct FileStats {
     /// Opens served by a fully loaded cache entry.
     pub hits: u64,
-    pub bytes_from_ram: u64,
+    /// Bytes the daemon read from the backing file for its readers.
+    pub bytes_from_backing: u64,
     pub last_access: Option<SystemTime>,
     /// Indexed by `ReaderClass::index`.
     pub classes: [bool; 3],
@@ -38,7 +40,7 @@ impl FileStats {
 pub struct Counters {
     pub opens_by_class: [u64; 3],
     pub bytes_by_class: [u64; 3],
-    pub bytes_from_ram: u64,
+    /// Bytes the daemon read from backing files for readers of model files.
     pub bytes_from_backing: u64,
     /// Opens of model files: served from a loaded entry, or not.
     pub file_hits: u64,
@@ -50,7 +52,7 @@ pub struct Counters {
 #[derive(Debug, Default)]
 pub struct FileCounters {
     hits: AtomicU64,
-    bytes_from_ram: AtomicU64,
+    bytes_from_backing: AtomicU64,
     /// Seconds since the Unix epoch; 0 = never.
     last_access: AtomicU64,
     /// Bit `ReaderClass::index` set for each class that opened it.
@@ -70,7 +72,7 @@ impl FileCounters {
         let last = self.last_access.load(Relaxed);
         FileStats {
             hits: self.hits.load(Relaxed),
-            bytes_from_ram: self.bytes_from_ram.load(Relaxed),
+            bytes_from_backing: self.bytes_from_backing.load(Relaxed),
             last_access: (last > 0).then(|| UNIX_EPOCH + Duration::from_secs(last)),
             classes: ReaderClass::ALL.map(|c| classes & (1 << c.index()) != 0),
         }
@@ -81,7 +83,6 @@ impl FileCounters {
 pub struct Stats {
     opens_by_class: [AtomicU64; 3],
     bytes_by_class: [AtomicU64; 3],
-    bytes_from_ram: AtomicU64,
     bytes_from_backing: AtomicU64,
     file_hits: AtomicU64,
     file_misses: AtomicU64,
@@ -110,15 +111,12 @@ impl Stats {
         file
     }
 
-    /// A read of a model file the daemon answered.
-    pub fn read(&self, file: &FileCounters, class: ReaderClass, bytes: u64, from_ram: bool) {
+    /// A read of a model file the daemon answered: `bytes` read from the
+    /// backing file (the page cache did not have them).
+    pub fn read(&self, file: &FileCounters, class: ReaderClass, bytes: u64) {
         self.bytes_by_class[class.index()].fetch_add(bytes, Relaxed);
-        if from_ram {
-            self.bytes_from_ram.fetch_add(bytes, Relaxed);
-            file.bytes_from_ram.fetch_add(bytes, Relaxed);
-        } else {
-            self.bytes_from_backing.fetch_add(bytes, Relaxed);
-        }
+        self.bytes_from_backing.fetch_add(bytes, Relaxed);
+        file.bytes_from_backing.fetch_add(bytes, Relaxed);
         file.touch();
     }
 
@@ -127,7 +125,6 @@ impl Stats {
         Counters {
             opens_by_class: load(&self.opens_by_class),
             bytes_by_class: load(&self.bytes_by_class),
-            bytes_from_ram: self.bytes_from_ram.load(Relaxed),
             bytes_from_backing: self.bytes_from_backing.load(Relaxed),
             file_hits: self.file_hits.load(Relaxed),
             file_misses: self.file_misses.load(Relaxed),
@@ -147,17 +144,24 @@ mod tests {
     fn opens_and_reads_add_up_per_class_and_per_file() {
         let s = Stats::default();
         let a = s.opened("a.safetensors", ReaderClass::Cuda, false);
-        s.opened("a.safetensors", ReaderClass::Cpu, true);
-        s.read(&a, ReaderClass::Cuda, 100, true);
-        s.read(&a, ReaderClass::Cpu, 30, false);
+        let a2 = s.opened("a.safetensors", ReaderClass::Cpu, true);
+        let b = s.opened("b.safetensors", ReaderClass::Cuda, false);
+        s.read(&a, ReaderClass::Cuda, 100);
+        s.read(&a2, ReaderClass::Cpu, 30);
+        s.read(&b, ReaderClass::Cuda, 5);
         let c = s.counters();
-        assert_eq!((c.file_hits, c.file_misses), (1, 1));
-        assert_eq!((c.bytes_from_ram, c.bytes_from_backing), (100, 30));
-        assert_eq!(c.opens_by_class, [1, 0, 1]);
-        assert_eq!(c.bytes_by_class, [100, 0, 30]);
+        assert_eq!((c.file_hits, c.file_misses), (1, 2));
+        assert_eq!(c.bytes_from_backing, 135);
+        assert_eq!(c.opens_by_class, [2, 0, 1]);
+        assert_eq!(c.bytes_by_class, [105, 0, 30]);
+        // Both handles of a file share its counters.
         let f = s.file("a.safetensors").unwrap();
-        assert_eq!((f.hits, f.bytes_from_ram), (1, 100));
+        assert_eq!((f.hits, f.bytes_from_backing), (1, 130));
         assert_eq!(f.class_names(), ["cuda", "cpu"]);
-        assert!(s.file("b.safetensors").is_none());
+        assert!(f.last_access.is_some());
+        let f = s.file("b.safetensors").unwrap();
+        assert_eq!((f.hits, f.bytes_from_backing), (0, 5));
+        assert_eq!(f.class_names(), ["cuda"]);
+        assert!(s.file("c.safetensors").is_none());
     }
 }

@@ -32,7 +32,7 @@ fn file(path: &str, size: u64, state: FileState, loaded: u64) -> FileStatus {
         pinned: state == FileState::Pinned,
         protected: false,
         hits: 3,
-        bytes_from_ram: 2 * size,
+        bytes_from_backing: size / 4,
         last_access: Some(1_700_000_000),
         open_handles: 1,
         passthrough_handles: 0,
@@ -64,9 +64,8 @@ fn sample_status(mountpoint: &str) -> MountStatus {
         ],
         counters: Counters {
             opens_by_class: [("cuda".to_string(), 7), ("cpu".to_string(), 2)].into(),
-            bytes_by_class: [("cuda".to_string(), 40 * GIB)].into(),
-            bytes_from_ram: 39 * GIB,
-            bytes_from_backing: GIB,
+            bytes_by_class: [("cuda".to_string(), 3 * GIB), ("cpu".to_string(), GIB)].into(),
+            bytes_from_backing: 4 * GIB,
             file_hits: 6,
             file_misses: 3,
             loads: 2,
@@ -519,7 +518,7 @@ fn status_json_schema_is_stable() {
     assert_eq!(
         keys(&v["files"][0]),
         [
-            "bytes_from_ram",
+            "bytes_from_backing",
             "hits",
             "last_access",
             "loaded_bytes",
@@ -540,7 +539,6 @@ fn status_json_schema_is_stable() {
         [
             "bytes_by_class",
             "bytes_from_backing",
-            "bytes_from_ram",
             "evictions",
             "file_hits",
             "file_misses",
@@ -552,6 +550,8 @@ fn status_json_schema_is_stable() {
         ]
     );
     assert_eq!(v["counters"]["evictions"]["cap"], 2);
+    assert_eq!(v["files"][0]["bytes_from_backing"], 13 * GIB / 4);
+    assert_eq!(v["counters"]["bytes_from_backing"], 4 * GIB);
     // Absent PSI and last access are null, and read back.
     let mut s2 = s.clone();
     s2.psi_some_avg10 = None;
@@ -690,9 +690,14 @@ fn metrics_file_is_prometheus_text() {
         (48 * GIB) as f64
     );
     assert_eq!(
-        get(&format!("modelcache_bytes_from_ram_total{{{l}}}")),
-        (39 * GIB) as f64
+        get(&format!("modelcache_bytes_from_backing_total{{{l}}}")),
+        (4 * GIB) as f64
     );
+    assert_eq!(
+        get(&format!("modelcache_read_bytes_total{{{l},class=cpu}}")),
+        GIB as f64
+    );
+    assert!(!text.contains("from_ram"), "{text}");
     assert_eq!(get(&format!("modelcache_file_hits_total{{{l}}}")), 6.0);
     assert_eq!(get(&format!("modelcache_file_misses_total{{{l}}}")), 3.0);
     assert_eq!(get(&format!("modelcache_load_seconds_total{{{l}}}")), 7.5);

@@ -222,10 +222,6 @@ fn a_process_mapping_libcudart_is_a_cuda_reader_whose_file_outlasts_cap_pressure
     assert_eq!(s["counters"]["opens_by_class"]["cuda"], 1, "{s:#}");
     assert_eq!(s["counters"]["opens_by_class"]["cpu"], 1, "{s:#}");
     assert_eq!(s["protected_bytes"], 48 * MIB);
-    assert!(
-        s["counters"]["bytes_by_class"]["cuda"].as_u64().unwrap() >= 48 * MIB,
-        "{s:#}"
-    );
     let table = modelcache(&["status", mnt.to_str().unwrap()]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(

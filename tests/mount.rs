@@ -349,6 +349,34 @@ fn a_stale_mount_after_sigkill_is_cleared_by_the_next_mount() {
     again.unmount();
 }
 
+/// In copy mode the daemon maps the files it caches through its own mount.
+/// Killed in the middle of a load, it must still exit: a descriptor it kept
+/// open in its own mount would make the kernel send a FLUSH at exit that
+/// nobody is left to answer, leaving an unkillable process.
+#[test]
+fn a_copy_mode_daemon_killed_while_loading_exits() {
+    let (_tmp, backing, mnt) = dirs();
+    write_safetensors(&backing.join("big.safetensors"), 64, 4 << 20, 5);
+    let mut m = Mounted::separate(&backing, &mnt, &["--passthrough", "off"]);
+    drop_from_page_cache(&backing.join("big.safetensors"));
+    let f = File::open(m.path("big.safetensors")).unwrap();
+    let loading = std::time::Instant::now();
+    while !m.log_text().contains("loaded big.safetensors")
+        && cached_files(m.pid(), &backing, &m.mountpoint).is_empty()
+    {
+        assert!(
+            loading.elapsed() < Duration::from_secs(20),
+            "no load started"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        m.kill_and_reap(Duration::from_secs(10)),
+        "the daemon was stuck after SIGKILL (its FUSE connection had to be aborted)"
+    );
+    drop(f);
+}
+
 #[test]
 fn sigint_unmounts_cleanly_and_exits_0() {
     let (_tmp, backing, mnt) = dirs();

@@ -17,7 +17,7 @@ const MIB: u64 = 1 << 20;
 const FILE: u64 = 256 * MIB;
 
 fn cached_names(m: &Mounted, backing: &Path) -> Vec<String> {
-    let mut names: Vec<String> = cached_files(m.pid(), backing)
+    let mut names: Vec<String> = cached_files(m.pid(), backing, &m.mountpoint)
         .into_iter()
         .map(|f| f.name)
         .collect();
@@ -96,7 +96,10 @@ fn pressure_in(mode: Mode) {
     );
     let settled = Instant::now();
     // Wait for every load to be complete (locked or sealed).
-    while cached_files(m.pid(), &backing).iter().any(|f| !f.complete) {
+    while cached_files(m.pid(), &backing, &m.mountpoint)
+        .iter()
+        .any(|f| !f.complete)
+    {
         assert!(settled.elapsed() < Duration::from_secs(20), "loads stuck");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -41,7 +41,7 @@ fn wait_cached_set(m: &Mounted, backing: &Path, names: &[&str]) {
     let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     want.sort();
     loop {
-        let files = cached_files(m.pid(), backing);
+        let files = cached_files(m.pid(), backing, &m.mountpoint);
         let mut got: Vec<String> = files
             .iter()
             .filter(|f| f.complete)
@@ -111,7 +111,7 @@ fn pinned_and_warm_files_load_at_mount_pins_first_and_pins_outlast_the_cap() {
         l.contains("evicted warm/w.gguf")
     });
     assert!(!log.contains("evicted pinned"), "{log}");
-    let names: Vec<String> = cached_files(m.pid(), &backing)
+    let names: Vec<String> = cached_files(m.pid(), &backing, &m.mountpoint)
         .into_iter()
         .map(|f| f.name)
         .collect();
@@ -138,7 +138,7 @@ fn opening_one_member_of_a_group_warms_the_others() {
     let m = Mounted::separate(&backing, &mnt, &["--manifest", manifest.to_str().unwrap()]);
     // Groups load nothing at mount.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(cached_files(m.pid(), &backing).is_empty());
+    assert!(cached_files(m.pid(), &backing, &m.mountpoint).is_empty());
 
     let f = File::open(m.path("wan/high_noise.safetensors")).unwrap();
     wait_cached_set(

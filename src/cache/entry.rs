@@ -1,6 +1,9 @@
-//! One cached file: its bytes in a memfd (copy mode) or the backing file's
-//! locked page cache (passthrough), loaded from the start by a loader and
-//! readable up to how far the load has come.
+//! One cached file: its bytes in a page cache the daemon maps, loaded from
+//! the start by a loader. In passthrough mode that is the backing file's
+//! own page cache (the kernel reads the backing file); in copy mode it is
+//! the page cache of the file as the mount shows it, which the kernel
+//! serves reads from without asking the daemon. Mapped pages survive
+//! `drop_caches` and a reader's `POSIX_FADV_DONTNEED`.
 //!
 //! A copy-mode entry's pages are locked (mlock) on top when it is pinned
 //! under `[cache] mlock = true` or a reader class's hook asks for it,
@@ -9,9 +12,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use memmap2::{MmapOptions, MmapRaw};
 use parking_lot::Mutex;
@@ -49,26 +53,42 @@ impl Identity {
     }
 }
 
-/// `modelcache:<path>`, shown in /proc/PID/fd. memfd_create takes at most
-/// 249 bytes: a long path keeps its end (the file name).
-fn memfd_name(path: &str) -> String {
-    const MAX: usize = 249 - "modelcache:".len();
-    let mut start = path.len().saturating_sub(MAX);
-    while !path.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("modelcache:{}", &path[start..])
+/// The mounted file system, as copy-mode entries need it: their bytes live
+/// in the kernel's page cache of the file in the mount.
+pub trait MountView: Send + Sync {
+    /// Opens `name` through the mount for reading, checked to be the file
+    /// `identity` describes; returns it with its node (inode) number.
+    fn open(&self, name: &str, identity: &Identity) -> io::Result<(File, u64)>;
+    /// Puts `data` into the page cache of node `node` at `offset`.
+    fn store(&self, node: u64, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Drops node `node`'s page cache, from every reader (its bytes may be
+    /// old ones).
+    fn drop_pages(&self, node: u64);
 }
 
 /// Where an entry's bytes live.
 enum Storage {
-    /// Copy mode: a memfd the loader fills, sealed once complete; the
-    /// daemon answers reads from its mapping.
-    Memfd { memfd: File, map: MmapRaw },
     /// Passthrough mode: the backing file's own page cache, which the kernel
     /// reads directly; the loader maps and locks it so that nothing (memory
     /// reclaim, drop_caches, a reader's POSIX_FADV_DONTNEED) drops it.
-    Locked(LockedPages),
+    Backing(LockedPages),
+    /// Copy mode: the page cache of the file in the mount (opened with
+    /// FOPEN_KEEP_CACHE, so the kernel keeps it across opens and serves
+    /// reads from it). The daemon answers only what is not there.
+    Mount(MountStorage),
+}
+
+/// A copy-mode entry's pages: the loader reads the backing file, stores
+/// each chunk into the mounted file's page cache (FUSE_NOTIFY_STORE) and
+/// maps it there, populated (or locked, with a reason and the budget).
+struct MountStorage {
+    view: Arc<dyn MountView>,
+    /// Set by the loader once it has opened the file through the mount:
+    /// the mapping, and the file's node number.
+    pages: OnceLock<(LockedPages, u64)>,
+    /// Held while a chunk is stored; `fence` takes it, so that after a
+    /// writer's open no chunk of older bytes can land over its writes.
+    storing: Mutex<()>,
 }
 
 /// A read-only shared mapping of the backing file, locked in RAM (or only
@@ -155,9 +175,6 @@ pub struct Entry {
     loaded: AtomicU64,
     /// Set when the entry is dropped from the cache: its load stops.
     cancelled: AtomicBool,
-    /// Set when the file changed: open handles stop reading these bytes and
-    /// go to the backing file.
-    stale: AtomicBool,
     /// Reasons to lock a copy-mode entry's pages (`LockReason`).
     lock_for_pin: AtomicBool,
     lock_for_reader: AtomicBool,
@@ -170,28 +187,14 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// An empty copy-mode entry of the file's size: a sealable memfd, not
-    /// yet filled.
-    pub fn in_memfd(id: EntryId, identity: Identity, name: &str) -> io::Result<Self> {
-        let cname =
-            std::ffi::CString::new(memfd_name(name)).unwrap_or_else(|_| c"modelcache".to_owned());
-        // SAFETY: valid NUL-terminated name; the fd returned is ours.
-        let fd = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned here.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(identity.size)?;
-        // Mapped through a read-only descriptor: a shared mapping that could
-        // ever be made writable would make the write seal fail (EBUSY).
-        let read_only = File::open(format!("/proc/self/fd/{}", memfd.as_raw_fd()))?;
-        let map = MmapOptions::new()
-            .len(identity.size as usize)
-            .map_raw_read_only(&read_only)?;
-        Ok(Self::new(id, identity, name, Storage::Memfd { memfd, map }))
+    /// An empty copy-mode entry: the loader maps the file through `view`.
+    pub fn in_mount(id: EntryId, identity: Identity, name: &str, view: Arc<dyn MountView>) -> Self {
+        let storage = Storage::Mount(MountStorage {
+            view,
+            pages: OnceLock::new(),
+            storing: Mutex::new(()),
+        });
+        Self::new(id, identity, name, storage)
     }
 
     /// A passthrough-mode entry: the backing file (`file`, open for
@@ -209,7 +212,7 @@ impl Entry {
             id,
             identity,
             name,
-            Storage::Locked(LockedPages {
+            Storage::Backing(LockedPages {
                 map,
                 page_out: AtomicBool::new(true),
             }),
@@ -224,7 +227,6 @@ impl Entry {
             storage,
             loaded: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
-            stale: AtomicBool::new(false),
             lock_for_pin: AtomicBool::new(false),
             lock_for_reader: AtomicBool::new(false),
             locked: AtomicBool::new(false),
@@ -244,69 +246,84 @@ impl Entry {
         self.loaded() == self.size()
     }
 
-    /// The bytes at `offset..offset + len` (clamped to the end of the file)
-    /// if they are loaded into a memfd; `None` sends the reader to the
-    /// backing file (which, for a passthrough entry, is where the locked
-    /// pages are: this process never touches that mapping, as the file
-    /// could shrink under it).
-    pub fn bytes(&self, offset: u64, len: u32) -> Option<&[u8]> {
-        let Storage::Memfd { map, .. } = &self.storage else {
-            return None;
-        };
-        let end = offset.saturating_add(len as u64).min(self.size());
-        if offset > end || end > self.loaded() || self.stale.load(Ordering::Acquire) {
-            return None;
-        }
-        // SAFETY: the range lies inside the mapping and below `loaded`, so
-        // the loader never writes it again; the mapping lives as long as self.
-        Some(unsafe {
-            std::slice::from_raw_parts(map.as_ptr().add(offset as usize), (end - offset) as usize)
-        })
-    }
-
     /// Stops the load. The bytes loaded so far stay valid for the handles
     /// that still hold the entry (evicted for room, they still match).
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
     }
 
-    /// The file changed: nothing may be served from these bytes any more.
-    /// Locked pages are unlocked now and kept in the page cache (they are
-    /// the file's current contents).
+    /// The file changed: the load stops and the pages are unlocked. The
+    /// backing file's pages are kept in its page cache (they are the file's
+    /// current contents); the mounted file's pages hold the old bytes and
+    /// are paged out with the entry. (The kernel drops them from every
+    /// reader at the next open, which is not FOPEN_KEEP_CACHE.)
     pub fn mark_stale(&self) {
-        self.stale.store(true, Ordering::Release);
         self.cancel();
-        if let Storage::Locked(pages) = &self.storage {
-            pages.page_out.store(false, Ordering::Relaxed);
+        if let Some(pages) = self.pages() {
+            if matches!(self.storage, Storage::Backing(_)) {
+                pages.page_out.store(false, Ordering::Relaxed);
+            }
             pages.unlock();
         }
     }
 
+    /// Whether its bytes live in the mounted file's page cache (copy mode).
+    pub fn is_in_mount(&self) -> bool {
+        matches!(self.storage, Storage::Mount(_))
+    }
+
     /// Evicted for room while open handles still hold it: the load stops,
-    /// and locked pages are unlocked now, so memory reclaim may take them
-    /// (a memfd's pages stay until the last handle closes).
+    /// and locked pages are unlocked now, so memory reclaim may take them.
     pub fn release(&self) {
         self.cancel();
-        if let Storage::Locked(pages) = &self.storage {
+        if let Some(pages) = self.pages() {
             pages.unlock();
+        }
+    }
+
+    /// Stops the load and waits until no chunk is being stored: after this,
+    /// the mounted file's page cache gets no more bytes from this entry.
+    /// Called by a writer's open, before it replies.
+    pub fn fence(&self) {
+        self.cancel();
+        if let Storage::Mount(mount) = &self.storage {
+            drop(mount.storing.lock());
         }
     }
 
     /// Whether the entry's memory is free to reclaim once it is evicted,
     /// even while handles hold it (unlocked page cache).
     pub fn reclaimable_when_evicted(&self) -> bool {
-        matches!(self.storage, Storage::Locked(_))
+        true
+    }
+
+    fn pages(&self) -> Option<&LockedPages> {
+        match &self.storage {
+            Storage::Backing(pages) => Some(pages),
+            Storage::Mount(mount) => mount.pages.get().map(|(pages, _)| pages),
+        }
+    }
+
+    /// After a failed load: the mounted file's page cache may hold a mix of
+    /// old and new bytes; every reader's copy of it is dropped.
+    pub fn drop_stored_pages(&self) {
+        if let Storage::Mount(mount) = &self.storage
+            && let Some((_, node)) = mount.pages.get()
+        {
+            mount.view.drop_pages(*node);
+        }
     }
 
     /// Whether the entry still serves the backing file now described by
-    /// `identity`. A copy (memfd) must match every field. Locked pages are
-    /// the file's own page cache, current whatever is written: the same
-    /// file at the same size will do (a `touch` or `chmod` changes ctime
-    /// and must not cost a reload from disk).
+    /// `identity`. The backing file's locked pages are its own page cache,
+    /// current whatever is written: the same file at the same size will do
+    /// (a `touch` or `chmod` changes ctime and must not cost a reload from
+    /// disk). The mounted file's page cache is a copy: every field must
+    /// match.
     pub fn serves(&self, identity: &Identity) -> bool {
         match self.storage {
-            Storage::Memfd { .. } => self.identity == *identity,
-            Storage::Locked(_) => {
+            Storage::Mount(_) => self.identity == *identity,
+            Storage::Backing(_) => {
                 (self.identity.key(), self.identity.size) == (identity.key(), identity.size)
             }
         }
@@ -326,30 +343,69 @@ impl Entry {
     /// Loads the whole file from `source` (the backing file, open for
     /// reading) in `chunk`-sized steps, so readers find the start loaded
     /// early. Stops when cancelled. The caller checks the file's identity
-    /// afterwards, then calls `finish`.
+    /// afterwards.
     pub fn load(&self, source: &File, chunk: u64) -> io::Result<()> {
+        if self.size() == 0 {
+            return Ok(());
+        }
         match &self.storage {
-            Storage::Memfd { memfd, .. } => self.fill_memfd(memfd, source, chunk),
-            Storage::Locked(pages) => self.lock_pages(&pages.map, source, chunk),
+            Storage::Mount(mount) => self.fill_mount(mount, source, chunk),
+            Storage::Backing(pages) => self.lock_pages(&pages.map, source, chunk),
         }
     }
 
-    /// Copies the backing file into the memfd, in the kernel (`sendfile`:
-    /// backing page cache to memfd pages, one copy), and drops each copied
-    /// range from the backing file's page cache so RAM does not hold the
-    /// data twice.
-    fn fill_memfd(&self, memfd: &File, source: &File, chunk: u64) -> io::Result<()> {
+    /// Reads the backing file chunk by chunk, stores each chunk into the
+    /// mounted file's page cache, maps it there (populated: one copy in
+    /// RAM, which drop_caches and POSIX_FADV_DONTNEED leave alone), and
+    /// drops the chunk from the backing file's page cache so RAM does not
+    /// hold the data twice.
+    fn fill_mount(&self, mount: &MountStorage, source: &File, chunk: u64) -> io::Result<()> {
         let size = self.size();
+        let (file, node) = mount.view.open(&self.name, &self.identity)?;
+        // Pages left from before this entry may be old bytes (the file
+        // changed behind the mount while it was not cached).
+        mount.view.drop_pages(node);
+        let map = MmapOptions::new()
+            .len(size as usize)
+            .map_raw_read_only(&file)?;
+        // Closed at once: the mapping keeps the file. A descriptor in our
+        // own mount would be flushed by the kernel when the process exits,
+        // a request that a daemon being killed can no longer answer.
+        drop(file);
+        let (pages, _) = mount.pages.get_or_init(|| {
+            let pages = LockedPages {
+                map,
+                page_out: AtomicBool::new(true),
+            };
+            (pages, node)
+        });
+        let mut buf = vec![0u8; chunk.min(size) as usize];
         let mut done = self.loaded();
-        // SAFETY: positions the memfd, which only this loader writes.
-        if unsafe { libc::lseek(memfd.as_raw_fd(), done as libc::off_t, libc::SEEK_SET) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
         while done < size {
             self.check_cancelled()?;
             let want = chunk.min(size - done);
-            send_range(memfd, source, done, want)?;
+            let data = &mut buf[..want as usize];
+            source
+                .read_exact_at(data, done)
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file shrank while loading",
+                    ),
+                    _ => e,
+                })?;
+            {
+                let _storing = mount.storing.lock();
+                self.check_cancelled()?;
+                mount.view.store(node, done, data)?;
+            }
             advise(source, done, want, libc::POSIX_FADV_DONTNEED);
+            // SAFETY: the range lies inside our mapping; populating a range
+            // past a shrunken file's end fails with an error, not a signal.
+            let ptr = unsafe { pages.map.as_mut_ptr().add(done as usize) }.cast::<libc::c_void>();
+            if unsafe { libc::madvise(ptr, want as usize, libc::MADV_POPULATE_READ) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
             done += want;
             self.loaded.store(done, Ordering::Release);
         }
@@ -424,7 +480,10 @@ impl Entry {
     /// stays cached, unlocked, and the first of each is a warning saying
     /// what to raise.
     pub fn settle_lock(&self, budget: &Arc<Mutex<PinBudget>>) {
-        let Storage::Memfd { map, .. } = &self.storage else {
+        let Storage::Mount(mount) = &self.storage else {
+            return;
+        };
+        let Some((LockedPages { map, .. }, _)) = mount.pages.get() else {
             return;
         };
         let mut held = self.lock.lock();
@@ -462,7 +521,7 @@ impl Entry {
                     budget: budget.clone(),
                     id: self.id,
                 };
-                // SAFETY: locking our own mapping of the sealed memfd.
+                // SAFETY: locking our own mapping.
                 if unsafe { libc::mlock(ptr, len) } != 0 {
                     let err = io::Error::last_os_error();
                     // SAFETY: as above; undoes whatever part got locked.
@@ -493,24 +552,6 @@ impl Entry {
                 tracing::info!("unlocked {} ({})", self.name, Bytes(self.size()));
             }
         }
-    }
-
-    /// After a complete load whose identity still matches: a memfd is
-    /// sealed (its size and bytes can never change) and mapped in whole so
-    /// the first reads take no page faults.
-    pub fn finish(&self) -> io::Result<()> {
-        let Storage::Memfd { memfd, map } = &self.storage else {
-            return Ok(());
-        };
-        let seals =
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl on our own memfd.
-        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: advice on our own mapping; failure only costs the faults.
-        unsafe { libc::madvise(map.as_mut_ptr().cast(), map.len(), libc::MADV_POPULATE_READ) };
-        Ok(())
     }
 }
 
@@ -559,18 +600,4 @@ fn advise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
             advice,
         )
     };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::memfd_name;
-
-    #[test]
-    fn memfd_names_fit_the_kernel_limit_and_keep_the_file_name() {
-        assert_eq!(memfd_name("vae/a.sft"), "modelcache:vae/a.sft");
-        let long = format!("{}/é/model.safetensors", "d".repeat(300));
-        let name = memfd_name(&long);
-        assert!(name.len() <= 249, "{}", name.len());
-        assert!(name.ends_with("/é/model.safetensors"));
-    }
 }

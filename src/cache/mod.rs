@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use budget::PinBudget;
-pub use entry::{Entry, Identity, LockReason};
+pub use entry::{Entry, Identity, LockReason, MountView};
 use policy::{Admission, EntryId, EvictReason, Key, Policy};
 
 use crate::size::Bytes;
@@ -133,9 +133,10 @@ impl std::fmt::Display for Why {
 
 struct Shared {
     config: CacheConfig,
-    /// Passthrough mode: entries keep the backing file's pages locked (the
-    /// kernel reads them directly) instead of a copy in a memfd.
-    in_page_cache: AtomicBool,
+    /// Copy mode: entries live in the mounted files' page cache, reached
+    /// through this. Without it (passthrough mode) they keep the backing
+    /// file's pages locked, which the kernel reads directly.
+    mount: parking_lot::RwLock<Option<Arc<dyn MountView>>>,
     /// The latest MemAvailable the pressure monitor saw (MAX until then).
     mem_available: AtomicU64,
     loads: LoadCounters,
@@ -222,11 +223,28 @@ impl Shared {
         }
     }
 
-    fn invalidate(&self, key: Key, why: &'static str) {
+    /// Drops the file's entry as changed. Returns every entry of the file,
+    /// resident or still held, for the caller to `fence` once the lock is
+    /// let go.
+    fn invalidate(&self, key: Key, why: &'static str) -> Vec<Arc<Entry>> {
         let mut state = self.lock();
         let evicted = state.policy.evict(key, EvictReason::Invalidated);
         Self::drop_resident(&mut state, evicted, Why::Changed(why));
         Self::stale_held(&state, key);
+        let mut of_file: Vec<Arc<Entry>> = state
+            .evicted
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|e| e.identity.key() == key)
+            .collect();
+        of_file.extend(
+            state
+                .released
+                .iter()
+                .filter(|e| e.identity.key() == key)
+                .cloned(),
+        );
+        of_file
     }
 
     /// Drops `entry` if it is still the resident entry of its file (a failed
@@ -249,6 +267,8 @@ pub struct CacheRef {
     entry: Option<Arc<Entry>>,
     /// The entry was fully loaded when the file was opened.
     hit: bool,
+    /// The entry was made at this open.
+    fresh: bool,
     /// The reader protects the entry: for this long after it closes.
     protect: Option<Duration>,
 }
@@ -261,6 +281,11 @@ impl CacheRef {
     /// Whether the open found the file already loaded (a cache hit).
     pub fn hit(&self) -> bool {
         self.hit
+    }
+
+    /// Whether the open made the entry (admission on open).
+    pub fn fresh(&self) -> bool {
+        self.fresh
     }
 }
 
@@ -389,7 +414,7 @@ impl Cache {
                 released: Vec::new(),
             }),
             config,
-            in_page_cache: AtomicBool::new(false),
+            mount: parking_lot::RwLock::new(None),
             mem_available: AtomicU64::new(u64::MAX),
             loads: LoadCounters::default(),
             pressure_events: AtomicU64::new(0),
@@ -413,11 +438,12 @@ impl Cache {
         }
     }
 
-    /// Where new entries keep their bytes: the backing file's locked page
-    /// cache (passthrough mode, where the kernel reads files directly) or
-    /// a memfd the daemon answers reads from (copy mode).
-    pub fn keep_in_page_cache(&self, yes: bool) {
-        self.shared.in_page_cache.store(yes, Ordering::Relaxed);
+    /// Where new entries keep their bytes: with `Some(mount)` (copy mode)
+    /// the page cache of the file in the mount, which the kernel serves
+    /// reads from; with `None` (passthrough mode, where the kernel reads
+    /// the backing file directly) the backing file's locked page cache.
+    pub fn serve_from(&self, mount: Option<Arc<dyn MountView>>) {
+        *self.shared.mount.write() = mount;
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -456,13 +482,13 @@ impl Cache {
         hold: ReaderHold,
     ) -> Option<CacheRef> {
         let mut state = self.shared.lock();
-        let (entry, hit) = match self.current(&mut state, identity) {
+        let (entry, hit, fresh) = match self.current(&mut state, identity) {
             Some(entry) => {
                 let hit = entry.is_complete();
-                (entry, hit)
+                (entry, hit, false)
             }
             None if self.shared.config.admit_on_open => {
-                (self.admit(&mut state, identity, name, source)?, false)
+                (self.admit(&mut state, identity, name, source)?, false, true)
             }
             None => return None,
         };
@@ -478,6 +504,7 @@ impl Cache {
             shared: self.shared.clone(),
             entry: Some(entry),
             hit,
+            fresh,
             protect: hold.protect,
         })
     }
@@ -538,6 +565,18 @@ impl Cache {
         None
     }
 
+    /// Drops the mounted file's page cache of node `node` (copy mode), for
+    /// every reader: an open that made a new entry for the file calls it
+    /// before it replies, as pages left from before may hold old bytes (the
+    /// file changed behind the mount). Never under the cache's lock: it
+    /// waits for reads of the file in flight.
+    pub fn drop_mount_pages(&self, node: u64) {
+        let mount = self.shared.mount.read().clone();
+        if let Some(mount) = mount {
+            mount.drop_pages(node);
+        }
+    }
+
     /// A new entry for the file, its load queued.
     fn admit(
         &self,
@@ -579,12 +618,11 @@ impl Cache {
             }
             Admission::Declined => return None,
         };
-        let in_page_cache = self.shared.in_page_cache.load(Ordering::Relaxed);
+        let mount = self.shared.mount.read().clone();
         let created = source().and_then(|source| {
-            let entry = if in_page_cache {
-                Entry::in_page_cache(id, identity, name, &source)?
-            } else {
-                Entry::in_memfd(id, identity, name)?
+            let entry = match mount {
+                Some(mount) => Entry::in_mount(id, identity, name, mount),
+                None => Entry::in_page_cache(id, identity, name, &source)?,
             };
             Ok((entry, source))
         });
@@ -741,6 +779,25 @@ impl Cache {
         true
     }
 
+    /// The mount is going away: every entry leaves the cache now, and
+    /// later ones keep the backing file's pages instead of the mounted
+    /// file's. A copy-mode entry maps its file through the mount, which
+    /// would keep the mount busy (and, detached, alive). Entries that open
+    /// files still hold go with their last close.
+    pub fn release_all(&self) {
+        self.serve_from(None);
+        let mut state = self.shared.lock();
+        let keys: Vec<Key> = state.resident.values().map(|e| e.identity.key()).collect();
+        for key in keys {
+            let evicted = state.policy.evict(key, EvictReason::Manual);
+            Shared::drop_resident(&mut state, evicted, Why::Room("unmounting"));
+        }
+        // Dropped here, not by the reaper: the caller unmounts next.
+        let released = std::mem::take(&mut state.released);
+        drop(state);
+        drop(released);
+    }
+
     /// Pins or unpins `name` (`modelcache pin|unpin`): its entry now if it
     /// has one, and whenever it is admitted again.
     pub fn set_pinned(&self, name: &str, pinned: bool) {
@@ -770,7 +827,9 @@ impl Cache {
     /// the cache until the returned guard (and every other) is dropped.
     pub fn open_for_write(&self, key: Key) -> WriteGuard {
         *self.shared.lock().writers.entry(key).or_insert(0) += 1;
-        self.shared.invalidate(key, "opened for writing");
+        for entry in self.shared.invalidate(key, "opened for writing") {
+            entry.fence();
+        }
         WriteGuard {
             shared: self.shared.clone(),
             key,
@@ -779,7 +838,9 @@ impl Cache {
 
     /// The file changed through the mount (truncated, replaced, removed).
     pub fn invalidate(&self, key: Key) {
-        self.shared.invalidate(key, "changed through the mount");
+        for entry in self.shared.invalidate(key, "changed through the mount") {
+            entry.fence();
+        }
     }
 
     /// Bytes of resident entries loaded so far.
@@ -835,7 +896,7 @@ fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
             if !entry.serves(&Identity::of(&st)) {
                 return Err(io::Error::other("the file changed while loading"));
             }
-            entry.finish()
+            Ok(())
         });
         match result {
             Ok(()) => {
@@ -866,6 +927,7 @@ fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
                 if let Some(shared) = shared.upgrade() {
                     shared.discard(entry);
                 }
+                entry.drop_stored_pages();
             }
         }
     }

@@ -163,15 +163,9 @@ pub fn render_metrics(status: &MountStatus) -> String {
         );
     }
     e.one(
-        "modelcache_bytes_from_ram_total",
-        "counter",
-        "Bytes served from the cache's memory.",
-        c.bytes_from_ram,
-    );
-    e.one(
         "modelcache_bytes_from_backing_total",
         "counter",
-        "Bytes of model files served from the backing directory.",
+        "Bytes the daemon read from backing files for readers of model files: reads the cache's page cache did not answer.",
         c.bytes_from_backing,
     );
     e.one(

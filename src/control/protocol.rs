@@ -133,8 +133,9 @@ pub struct FileStatus {
     pub protected: bool,
     /// Opens served from the cache.
     pub hits: u64,
-    /// Bytes read from the cache's memory.
-    pub bytes_from_ram: u64,
+    /// Bytes the daemon read from the backing file for its readers: reads
+    /// the cache's page cache did not answer (while loading, or not cached).
+    pub bytes_from_backing: u64,
     /// The last open or read, in seconds since the Unix epoch.
     #[serde(default)]
     pub last_access: Option<u64>,
@@ -152,7 +153,9 @@ pub struct Counters {
     pub opens_by_class: BTreeMap<String, u64>,
     /// Bytes read from model files by reader class.
     pub bytes_by_class: BTreeMap<String, u64>,
-    pub bytes_from_ram: u64,
+    /// Bytes the daemon read from backing files for readers of model files:
+    /// reads the cache's page cache did not answer (while loading, or not
+    /// cached).
     pub bytes_from_backing: u64,
     /// Opens of a cacheable file found in the cache, and not.
     pub file_hits: u64,

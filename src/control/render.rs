@@ -97,7 +97,7 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
             "SIZE",
             "STATE",
             "HITS",
-            "FROM RAM",
+            "FROM BACKING",
             "OPEN",
             "LAST ACCESS",
             "READERS",
@@ -115,7 +115,7 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
                     Bytes(f.size).to_string(),
                     state_label(f),
                     f.hits.to_string(),
-                    Bytes(f.bytes_from_ram).to_string(),
+                    Bytes(f.bytes_from_backing).to_string(),
                     open,
                     ago(f.last_access, now),
                     if f.reader_classes.is_empty() {
@@ -168,12 +168,9 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
         "  read       {}",
         by_class(&c.bytes_by_class, |v| Bytes(v).to_string())
     );
-    let _ = writeln!(
-        out,
-        "  served     from RAM {}, from backing {}",
-        Bytes(c.bytes_from_ram),
-        Bytes(c.bytes_from_backing)
-    );
+    // What the daemon read from backing files: the reads the page cache
+    // did not answer.
+    let _ = writeln!(out, "  backing    read {}", Bytes(c.bytes_from_backing));
     let _ = writeln!(
         out,
         "  files      hits {}, misses {}",
@@ -232,7 +229,7 @@ mod tests {
                     pinned: false,
                     protected: false,
                     hits: 0,
-                    bytes_from_ram: 0,
+                    bytes_from_backing: 0,
                     last_access: None,
                     open_handles: 0,
                     passthrough_handles: 0,
@@ -246,7 +243,7 @@ mod tests {
                     pinned: true,
                     protected: false,
                     hits: 12,
-                    bytes_from_ram: 160 * gib,
+                    bytes_from_backing: 6 * gib + gib / 2,
                     last_access: Some(1_000_000 - 12),
                     open_handles: 2,
                     passthrough_handles: 0,
@@ -255,9 +252,12 @@ mod tests {
             ],
             counters: Counters {
                 opens_by_class: [("cuda".to_string(), 12), ("cpu".to_string(), 3)].into(),
-                bytes_by_class: [("cuda".to_string(), 160 * gib)].into(),
-                bytes_from_ram: 160 * gib,
-                bytes_from_backing: gib / 2,
+                bytes_by_class: [
+                    ("cuda".to_string(), 6 * gib + gib / 2),
+                    ("cpu".to_string(), gib / 2),
+                ]
+                .into(),
+                bytes_from_backing: 7 * gib,
                 file_hits: 12,
                 file_misses: 3,
                 loads: 2,
@@ -301,7 +301,7 @@ mod tests {
             "SIZE",
             "STATE",
             "HITS",
-            "FROM RAM",
+            "FROM BACKING",
             "LAST ACCESS",
             "READERS",
         ] {
@@ -311,7 +311,7 @@ mod tests {
         let high = lines[header + 1];
         let vae = lines[header + 2];
         assert!(high.contains("diffusion_models/high.safetensors"), "{text}");
-        for want in ["13.0 GiB", "pinned", " 12 ", "160.0 GiB", "12s ago", "cuda"] {
+        for want in ["13.0 GiB", "pinned", " 12 ", "6.5 GiB", "12s ago", "cuda"] {
             assert!(high.contains(want), "{want:?} in {high:?}");
         }
         assert!(vae.contains("loading 37%"), "{vae}");
@@ -320,11 +320,20 @@ mod tests {
             vae.find("loading").unwrap(),
             "{text}"
         );
-        assert!(text.contains("opens      cpu 3, cuda 12"), "{text}");
-        assert!(
-            text.contains("served     from RAM 160.0 GiB, from backing 512.0 MiB"),
+        // The bytes read from backing, right-aligned under their header.
+        let end = |line: &str, cell: &str| line.find(cell).unwrap() + cell.len();
+        assert_eq!(
+            end(high, "6.5 GiB"),
+            end(lines[header], "FROM BACKING"),
             "{text}"
         );
+        assert_eq!(end(vae, " 0 B"), end(high, "6.5 GiB"), "{text}");
+        assert!(text.contains("opens      cpu 3, cuda 12"), "{text}");
+        assert!(
+            text.contains("read       cpu 512.0 MiB, cuda 6.5 GiB\n"),
+            "{text}"
+        );
+        assert!(text.contains("backing    read 7.0 GiB\n"), "{text}");
         assert!(text.contains("files      hits 12, misses 3"), "{text}");
         assert!(
             text.contains("loads      2, 26.0 GiB in 13.0 s (2.0 GiB/s)"),
@@ -348,6 +357,7 @@ mod tests {
         assert!(text.contains("no files in the cache"), "{text}");
         assert!(text.contains("PSI some avg10 n/a"), "{text}");
         assert!(text.contains("opens      none"), "{text}");
+        assert!(text.contains("backing    read 0 B\n"), "{text}");
         assert!(text.contains("loads      0, 0 B in 0.0 s\n"), "{text}");
     }
 

@@ -28,13 +28,14 @@ use super::{Caller, Entry, Overlay, SetAttr, Stat, TimeSpec, XattrReply};
 /// cost a LOOKUP round trip, more than the READDIRPLUS it saved.
 const DIR_CACHE_MIN_TTL: Duration = Duration::from_secs(10);
 
-/// How the kernel serves reads of a cacheable (model) file.
+/// How the kernel serves reads of a model file the cache does not hold
+/// (copy mode). A cached file is opened with FOPEN_KEEP_CACHE whatever
+/// this says: its entry *is* the file's page cache in the mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReadMode {
-    /// FOPEN_DIRECT_IO: every read comes to the daemon and is answered from
-    /// the cache's memory; no second copy in the kernel's page cache, and
-    /// nothing a reader or the kernel drops can send it back to disk. mmap
-    /// keeps working (FUSE_DIRECT_IO_ALLOW_MMAP).
+    /// FOPEN_DIRECT_IO: every read comes to the daemon, which reads the
+    /// backing file; no second copy in the kernel's page cache. mmap keeps
+    /// working (FUSE_DIRECT_IO_ALLOW_MMAP).
     Direct,
     /// The kernel's page cache of the mounted file, dropped at each open.
     PageCache,
@@ -212,12 +213,15 @@ impl Filesystem for FuseAdapter {
         // DIRECT_IO_ALLOW_MMAP: mmap of a file opened with FOPEN_DIRECT_IO.
         // ASYNC_DIO: an asynchronous (aio, io_uring) direct read goes out as
         // several requests at once; a plain read() still sends its requests
-        // one after another.
+        // one after another. AUTO_INVAL_DATA: the kernel drops a file's page
+        // cache when it sees a new mtime (a file changed behind a --backing
+        // mount), which matters for the page cache copy-mode entries keep.
         for cap in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
             InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -393,6 +397,7 @@ impl Filesystem for FuseAdapter {
         let fh = FileHandle(opened.fh);
         match self.backing_for(ino.0, opened.fh, |f| reply.open_backing(f)) {
             Some(backing) => reply.opened_passthrough(fh, FopenFlags::empty(), &backing),
+            None if opened.keep_cache => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
             None if opened.cacheable => reply.opened(fh, self.read_mode.open_flags()),
             None => reply.opened(fh, FopenFlags::empty()),
         }

@@ -6,6 +6,7 @@ pub mod backing;
 pub mod creds;
 pub mod fuse;
 pub mod inodes;
+pub mod mounted;
 pub mod passthrough;
 
 use std::collections::HashMap;
@@ -112,8 +113,9 @@ struct OpenFile {
     file: File,
     /// For a model file opened for reading: its counters and its reader.
     counted: Option<(Arc<FileCounters>, ReaderClass)>,
-    /// For a cacheable file opened for reading: the entry serving it.
-    cached: Option<CacheRef>,
+    /// For a cacheable file opened for reading: its hold on the entry
+    /// serving it (charged against the cap until the last close).
+    _cached: Option<CacheRef>,
     /// For a file opened for writing: keeps it out of the cache.
     _writing: Option<WriteGuard>,
 }
@@ -121,9 +123,12 @@ struct OpenFile {
 /// What `open` decided.
 pub struct Opened {
     pub fh: u64,
-    /// A model file opened for reading: its reads are served by the cache
-    /// (from RAM once loaded), so the kernel should send every read here.
+    /// A model file opened for reading.
     pub cacheable: bool,
+    /// Its cache entry lives in the mounted file's page cache (copy mode):
+    /// the kernel keeps that across opens (FOPEN_KEEP_CACHE) and serves
+    /// reads from it, sending only what is not there.
+    pub keep_cache: bool,
 }
 
 /// The overlay of one backing directory.
@@ -158,6 +163,12 @@ pub enum Warmed {
     NotCacheable,
     /// Cacheable, but not now: open for writing, no room, or memory low.
     Refused,
+}
+
+/// Whether thread `tid` (as a FUSE request names its caller) is one of
+/// this process's.
+fn is_own_thread(tid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
 }
 
 fn key(st: &Stat) -> inodes::InodeKey {
@@ -436,12 +447,13 @@ impl Overlay {
             let fh = self.files.insert(OpenFile {
                 file,
                 counted: None,
-                cached: None,
+                _cached: None,
                 _writing: writing,
             });
             return Ok(Opened {
                 fh,
                 cacheable: false,
+                keep_cache: false,
             });
         }
         let file = backing::reopen(node.fd(), io_flags(flags))?;
@@ -460,6 +472,21 @@ impl Overlay {
             && self
                 .cache
                 .is_cacheable(OsStr::new(&name), st.st_size as u64);
+        if cacheable && is_own_thread(pid) {
+            // A loader opening the file through the mount, to map its page
+            // cache: not a reader, and its open keeps that page cache.
+            let fh = self.files.insert(OpenFile {
+                file,
+                counted: None,
+                _cached: None,
+                _writing: None,
+            });
+            return Ok(Opened {
+                fh,
+                cacheable,
+                keep_cache: true,
+            });
+        }
         let (cached, counted) = if cacheable {
             // Classification reads /proc and never fails: an unreadable
             // process is a CPU reader.
@@ -488,13 +515,28 @@ impl Overlay {
         } else {
             (None, None)
         };
+        let keep_cache = cached.as_ref().is_some_and(|c| c.entry().is_in_mount());
+        if keep_cache && cached.as_ref().is_some_and(CacheRef::fresh) {
+            // Pages of the file the kernel kept from before this entry may
+            // be old bytes; the reply keeps the page cache, so drop them now.
+            self.cache.drop_mount_pages(id);
+        }
         let fh = self.files.insert(OpenFile {
             file,
             counted,
-            cached,
+            _cached: cached,
             _writing: None,
         });
-        Ok(Opened { fh, cacheable })
+        Ok(Opened {
+            fh,
+            cacheable,
+            keep_cache,
+        })
+    }
+
+    /// Whether node `id` is (still) the backing file `key` names.
+    pub fn is_node_of(&self, id: u64, key: inodes::InodeKey) -> bool {
+        self.inodes.get(id).is_ok_and(|node| node.key == key)
     }
 
     pub fn create(
@@ -518,14 +560,16 @@ impl Overlay {
         let fh = self.files.insert(OpenFile {
             file,
             counted: None,
-            cached: None,
+            _cached: None,
             _writing: writing,
         });
         Ok((entry, fh))
     }
 
-    /// Hands `reply` the bytes at `offset`: from the cache when that range
-    /// is loaded, else read from the backing file.
+    /// Hands `reply` the bytes at `offset`, read from the backing file.
+    /// A cached file's reads never come here once loaded: the kernel serves
+    /// them from the page cache the entry keeps (the mounted file's, or in
+    /// passthrough mode the backing file's).
     pub fn read<R>(
         &self,
         fh: u64,
@@ -534,22 +578,11 @@ impl Overlay {
         reply: impl FnOnce(&[u8]) -> R,
     ) -> io::Result<R> {
         let open = self.files.get(fh)?;
-        let count = |n: usize, from_ram: bool| {
-            if let Some((file, class)) = &open.counted {
-                self.stats.read(file, *class, n as u64, from_ram);
-            }
-        };
-        if let Some(bytes) = open
-            .cached
-            .as_ref()
-            .and_then(|c| c.entry().bytes(offset, size))
-        {
-            count(bytes.len(), true);
-            return Ok(reply(bytes));
-        }
         let mut buf = vec![0u8; size as usize];
         let n = backing::pread(&open.file, &mut buf, offset)?;
-        count(n, false);
+        if let Some((file, class)) = &open.counted {
+            self.stats.read(file, *class, n as u64);
+        }
         Ok(reply(&buf[..n]))
     }
 

@@ -44,10 +44,10 @@ const MODEL: &str = "model.safetensors";
 // ---------------------------------------------------------------------------
 
 impl Mounted {
-    /// Bytes the cache holds in RAM for `name` (a memfd's pages, or the
-    /// backing file's locked pages), if it has an entry.
+    /// Bytes the cache holds in RAM for `name` (the mounted file's resident
+    /// pages, or the backing file's locked pages), if it has an entry.
     fn cached_bytes(&self, backing: &Path, name: &str) -> Option<u64> {
-        common::cached_files(self.pid(), backing)
+        common::cached_files(self.pid(), backing, &self.mountpoint)
             .iter()
             .filter(|f| f.name == name)
             .map(|f| f.resident)
@@ -591,20 +591,11 @@ fn warm(ctx: &Ctx, mounted: &Mounted, pattern: Pattern) -> Warm {
     w
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Knob {
-    Default,
-    ReadMode,
-    Threads,
-    MaxPages,
-}
-
 /// One configuration of the sweep, mounted for the whole sweep so that its
 /// passes interleave with the other configurations' (rep 1 of every
 /// configuration, then rep 2, ...): drift over the run hits all of them.
 struct SweepRow {
     label: String,
-    knob: Knob,
     mounted: Option<Mounted>,
     seq_dropped: Series,
     comfy_dropped: Series,
@@ -620,14 +611,13 @@ struct SweepRow {
 }
 
 impl SweepRow {
-    fn new(ctx: &mut Ctx, label: String, knob: Knob, extra: &[String]) -> Self {
+    fn new(ctx: &mut Ctx, label: String, extra: &[String]) -> Self {
         let mnt = ctx.tmp.join(format!("mnt-sweep-{}", ctx.mounts));
         fs::create_dir(&mnt).expect("mkdir sweep mountpoint");
         let mut mounted = ctx.mount_at(&mnt, extra);
         load_and_first_read(ctx, &mut mounted, &label);
         Self {
             label,
-            knob,
             disk_before: mounted.disk_read_bytes(),
             mounted: Some(mounted),
             seq_dropped: Series::default(),
@@ -696,49 +686,6 @@ impl SweepRow {
     }
 }
 
-/// Per-repetition throughput gains of `new` over `base` (paired by rep), in %.
-fn paired_gains(new: &Series, base: &Series) -> Vec<f64> {
-    base.0
-        .iter()
-        .zip(&new.0)
-        .map(|(b, n)| (b.as_secs_f64() / n.as_secs_f64() - 1.0) * 100.0)
-        .collect()
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Verdict {
-    Helps,
-    Hurts,
-    Unclear,
-}
-
-/// A knob helps (hurts) if its median paired gain is over 10% (under -10%)
-/// and every repetition agrees on the sign.
-fn verdict(gains: &[f64]) -> Verdict {
-    let mut v = gains.to_vec();
-    v.sort_by(f64::total_cmp);
-    let median = v[v.len() / 2];
-    if median > 10.0 && v.iter().all(|g| *g > 0.0) {
-        Verdict::Helps
-    } else if median < -10.0 && v.iter().all(|g| *g < 0.0) {
-        Verdict::Hurts
-    } else {
-        Verdict::Unclear
-    }
-}
-
-fn describe_gains(gains: &[f64]) -> String {
-    let mut v = gains.to_vec();
-    v.sort_by(f64::total_cmp);
-    format!(
-        "{:+.0}% ({:+.0}..{:+.0}%)",
-        v[v.len() / 2],
-        v[0],
-        v[v.len() - 1]
-    )
-}
-
-/// `/proc/meminfo` fields, in bytes.
 fn meminfo(field: &str) -> u64 {
     fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -957,7 +904,7 @@ fn main() {
     }
 
     // 2.-4. One mount (defaults) that holds the file.
-    println!("== 2.-4. file cached: copy mode (--passthrough off --read-mode direct) ==");
+    println!("== 2.-4. file cached: copy mode (--passthrough off) ==");
     let warm_rows = {
         let mut mounted = ctx.mount(&[]);
         load_and_first_read(&ctx, &mut mounted, "default mount");
@@ -1022,15 +969,13 @@ fn main() {
     println!("== 5. configuration sweep (file cached; seq and ComfyUI) ==");
     let mut sweep = vec![SweepRow::new(
         &mut ctx,
-        format!("--read-mode direct --threads {default_threads} (copy-mode default)"),
-        Knob::Default,
+        format!("--read-mode direct --threads {default_threads} (default)"),
         &[],
     )];
     for mode in ["page-cache", "keep-cache"] {
         sweep.push(SweepRow::new(
             &mut ctx,
             format!("--read-mode {mode}"),
-            Knob::ReadMode,
             &args(&["--read-mode", mode]),
         ));
     }
@@ -1042,7 +987,6 @@ fn main() {
         sweep.push(SweepRow::new(
             &mut ctx,
             format!("--read-mode direct --threads {threads}"),
-            Knob::Threads,
             &args(&["--threads", &n]),
         ));
     }
@@ -1060,7 +1004,6 @@ fn main() {
                     "--read-mode direct, max_pages_limit {RAISED_MAX_PAGES} ({} MiB requests)",
                     RAISED_MAX_PAGES as usize * PAGE / MIB
                 ),
-                Knob::MaxPages,
                 &[],
             ));
             drop(guard);
@@ -1185,80 +1128,6 @@ fn main() {
         );
     }
 
-    // What limits the warm (direct-mode) numbers: each knob against the
-    // default, paired rep by rep (the passes ran back to back), per pattern.
-    let base = &sweep[0];
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let request_kib = max_pages.parse::<usize>().unwrap_or(0) * PAGE / 1024;
-    let knobs: Vec<&SweepRow> = sweep
-        .iter()
-        .filter(|r| matches!(r.knob, Knob::Threads | Knob::MaxPages))
-        .collect();
-    let mut notes = vec![format!(
-        "default-mode warm passes kept {:.2} of {cores} cores busy, other processes {:.2}",
-        base.busy(),
-        base.others()
-    )];
-    for r in &knobs {
-        notes.push(format!(
-            "{} vs default, per rep: seq {}, ComfyUI {}",
-            r.label,
-            describe_gains(&paired_gains(&r.seq_dropped, &base.seq_dropped)),
-            describe_gains(&paired_gains(&r.comfy_dropped, &base.comfy_dropped))
-        ));
-    }
-    let mut verdicts = Vec::new();
-    for (name, pick) in [
-        (
-            "seq",
-            (|r: &SweepRow| &r.seq_dropped) as fn(&SweepRow) -> &Series,
-        ),
-        ("ComfyUI", |r: &SweepRow| &r.comfy_dropped),
-    ] {
-        let judged: Vec<(&SweepRow, Verdict)> = knobs
-            .iter()
-            .map(|r| (*r, verdict(&paired_gains(pick(r), pick(base)))))
-            .collect();
-        let helps: Vec<&str> = judged
-            .iter()
-            .filter(|(_, v)| *v == Verdict::Helps)
-            .map(|(r, _)| r.label.as_str())
-            .collect();
-        let text = if judged
-            .iter()
-            .any(|(r, v)| *v == Verdict::Helps && r.knob == Knob::MaxPages)
-        {
-            format!(
-                "per-request round trips (request size = max_pages x 4 KiB = {request_kib} KiB by \
-                 default; {} helps in every rep)",
-                helps.join(", ")
-            )
-        } else if !helps.is_empty() {
-            format!(
-                "the number of FUSE threads ({} helps in every rep)",
-                helps.join(", ")
-            )
-        } else if !judged.is_empty() && judged.iter().all(|(_, v)| *v == Verdict::Hurts) {
-            "the reply copy in the daemon (more threads and larger requests are both slower)"
-                .to_string()
-        } else if base.busy() >= 0.8 * cores as f64 {
-            format!("CPU on {cores} cores (no knob helps in every rep)")
-        } else if base.busy() + base.others() >= 0.8 * cores as f64 {
-            "CPU shared with other processes (rerun on a quiet machine)".to_string()
-        } else {
-            format!(
-                "neither threads nor request size (no knob helps in every rep, cores not \
-                 saturated): the time per request, i.e. the daemon's copy of each \
-                 {request_kib} KiB reply, one request in flight per read() call"
-            )
-        };
-        verdicts.push(format!("{name}: {text}"));
-    }
-    println!(
-        "\nWarm reads are limited by: {}.\n({}.)",
-        verdicts.join("; "),
-        notes.join("; ")
-    );
     drop(ctx);
     drop(tmp);
 }

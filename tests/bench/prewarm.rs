@@ -43,7 +43,7 @@ fn read_all(dir: &Path) -> Duration {
 
 /// Bytes the cache holds complete.
 fn cached_complete(m: &Mounted, backing: &Path) -> u64 {
-    common::cached_files(m.pid(), backing)
+    common::cached_files(m.pid(), backing, &m.mountpoint)
         .iter()
         .filter(|f| f.complete)
         .map(|f| f.size)
@@ -178,7 +178,7 @@ fn main() {
             let mut hog = common::Hog::new();
             hog.grow_until_available_below(floor);
             let t = Instant::now();
-            while !common::cached_files(m.pid(), &backing).is_empty() {
+            while !common::cached_files(m.pid(), &backing, &m.mountpoint).is_empty() {
                 assert!(t.elapsed() < TIMEOUT, "the cache did not give memory back");
                 sleep(Duration::from_millis(1));
             }

@@ -159,6 +159,46 @@ impl Mounted {
         assert!(!our_mount_at(&self.mountpoint), "still mounted after exit");
     }
 
+    /// SIGKILL, then waits up to `timeout` for the daemon to be gone. If it
+    /// is stuck in the kernel (waiting on a request to its own mount, which
+    /// nobody will answer), aborts its FUSE connection so that it can exit
+    /// and the test can clean up, and returns false.
+    pub fn kill_and_reap(&mut self, timeout: Duration) -> bool {
+        // The FUSE connection is named after the mount's device minor.
+        let minor =
+            std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&self.mountpoint).unwrap());
+        let minor = libc::minor(minor);
+        let child = self.child.as_mut().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // mount(2) itself: mount(8) would stat the stuck mount and hang too.
+        // SAFETY: NUL-terminated strings; fails harmlessly if mounted.
+        let mounted = unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                c"/sys/fs/fuse/connections".as_ptr(),
+                c"fusectl".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } == 0;
+        let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
+        let _ = std::fs::write(abort, "1");
+        if mounted {
+            // SAFETY: as above; only the mount made here.
+            unsafe { libc::umount2(c"/sys/fs/fuse/connections".as_ptr(), libc::MNT_DETACH) };
+        }
+        false
+    }
+
     /// Waits for the daemon to exit by itself (after an external unmount).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.child.as_mut().unwrap();
@@ -372,54 +412,36 @@ impl Mode {
 /// One file in the daemon's cache, as /proc shows it.
 #[derive(Debug)]
 pub struct CachedFile {
-    /// Relative to the backing directory.
+    /// Relative to the backing directory (or the mount point).
     pub name: String,
     pub size: u64,
-    /// RAM it holds: a memfd's allocated pages, or the locked pages of the
-    /// backing file.
+    /// RAM it holds: the resident pages of the mounted file the daemon
+    /// maps (copy mode), or the locked pages of the backing file
+    /// (passthrough mode).
     pub resident: u64,
-    /// Fully loaded: a sealed memfd, or every page locked.
+    /// Fully loaded: every page resident (locked, in passthrough mode).
     pub complete: bool,
 }
 
-/// The daemon's cache entries: its memfds (copy mode) and its shared
-/// read-only mappings of files under `backing` (passthrough mode).
-pub fn cached_files(pid: u32, backing: &Path) -> Vec<CachedFile> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return out;
-    };
-    for fd in dir.flatten() {
-        let target = std::fs::read_link(fd.path()).unwrap_or_default();
-        let target = target.to_string_lossy();
-        let Some(name) = target.strip_prefix("/memfd:modelcache:") else {
-            continue;
-        };
-        // Closed meanwhile: it left the cache.
-        let Ok(f) = File::open(fd.path()) else {
-            continue;
-        };
-        let md = f.metadata().unwrap();
-        // SAFETY: a query on our own descriptor.
-        let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
-        out.push(CachedFile {
-            name: name.strip_suffix(" (deleted)").unwrap_or(name).to_string(),
-            size: md.len(),
-            resident: md.blocks() * 512,
-            complete: seals > 0 && seals & libc::F_SEAL_WRITE != 0,
-        });
-    }
-    let prefix = format!("{}/", backing.canonicalize().unwrap().display());
-    // path -> (mapped bytes, locked bytes). A partly locked mapping shows
+/// The daemon's cache entries: its shared read-only mappings of files in
+/// the mount (copy mode; their page cache is the cache) or of files under
+/// `backing` (passthrough mode; their locked pages are).
+pub fn cached_files(pid: u32, backing: &Path, mountpoint: &Path) -> Vec<CachedFile> {
+    let prefixes: Vec<(String, bool)> = [(backing, false), (mountpoint, true)]
+        .iter()
+        .filter_map(|(dir, in_mount)| {
+            let dir = dir.canonicalize().ok()?;
+            Some((format!("{}/", dir.display()), *in_mount))
+        })
+        .collect();
+    // path -> (mapped bytes, resident bytes). A partly locked mapping shows
     // as several areas; an evicted entry still held open is a second,
-    // unlocked mapping of the same file. Locked bytes are the Rss of the
-    // areas flagged "lo" (smaps' own "Locked:" is proportional, so it
-    // halves when a page is mapped twice).
-    let mut maps: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    // unlocked mapping of the same file. In passthrough mode resident bytes
+    // are the Rss of the areas flagged "lo" (smaps' own "Locked:" is
+    // proportional, so it halves when a page is mapped twice).
+    let mut maps: std::collections::BTreeMap<String, (u64, u64, usize)> = Default::default();
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut current: Option<String> = None;
+    let mut current: Option<(String, usize)> = None;
     let mut rss = 0;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
@@ -428,27 +450,42 @@ pub fn cached_files(pid: u32, backing: &Path) -> Vec<CachedFile> {
             let perms = words.next().unwrap_or("");
             let path: Vec<&str> = words.skip(3).collect();
             let path = path.join(" ");
-            current = (perms == "r--s" && path.starts_with(&prefix)).then_some(path);
+            current = (perms == "r--s")
+                .then(|| {
+                    prefixes
+                        .iter()
+                        .enumerate()
+                        .rev()
+                        .find(|(_, (p, _))| path.starts_with(p.as_str()))
+                        .map(|(i, _)| (path.clone(), i))
+                })
+                .flatten();
             continue;
         }
-        let Some(path) = &current else { continue };
+        let Some((path, which)) = &current else {
+            continue;
+        };
+        let in_mount = prefixes[*which].1;
         let kib = |w: Option<&str>| w.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
-        let e = maps.entry(path.clone()).or_default();
+        let e = maps.entry(path.clone()).or_insert((0, 0, *which));
         match first {
             "Size:" => e.0 += kib(words.next()),
+            "Rss:" if in_mount => e.1 += kib(words.next()),
             "Rss:" => rss = kib(words.next()),
-            "VmFlags:" if words.any(|f| f == "lo") => e.1 += rss,
+            "VmFlags:" if !in_mount && words.any(|f| f == "lo") => e.1 += rss,
             _ => {}
         }
     }
-    for (path, (mapped, locked)) in maps {
+    let mut out = Vec::new();
+    for (path, (mapped, resident, which)) in maps {
         let path = path.strip_suffix(" (deleted)").unwrap_or(&path);
+        let prefix = &prefixes[which].0;
         let size = std::fs::metadata(path).map_or(mapped, |m| m.len());
         out.push(CachedFile {
             name: path[prefix.len()..].to_string(),
             size,
-            resident: locked,
-            complete: locked >= size.next_multiple_of(4096),
+            resident,
+            complete: resident >= size.next_multiple_of(4096),
         });
     }
     out
