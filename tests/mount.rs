@@ -394,6 +394,32 @@ fn external_unmount_ends_the_daemon_with_exit_0() {
     assert!(status.success(), "daemon: {status}\n{}", m.log_text());
 }
 
+/// A copy-mode daemon maps the files it caches through its own mount, so a
+/// plain umount(2) finds the mount busy: `modelcache umount` still works
+/// (it asks the daemon to let go and stop), and so does a lazy detach from
+/// outside, after which the daemon lets go and exits by itself.
+#[test]
+fn a_copy_mode_mount_with_cached_files_unmounts_both_ways() {
+    for lazy in [false, true] {
+        let (_tmp, backing, mnt) = dirs();
+        write_safetensors(&backing.join("m.safetensors"), 4, 1 << 20, 6);
+        let mut m = Mounted::separate(&backing, &mnt, &["--passthrough", "off"]);
+        let file = m.path("m.safetensors");
+        run_ok(&mut modelcache(&[Path::new("warm"), &file]));
+        assert!(!cached_files(m.pid(), &backing, &m.mountpoint).is_empty());
+        if lazy {
+            let c = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
+            // SAFETY: NUL-terminated path of the mount this test made.
+            assert_eq!(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) }, 0);
+        } else {
+            run_ok(Command::new(bin()).arg("umount").arg(&mnt));
+        }
+        assert!(!our_mount_at(&m.mountpoint), "still mounted (lazy: {lazy})");
+        let status = m.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "daemon: {status}\n{}", m.log_text());
+    }
+}
+
 #[test]
 fn background_mode_returns_once_the_mount_is_live() {
     let (_tmp, backing, mnt) = dirs();
