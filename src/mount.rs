@@ -709,6 +709,10 @@ fn raise_nofile_limit() {
 /// `modelcache mount`: mounts, serves until unmounted or signalled, and
 /// unmounts. Returns once the mount is gone.
 pub fn run(config: MountConfig) -> Result<(), Error> {
+    // Before any thread starts (the cache's loaders and reaper, hooks...):
+    // a stop signal must reach `wait_signal`, never a thread that would let
+    // it kill the process.
+    block_signals();
     let Checked {
         backing,
         mountpoint,
@@ -733,7 +737,9 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
             )));
         }
         (Passthrough::Auto, Some(why)) => {
-            info!("passthrough off: {why}; model files are served through the daemon (copy mode)");
+            info!(
+                "passthrough off: {why}; copy mode (cached files live in the mount's page cache)"
+            );
             false
         }
         (_, None) => true,
@@ -755,7 +761,6 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     unsafe { libc::umask(0) };
     // Hold no directory busy (ours could be inside another mount).
     let _ = std::env::set_current_dir("/");
-    block_signals();
 
     let fuse_fd = fuse_mount(&mountpoint, &backing, config.allow_other)?;
     // Kept to probe passthrough on the live session.
