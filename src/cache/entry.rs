@@ -91,9 +91,10 @@ struct MountStorage {
     storing: Mutex<()>,
 }
 
-/// A read-only shared mapping of the backing file, locked in RAM (or only
-/// populated where locking is not allowed). It holds no descriptor: the
-/// daemon keeps none open on a file it merely caches.
+/// A read-only shared mapping of a file (the backing file, or the file in
+/// the mount), locked in RAM or only populated. It holds no descriptor:
+/// the daemon keeps none open on a file it merely caches (one in its own
+/// mount would be flushed at exit, a request a killed daemon cannot answer).
 struct LockedPages {
     map: MmapRaw,
     /// Page the file out when the entry goes (evicted for room); not when
@@ -289,12 +290,6 @@ impl Entry {
         if let Storage::Mount(mount) = &self.storage {
             drop(mount.storing.lock());
         }
-    }
-
-    /// Whether the entry's memory is free to reclaim once it is evicted,
-    /// even while handles hold it (unlocked page cache).
-    pub fn reclaimable_when_evicted(&self) -> bool {
-        true
     }
 
     fn pages(&self) -> Option<&LockedPages> {

@@ -693,11 +693,9 @@ impl Cache {
                 );
             }
             Shared::drop_resident(&mut state, Some(id), Why::Room("memory pressure"));
-            // Only memory that is actually given back counts: a copy still
-            // held by open handles stays until they close.
-            if state.policy.entry(id).is_none() || entry.reclaimable_when_evicted() {
-                freed += entry.size();
-            }
+            // Given back even while open handles hold it: its pages, unlocked
+            // now, are page cache that memory reclaim may take.
+            freed += entry.size();
         }
         if freed > 0 {
             self.shared.pressure_events.fetch_add(1, Ordering::Relaxed);
