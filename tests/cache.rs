@@ -260,10 +260,10 @@ fn wait_no_writer(m: &CacheMount, file: &Path) {
     });
 }
 
-/// Asserts that RAM holds one copy of a cached file. Copy mode: the memfd
-/// is the copy, so at most 5% of the backing file may be in the page cache.
-/// Passthrough mode: the backing file's locked pages are the copy; all of
-/// them stay in the page cache and the daemon has no memfd of it.
+/// Asserts that RAM holds one copy of a cached file. Copy mode: the mounted
+/// file's pages are the copy, so at most 5% of the backing file may be in
+/// the page cache. Passthrough mode: the backing file's locked pages are
+/// the copy; all of them stay in the page cache.
 #[track_caller]
 fn assert_one_copy(m: &CacheMount, mode: Mode, file: &Path, when: &str) {
     let len = fs::metadata(file).unwrap().len();
@@ -523,8 +523,8 @@ fn a_cached_file_is_read_from_ram_even_after_the_page_cache_is_dropped(mode: Mod
     wait_cached(&m, "model.safetensors", len);
     assert_one_copy(&m, mode, &file, "after the load");
 
-    // Every clean page of the page cache dropped: the cache's copy (a
-    // memfd, or locked pages) stays, and reads come from it, not the disk.
+    // Every clean page of the page cache dropped: the cache's copy (pages
+    // the daemon maps or locks) stays, and reads come from it, not the disk.
     fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
     let after_drop = read_from_ram(&m, &f, "read after drop_caches");
     assert_same(&after_drop, &want, "read after drop_caches");
@@ -575,7 +575,7 @@ fn the_cache_holds_each_open_model_file_once_and_the_page_cache_no_copy(mode: Mo
     assert_eq!(m.usage(), (files.len(), sum), "one entry per file");
     let resident = || m.cached().iter().map(|f| f.resident).sum::<u64>();
     let held = resident();
-    // Huge pages, where shmem uses them, round each memfd up to 2 MiB.
+    // Large folios may round each file's resident size up to 2 MiB.
     let slack = files.len() as u64 * 2 * MIB;
     assert!(
         (pages..=pages + slack).contains(&held),
@@ -867,8 +867,14 @@ fn non_model_files_and_tiny_model_files_are_never_cached(mode: Mode) {
             &fs::read(backing.join(name)).unwrap(),
             name,
         );
-        // An entry (memfd or mapping) is made at open, before the load:
-        // none now means none at all.
+        // The daemon makes an entry at the open, before any load (its
+        // mapping comes later in copy mode): none in its status now means
+        // none at all.
+        let status = mount_status(&m.m.mountpoint);
+        assert!(
+            status_file(&status, name).is_none(),
+            "{name} was cached: {status:#}"
+        );
         assert_eq!(m.cached_names(), Vec::<String>::new(), "{name} was cached");
     }
     // The same check sees a model file that is cached.

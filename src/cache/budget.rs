@@ -2,7 +2,7 @@
 //! RAM with mlock (pinned files under `[cache] mlock = true`, and files
 //! opened by a reader class whose hook has `mlock = true`).
 //!
-//! Only copy-mode entries (memfds) draw on it. In passthrough mode every
+//! Only copy-mode entries (the mounted file's pages) draw on it. In passthrough mode every
 //! cache entry already locks its backing file's pages, as the way it stays
 //! resident, so the budget does not apply there.
 //!

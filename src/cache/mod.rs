@@ -1,7 +1,7 @@
 //! The RAM cache of whole model files.
 //!
 //! `policy` decides (pure, no I/O); `entry` holds one file's bytes in a
-//! memfd; this module ties them together under one lock and runs the loader
+//! page cache it maps; this module ties them together under one lock and runs the loader
 //! pool. Readers hold a `CacheRef` per open file, writers a `WriteGuard`.
 
 pub mod budget;

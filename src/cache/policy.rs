@@ -57,8 +57,8 @@ pub enum Eviction {
 /// The unit of a reload's cost under [`Eviction::SizeAware`]: a file of
 /// `size` bytes costs `1 + size / RELOAD_UNIT` units to load again.
 ///
-/// Reload time grows in proportion to size; the fixed part (opening, a new
-/// memfd, the reader waiting for the first chunk) keeps small files from
+/// Reload time grows in proportion to size; the fixed part (opening, mapping,
+/// the reader waiting for the first chunk) keeps small files from
 /// being worth nothing, so recency still decides among them. 64 MiB is a
 /// few tens of milliseconds of streaming from an SSD, the order of those
 /// fixed costs.

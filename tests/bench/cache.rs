@@ -822,8 +822,8 @@ fn passthrough(ctx: &mut Ctx) -> Option<PassthroughResult> {
 }
 
 /// Waits until the mount has the file in RAM, then times one untimed-for-the-
-/// table read: the first one after the load also maps the memfd's pages into
-/// the daemon. The repetitions that follow start from that steady state.
+/// table read: the first one after the load settles the page cache and the
+/// kernel's attribute caches. The repetitions that follow start from that steady state.
 fn load_and_first_read(ctx: &Ctx, mounted: &mut Mounted, label: &str) {
     let load = mounted.admit_and_load(&ctx.backing, MODEL);
     let first = timed(Pattern::Seq, &mounted.path(MODEL), &ctx.model, ctx.expect);

@@ -394,7 +394,8 @@ pub fn page_cache_bytes(path: &Path) -> u64 {
 /// How the daemon serves model files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// The daemon answers reads from its memfd copies.
+    /// The cache keeps the mounted files' page cache, which the kernel
+    /// reads; the daemon answers only what is not there.
     Copy,
     /// The kernel reads backing files directly; the cache locks their pages.
     Passthrough,
