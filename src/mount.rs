@@ -491,7 +491,8 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
         return Ok(());
     }
     let mut cmd = Command::new(find_fusermount().unwrap_or_else(|| "fusermount3".into()));
-    cmd.arg("-u").arg("-q");
+    // Not -q: its message is how a busy mount is told from other failures.
+    cmd.arg("-u");
     if lazy {
         cmd.arg("-z");
     }

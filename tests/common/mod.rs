@@ -146,7 +146,8 @@ impl Mounted {
             }
             assert!(
                 Instant::now() < deadline,
-                "daemon did not exit after signal {signal}"
+                "daemon did not exit after signal {signal}:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
