@@ -1014,8 +1014,21 @@ fn serve_until_unmounted(
             release();
         }
     }
+    let still_mounted = || match ours {
+        Some(id) => mountinfo::mounts().iter().any(|m| m.id == id),
+        None => mountinfo::mount_at(mountpoint).is_some_and(|m| m.is_modelcache()),
+    };
     match session.join() {
         Ok(Ok(())) => {
+            info!("unmounted {mp}");
+            Ok(())
+        }
+        // The kernel answers ECONNABORTED instead of ENODEV to a worker that
+        // was taking a request (a last FORGET or RELEASE) just as the
+        // unmounted connection was torn down. With the mount gone, that is a
+        // normal end; a connection aborted under a live mount (fusectl) is
+        // still an error.
+        Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNABORTED) && !still_mounted() => {
             info!("unmounted {mp}");
             Ok(())
         }
