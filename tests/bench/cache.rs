@@ -37,6 +37,7 @@ const PAGE: usize = 4096;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_PAGES_LIMIT: &str = "/proc/sys/fs/fuse/max_pages_limit";
 const RAISED_MAX_PAGES: u32 = 1024;
+const RAISED_READAHEAD_KB: u32 = 1024;
 const MODEL: &str = "model.safetensors";
 
 // ---------------------------------------------------------------------------
@@ -504,12 +505,30 @@ impl Ctx {
 // Measurements
 // ---------------------------------------------------------------------------
 
+/// The kernel's readahead window for reads through the mount at `path`
+/// (its FUSE connection's bdi, which the kernel starts at 128 KiB; the
+/// daemon's INIT reply can only lower it). Root may raise it.
+fn set_mount_readahead_kb(path: &Path, kb: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(path).expect("stat mount").dev();
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    fs::write(&bdi, kb.to_string()).unwrap_or_else(|e| panic!("{bdi}: {e}"));
+}
+
 /// Case 1: the first read through a fresh mount (nothing cached yet) vs a
-/// direct read, both after dropping the kernel caches.
-fn cold(ctx: &mut Ctx, pattern: Pattern) -> (Series, Series) {
+/// direct read, both after dropping the kernel caches. `readahead_kb`
+/// raises the mount's readahead window (an experiment: only root can).
+fn cold(ctx: &mut Ctx, pattern: Pattern, readahead_kb: Option<u32>) -> (Series, Series) {
     println!(
-        "cold, {}: fresh mount each rep, caches dropped before each pass",
-        pattern.name()
+        "cold, {}: fresh mount each rep, caches dropped before each pass{}",
+        pattern.name(),
+        readahead_kb.map_or(String::new(), |kb| format!(
+            "; the mount's readahead raised to {kb} KiB"
+        ))
     );
     let (mut direct, mut mount) = (Series::default(), Series::default());
     for i in 1..=ctx.reps {
@@ -517,6 +536,9 @@ fn cold(ctx: &mut Ctx, pattern: Pattern) -> (Series, Series) {
         let d = timed(pattern, &ctx.direct(), &ctx.model, ctx.expect);
         let m = {
             let mounted = ctx.mount(&[]);
+            if let Some(kb) = readahead_kb {
+                set_mount_readahead_kb(&mounted.mountpoint, kb);
+            }
             drop_caches();
             timed(pattern, &mounted.path(MODEL), &ctx.model, ctx.expect)
         };
@@ -892,7 +914,7 @@ fn main() {
     println!("== 1. cold: first read through a fresh mount vs direct, caches dropped ==");
     let mut rows = Vec::new();
     for pattern in [Pattern::Seq, Pattern::Comfy] {
-        let (d, m) = cold(&mut ctx, pattern);
+        let (d, m) = cold(&mut ctx, pattern, None);
         rows.push(Row::new(
             "cold: first read (fresh mount) vs direct, caches dropped",
             pattern,
@@ -902,6 +924,17 @@ fn main() {
         ));
         println!();
     }
+    // Misses while a file loads reach the daemon in readahead-sized
+    // requests (128 KiB). Would a larger window help? Only root can try.
+    let (d, m) = cold(&mut ctx, Pattern::Comfy, Some(RAISED_READAHEAD_KB));
+    rows.push(Row::new(
+        "cold, mount readahead raised to 1 MiB (root only; experiment)",
+        Pattern::Comfy,
+        &d,
+        &m,
+        None,
+    ));
+    println!();
 
     // 2.-4. One mount (defaults) that holds the file.
     println!("== 2.-4. file cached: copy mode (--passthrough off) ==");
