@@ -901,7 +901,8 @@ fn start_pressure_monitor(cache: &Arc<Cache>, floor: &Thresholds) -> Option<Arc<
         *floor,
         Monitor::DEFAULT_INTERVAL,
         move || {
-            let sample = Sample::read()?;
+            let mut sample = Sample::read()?;
+            sample.cache_in_available = sampled.bytes_in_mem_available();
             sampled.note_available(sample.available());
             Ok(sample)
         },

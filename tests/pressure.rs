@@ -16,6 +16,9 @@ use common::*;
 const MIB: u64 = 1 << 20;
 const FILE: u64 = 256 * MIB;
 
+/// The tests read MemAvailable: one at a time.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn cached_names(m: &Mounted, backing: &Path) -> Vec<String> {
     let mut names: Vec<String> = cached_files(m.pid(), backing, &m.mountpoint)
         .into_iter()
@@ -136,8 +139,67 @@ fn pressure_in(mode: Mode) {
 /// memory use.
 #[test]
 fn under_memory_pressure_unpinned_files_go_first_and_pinned_ones_only_when_critical() {
+    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
     let kills = oom_kills();
     pressure_in(Mode::Passthrough);
     pressure_in(Mode::Copy);
     assert_eq!(oom_kills(), kills, "the OOM killer ran");
+}
+
+/// Copy mode: the cached pages are page cache, which MemAvailable counts
+/// as available, yet other processes can have them only if the cache lets
+/// them go. `min_available` is kept for others *beside* the cache, as in
+/// passthrough mode (whose locked pages MemAvailable leaves out): with
+/// MemAvailable 512 MiB over the floor, 1 GiB of it the cached file, the
+/// daemon gives the file back.
+#[test]
+fn copy_mode_keeps_the_floor_beside_its_own_pages() {
+    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+    let (tmp, backing, mnt) = dirs();
+    let size = 1024 * MIB;
+    fs::write(
+        backing.join("m.safetensors"),
+        pseudo_random(size as usize, 7),
+    )
+    .unwrap();
+    let available = mem_available();
+    let min = available - 2048 * MIB;
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(
+        &manifest,
+        format!(
+            "[cache]\nmax_size = \"2GiB\"\nmin_available = \"{}MiB\"\n\
+             critical_available = \"{}MiB\"\n",
+            min >> 20,
+            (available - 6144 * MIB) >> 20
+        ),
+    )
+    .unwrap();
+    let mut args = vec!["--manifest", manifest.to_str().unwrap()];
+    args.extend(Mode::Copy.args());
+    let m = Mounted::separate(&backing, &mnt, &args);
+    // Read without keeping it: the test's own memory must not count.
+    let mut file = File::open(m.path("m.safetensors")).unwrap();
+    std::io::copy(&mut file, &mut std::io::sink()).unwrap();
+    drop(file);
+    wait_for(&m, &backing, &["m.safetensors"], "loaded");
+    let loading = Instant::now();
+    while cached_files(m.pid(), &backing, &m.mountpoint)
+        .iter()
+        .any(|f| !f.complete)
+    {
+        assert!(loading.elapsed() < Duration::from_secs(20), "load stuck");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut hog = Hog::new();
+    hog.grow_until_available_below(min + 512 * MIB);
+    wait_for(
+        &m,
+        &backing,
+        &[],
+        "MemAvailable over the floor only by the cache's pages",
+    );
+    assert!(m.log_text().contains("memory low"), "{}", m.log_text());
+    assert!(hog.release(), "the hog was killed");
+    m.unmount();
 }

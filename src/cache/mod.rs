@@ -847,6 +847,23 @@ impl Cache {
         state.resident.values().map(|e| e.loaded()).sum()
     }
 
+    /// Bytes of the cache that the kernel counts in MemAvailable: copy-mode
+    /// pages (page cache of the mounted files) that are not locked, of
+    /// entries resident or evicted but still held. Locked pages, and
+    /// passthrough's, are not counted there.
+    pub fn bytes_in_mem_available(&self) -> u64 {
+        let state = self.shared.lock();
+        let evicted = state.evicted.values().filter_map(Weak::upgrade);
+        state
+            .resident
+            .values()
+            .cloned()
+            .chain(evicted)
+            .filter(|e| e.is_in_mount() && !e.is_locked())
+            .map(|e| e.loaded())
+            .sum()
+    }
+
     /// Bytes charged against the cap (resident, and evicted but still held).
     pub fn charged_bytes(&self) -> u64 {
         self.shared.lock().policy.charged_bytes()

@@ -163,6 +163,12 @@ pub struct Sample {
     /// The tightest cgroup limit over this process: `(memory.max,
     /// memory.current)`; `None` when unlimited.
     pub cgroup: Option<(u64, u64)>,
+    /// Of `mem_available`, the bytes that are the cache's own pages (copy
+    /// mode: page cache, mapped but not locked). They are not available to
+    /// others unless the cache lets them go, so `available` leaves them
+    /// out: the floor then means the same in both modes, and evicting
+    /// raises what the monitor sees.
+    pub cache_in_available: u64,
 }
 
 impl Sample {
@@ -190,15 +196,19 @@ impl Sample {
             psi_some_avg10,
             psi_full_avg10,
             cgroup,
+            cache_in_available: 0,
         })
     }
 
-    /// Bytes that can still be allocated: `MemAvailable`, or the room left
-    /// under the cgroup limit if that is less.
+    /// Bytes that can still be allocated without taking the cache's:
+    /// `MemAvailable` less the cache's pages counted in it, or the room
+    /// left under the cgroup limit if that is less (a cgroup counts the
+    /// cache's pages as used already).
     pub fn available(&self) -> u64 {
+        let system = self.mem_available.saturating_sub(self.cache_in_available);
         match self.cgroup {
-            Some((max, current)) => self.mem_available.min(max.saturating_sub(current)),
-            None => self.mem_available,
+            Some((max, current)) => system.min(max.saturating_sub(current)),
+            None => system,
         }
     }
 }
@@ -481,6 +491,7 @@ HugePages_Total:       0
             psi_some_avg10: None,
             psi_full_avg10: None,
             cgroup,
+            cache_in_available: 0,
         }
     }
 
@@ -496,6 +507,34 @@ HugePages_Total:       0
             2 * GIB
         );
         assert_eq!(sample(10 * GIB, Some((8 * GIB, 9 * GIB))).available(), 0);
+    }
+
+    #[test]
+    fn the_caches_own_pages_are_not_available_to_others() {
+        let copy_mode = |mem_available, cache, cgroup| Sample {
+            cache_in_available: cache,
+            ..sample(mem_available, cgroup)
+        };
+        assert_eq!(copy_mode(10 * GIB, 6 * GIB, None).available(), 4 * GIB);
+        assert_eq!(copy_mode(GIB, 2 * GIB, None).available(), 0);
+        // Under a cgroup limit they are counted as used already.
+        assert_eq!(
+            copy_mode(10 * GIB, 6 * GIB, Some((8 * GIB, 5 * GIB))).available(),
+            3 * GIB
+        );
+        // Evicting them raises what the monitor sees, so it stops.
+        let t = Thresholds::new(4 * GIB, GIB);
+        assert!(matches!(
+            assess(&copy_mode(8 * GIB, 6 * GIB, None), &t),
+            Pressure::Low { to_free } if to_free == 2 * GIB + 512 * MIB
+        ));
+        assert_eq!(
+            assess(
+                &copy_mode(8 * GIB, 6 * GIB - (2 * GIB + 512 * MIB), None),
+                &t
+            ),
+            Pressure::Calm
+        );
     }
 
     #[test]

@@ -173,20 +173,27 @@ fn main() {
                 assert!(t.elapsed() < TIMEOUT, "prewarm did not finish");
                 sleep(Duration::from_millis(5));
             }
-            // Grow another process until MemAvailable is under the floor, and
-            // time from that moment to the cache being empty.
+            // Grow another process until the memory left for others is under
+            // the floor, and time from that moment to the cache being empty.
+            // Left for others: MemAvailable, less (in copy mode) the cache's
+            // pages, which MemAvailable counts but the daemon does not.
+            let copy = *flag == "off";
+            let beside_cache = || {
+                let ours: u64 = common::cached_files(m.pid(), &backing, &m.mountpoint)
+                    .iter()
+                    .filter(|_| copy)
+                    .map(|f| f.resident)
+                    .sum();
+                common::mem_available().saturating_sub(ours)
+            };
             let mut hog = common::Hog::new();
-            hog.grow_until_available_below(floor);
+            hog.grow_until_below(floor, beside_cache);
             let t = Instant::now();
             while !common::cached_files(m.pid(), &backing, &m.mountpoint).is_empty() {
                 assert!(t.elapsed() < TIMEOUT, "the cache did not give memory back");
                 // It keeps allocating while memory is above the floor, as a
-                // hungry process does: in copy mode the cache is page cache,
-                // which MemAvailable counts, so the kernel's own reclaim can
-                // lift MemAvailable back over the floor for a moment.
-                if common::mem_available() >= floor {
-                    hog.grow_until_available_below(floor);
-                }
+                // hungry process does.
+                hog.grow_until_below(floor, beside_cache);
                 sleep(Duration::from_millis(1));
             }
             let secs = t.elapsed().as_secs_f64();
@@ -219,7 +226,8 @@ fn main() {
     }
     println!(
         "\nprewarm = from starting the daemon to every file loaded (mount time included); \
-         give back = from MemAvailable crossing the floor (another process \
-         allocating) to the cache being empty; the monitor samples every 500 ms."
+         give back = from the memory left for other processes (MemAvailable, less \
+         the cache's own pages in copy mode) crossing the floor as another process \
+         allocates, to the cache being empty; the monitor samples every 500 ms."
     );
 }

@@ -567,8 +567,14 @@ impl Hog {
 
     /// Grows until MemAvailable is under `target` (at most 16 GiB).
     pub fn grow_until_available_below(&mut self, target: u64) {
-        while mem_available() >= target {
-            assert!(self.held < 16 << 30, "MemAvailable stays above {target}");
+        self.grow_until_below(target, mem_available);
+    }
+
+    /// Grows, 64 MiB at a time, until `available()` is under `target` (at
+    /// most 16 GiB).
+    pub fn grow_until_below(&mut self, target: u64, mut available: impl FnMut() -> u64) {
+        while available() >= target {
+            assert!(self.held < 16 << 30, "available memory stays above {target}");
             self.grow(64 << 20);
         }
     }
