@@ -1012,6 +1012,7 @@ fn serve_until_unmounted(
         {
             detached = true;
             info!("{mp} was detached: releasing the cache's files in it");
+            crate::notify::stopping();
             release();
         }
     }

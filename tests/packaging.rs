@@ -648,8 +648,14 @@ struct Received {
     live: bool,
 }
 
-#[test]
-fn the_daemon_says_ready_once_the_mount_answers_and_stopping_on_sigterm() {
+/// How the mount is ended.
+enum Stop {
+    Sigterm,
+    /// `umount -l` from outside: the daemon notices and exits by itself.
+    LazyDetach,
+}
+
+fn ready_then_stopping(stop: Stop) {
     let (tmp, backing, mnt) = dirs();
     fs::write(backing.join("a.txt"), "a\n").unwrap();
     let mnt = mnt.canonicalize().unwrap();
@@ -700,14 +706,34 @@ fn the_daemon_says_ready_once_the_mount_answers_and_stopping_on_sigterm() {
 
     let log = m.log_text();
     let signalled = Instant::now();
-    m.unmount();
+    match stop {
+        Stop::Sigterm => m.unmount(),
+        Stop::LazyDetach => {
+            let mut m = m;
+            let c = CString::new(mnt.as_os_str().as_bytes()).unwrap();
+            // SAFETY: NUL-terminated path of our own mount.
+            assert_eq!(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) }, 0);
+            let status = m.wait_exit(Duration::from_secs(10));
+            assert!(status.success(), "{status}\n{}", m.log_text());
+        }
+    }
     let stopping = rx
         .recv_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|_| panic!("no STOPPING=1 after SIGTERM:\n{log}"));
+        .unwrap_or_else(|_| panic!("no STOPPING=1 once stopped:\n{log}"));
     assert_eq!(stopping.message, "STOPPING=1");
     assert!(stopping.at >= signalled && ready.at < signalled);
     // Nothing else, and nothing twice.
     assert!(rx.try_recv().is_err());
+}
+
+#[test]
+fn the_daemon_says_ready_once_the_mount_answers_and_stopping_on_sigterm() {
+    ready_then_stopping(Stop::Sigterm);
+}
+
+#[test]
+fn the_daemon_says_stopping_when_its_mount_is_detached_from_outside() {
+    ready_then_stopping(Stop::LazyDetach);
 }
 
 #[test]

@@ -574,7 +574,10 @@ impl Hog {
     /// most 16 GiB).
     pub fn grow_until_below(&mut self, target: u64, mut available: impl FnMut() -> u64) {
         while available() >= target {
-            assert!(self.held < 16 << 30, "available memory stays above {target}");
+            assert!(
+                self.held < 16 << 30,
+                "available memory stays above {target}"
+            );
             self.grow(64 << 20);
         }
     }
