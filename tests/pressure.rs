@@ -7,7 +7,7 @@ mod common;
 
 use std::fs::{self, File};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,34 @@ fn wait_for(m: &Mounted, backing: &Path, want: &[&str], why: &str) {
     }
 }
 
+/// A manifest with these floors and cap, and `rest` after `[cache]`.
+fn floors_manifest(dir: &Path, max_size: &str, min: u64, critical: u64, rest: &str) -> PathBuf {
+    let manifest = dir.join("manifest.toml");
+    fs::write(
+        &manifest,
+        format!(
+            "[cache]\nmax_size = \"{max_size}\"\nmin_available = \"{}MiB\"\n\
+             critical_available = \"{}MiB\"\n\n{rest}",
+            min >> 20,
+            critical >> 20
+        ),
+    )
+    .unwrap();
+    manifest
+}
+
+/// Waits for every load to be complete (locked or populated).
+fn wait_loads_complete(m: &Mounted, backing: &Path) {
+    let loading = Instant::now();
+    while cached_files(m.pid(), backing, &m.mountpoint)
+        .iter()
+        .any(|f| !f.complete)
+    {
+        assert!(loading.elapsed() < Duration::from_secs(20), "loads stuck");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// "Killed process" lines in the kernel log (the OOM killer's), if the
 /// log is readable here.
 fn oom_kills() -> Option<usize> {
@@ -70,17 +98,13 @@ fn pressure_in(mode: Mode) {
     let available = mem_available();
     let min = available - 1024 * MIB;
     let critical = available - 2560 * MIB;
-    let manifest = tmp.path().join("manifest.toml");
-    fs::write(
-        &manifest,
-        format!(
-            "[cache]\nmax_size = \"1GiB\"\nmin_available = \"{}MiB\"\n\
-             critical_available = \"{}MiB\"\n\n[[pin]]\npaths = [\"pinned.safetensors\"]\n",
-            min >> 20,
-            critical >> 20
-        ),
-    )
-    .unwrap();
+    let manifest = floors_manifest(
+        tmp.path(),
+        "1GiB",
+        min,
+        critical,
+        "[[pin]]\npaths = [\"pinned.safetensors\"]\n",
+    );
     let mut args = vec!["--manifest", manifest.to_str().unwrap()];
     args.extend(mode.args());
     let m = Mounted::separate(&backing, &mnt, &args);
@@ -97,15 +121,7 @@ fn pressure_in(mode: Mode) {
         &["pinned.safetensors", "u1.safetensors", "u2.safetensors"],
         "loaded",
     );
-    let settled = Instant::now();
-    // Wait for every load to be complete (locked or sealed).
-    while cached_files(m.pid(), &backing, &m.mountpoint)
-        .iter()
-        .any(|f| !f.complete)
-    {
-        assert!(settled.elapsed() < Duration::from_secs(20), "loads stuck");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_loads_complete(&m, &backing);
 
     // Under the floor (but above the critical one): the unpinned files go,
     // the pinned one stays.
@@ -164,17 +180,7 @@ fn copy_mode_keeps_the_floor_beside_its_own_pages() {
     .unwrap();
     let available = mem_available();
     let min = available - 2048 * MIB;
-    let manifest = tmp.path().join("manifest.toml");
-    fs::write(
-        &manifest,
-        format!(
-            "[cache]\nmax_size = \"2GiB\"\nmin_available = \"{}MiB\"\n\
-             critical_available = \"{}MiB\"\n",
-            min >> 20,
-            (available - 6144 * MIB) >> 20
-        ),
-    )
-    .unwrap();
+    let manifest = floors_manifest(tmp.path(), "2GiB", min, available - 6144 * MIB, "");
     let mut args = vec!["--manifest", manifest.to_str().unwrap()];
     args.extend(Mode::Copy.args());
     let m = Mounted::separate(&backing, &mnt, &args);
@@ -183,14 +189,7 @@ fn copy_mode_keeps_the_floor_beside_its_own_pages() {
     std::io::copy(&mut file, &mut std::io::sink()).unwrap();
     drop(file);
     wait_for(&m, &backing, &["m.safetensors"], "loaded");
-    let loading = Instant::now();
-    while cached_files(m.pid(), &backing, &m.mountpoint)
-        .iter()
-        .any(|f| !f.complete)
-    {
-        assert!(loading.elapsed() < Duration::from_secs(20), "load stuck");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_loads_complete(&m, &backing);
     let mut hog = Hog::new();
     hog.grow_until_available_below(min + 512 * MIB);
     wait_for(

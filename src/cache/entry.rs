@@ -89,6 +89,9 @@ struct MountStorage {
     /// Held while a chunk is stored; `fence` takes it, so that after a
     /// writer's open no chunk of older bytes can land over its writes.
     storing: Mutex<()>,
+    /// Whether the pages the kernel kept of the file from before this
+    /// entry are dropped (`drop_old_pages`).
+    old_pages_dropped: Mutex<bool>,
 }
 
 /// A read-only shared mapping of a file (the backing file, or the file in
@@ -194,6 +197,7 @@ impl Entry {
             view,
             pages: OnceLock::new(),
             storing: Mutex::new(()),
+            old_pages_dropped: Mutex::new(false),
         });
         Self::new(id, identity, name, storage)
     }
@@ -299,6 +303,23 @@ impl Entry {
         }
     }
 
+    /// Drops the pages the kernel kept of the mounted file (node `node`)
+    /// from before this entry: old bytes, if the file changed behind the
+    /// mount while it was not cached. Copy mode, once per entry: the open
+    /// that made the entry asks before it replies (its reader's cache is
+    /// kept), and the loader before its first chunk (it may start first);
+    /// the second to ask must not drop chunks stored since, so it does
+    /// nothing. Waits for reads of the file in flight.
+    pub fn drop_old_pages(&self, node: u64) {
+        if let Storage::Mount(mount) = &self.storage {
+            let mut dropped = mount.old_pages_dropped.lock();
+            if !*dropped {
+                mount.view.drop_pages(node);
+                *dropped = true;
+            }
+        }
+    }
+
     /// After a failed load: the mounted file's page cache may hold a mix of
     /// old and new bytes; every reader's copy of it is dropped.
     pub fn drop_stored_pages(&self) {
@@ -357,9 +378,7 @@ impl Entry {
     fn fill_mount(&self, mount: &MountStorage, source: &File, chunk: u64) -> io::Result<()> {
         let size = self.size();
         let (file, node) = mount.view.open(&self.name, &self.identity)?;
-        // Pages left from before this entry may be old bytes (the file
-        // changed behind the mount while it was not cached).
-        mount.view.drop_pages(node);
+        self.drop_old_pages(node);
         let map = MmapOptions::new()
             .len(size as usize)
             .map_raw_read_only(&file)?;

@@ -565,18 +565,6 @@ impl Cache {
         None
     }
 
-    /// Drops the mounted file's page cache of node `node` (copy mode), for
-    /// every reader: an open that made a new entry for the file calls it
-    /// before it replies, as pages left from before may hold old bytes (the
-    /// file changed behind the mount). Never under the cache's lock: it
-    /// waits for reads of the file in flight.
-    pub fn drop_mount_pages(&self, node: u64) {
-        let mount = self.shared.mount.read().clone();
-        if let Some(mount) = mount {
-            mount.drop_pages(node);
-        }
-    }
-
     /// A new entry for the file, its load queued.
     fn admit(
         &self,

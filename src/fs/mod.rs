@@ -516,10 +516,10 @@ impl Overlay {
             (None, None)
         };
         let keep_cache = cached.as_ref().is_some_and(|c| c.entry().is_in_mount());
-        if keep_cache && cached.as_ref().is_some_and(CacheRef::fresh) {
+        if let Some(cached) = cached.as_ref().filter(|c| c.fresh()) {
             // Pages of the file the kernel kept from before this entry may
             // be old bytes; the reply keeps the page cache, so drop them now.
-            self.cache.drop_mount_pages(id);
+            cached.entry().drop_old_pages(id);
         }
         let fh = self.files.insert(OpenFile {
             file,
