@@ -636,6 +636,36 @@ fn a_cached_file_rewritten_behind_the_mount_is_never_served_stale(mode: Mode) {
     m.unmount();
 }
 
+/// Rewritten behind the mount while it loads: the loader of the old bytes
+/// may be in the middle of storing a chunk when the next open makes a new
+/// entry; none of its chunks may be read after that open.
+fn a_file_rewritten_behind_the_mount_while_it_loads_is_never_served_stale(mode: Mode) {
+    let (_tmp, backing, mnt) = dirs();
+    let file = backing.join("model.safetensors");
+    let len = 128 * MIB;
+    write_synced(&file, &pseudo_random(len as usize, 50));
+    let m = CacheMount::new(mode, &backing, &mnt, &["--max-size", "1GiB"]);
+    let path = m.path("model.safetensors");
+    for round in 1..=3 {
+        // A new entry, loading from the disk...
+        drop(rewrite_in_place(
+            &file,
+            &pseudo_random(len as usize, 60 + round),
+        ));
+        drop_from_page_cache(&file);
+        let loading = File::open(&path).unwrap();
+        // ...rewritten meanwhile, and opened again.
+        let new = pseudo_random(len as usize, 70 + round);
+        drop(rewrite_in_place(&file, &new));
+        let f = File::open(&path).unwrap();
+        assert_same(&read_through(&f), &new, &format!("round {round}, reopened"));
+        wait_cached(&m, "model.safetensors", len);
+        assert_same(&read_through(&f), &new, &format!("round {round}, loaded"));
+        drop((loading, f));
+    }
+    m.unmount();
+}
+
 /// Replaces `file` by renaming a new file with `data` over it, behind the
 /// mount, as downloaders do.
 fn replace_by_rename(file: &Path, data: &[u8]) {
@@ -991,6 +1021,7 @@ in_both_modes!(
     a_cached_file_is_read_from_ram_even_after_the_page_cache_is_dropped,
     the_cache_holds_each_open_model_file_once_and_the_page_cache_no_copy,
     a_cached_file_rewritten_behind_the_mount_is_never_served_stale,
+    a_file_rewritten_behind_the_mount_while_it_loads_is_never_served_stale,
     a_cached_file_replaced_by_rename_behind_the_mount_is_never_served_stale,
     writing_through_the_mount_invalidates_the_cached_copy,
     the_cap_holds_when_the_files_together_exceed_it,

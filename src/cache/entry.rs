@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use memmap2::{MmapOptions, MmapRaw};
 use parking_lot::Mutex;
@@ -92,6 +92,10 @@ struct MountStorage {
     /// Whether the pages the kernel kept of the file from before this
     /// entry are dropped (`drop_old_pages`).
     old_pages_dropped: Mutex<bool>,
+    /// Earlier entries of the same file (stale, or evicted) whose loader
+    /// may still be storing a chunk: fenced before the old pages are
+    /// dropped, so that none of their chunks lands after.
+    predecessors: Vec<Weak<Entry>>,
 }
 
 /// A read-only shared mapping of a file (the backing file, or the file in
@@ -192,12 +196,20 @@ pub struct Entry {
 
 impl Entry {
     /// An empty copy-mode entry: the loader maps the file through `view`.
-    pub fn in_mount(id: EntryId, identity: Identity, name: &str, view: Arc<dyn MountView>) -> Self {
+    /// `predecessors`: earlier entries of the same file.
+    pub fn in_mount(
+        id: EntryId,
+        identity: Identity,
+        name: &str,
+        view: Arc<dyn MountView>,
+        predecessors: Vec<Weak<Entry>>,
+    ) -> Self {
         let storage = Storage::Mount(MountStorage {
             view,
             pages: OnceLock::new(),
             storing: Mutex::new(()),
             old_pages_dropped: Mutex::new(false),
+            predecessors,
         });
         Self::new(id, identity, name, storage)
     }
@@ -309,11 +321,15 @@ impl Entry {
     /// that made the entry asks before it replies (its reader's cache is
     /// kept), and the loader before its first chunk (it may start first);
     /// the second to ask must not drop chunks stored since, so it does
-    /// nothing. Waits for reads of the file in flight.
+    /// nothing. Earlier entries of the file are fenced first. Waits for
+    /// reads of the file in flight.
     pub fn drop_old_pages(&self, node: u64) {
         if let Storage::Mount(mount) = &self.storage {
             let mut dropped = mount.old_pages_dropped.lock();
             if !*dropped {
+                for earlier in mount.predecessors.iter().filter_map(Weak::upgrade) {
+                    earlier.fence();
+                }
                 mount.view.drop_pages(node);
                 *dropped = true;
             }

@@ -111,6 +111,10 @@ struct State {
     /// it: freeing a multi-gigabyte mapping takes long, and must hold up
     /// neither the lock nor a FUSE thread.
     released: Vec<Arc<Entry>>,
+    /// Every entry made for each file, while anything holds it (a reader,
+    /// the reaper, a loader still storing): a new entry of the file fences
+    /// them before dropping the file's old pages.
+    made: HashMap<Key, Vec<Weak<Entry>>>,
 }
 
 /// Why entries leave the cache, for the log and for what open handles may
@@ -412,6 +416,7 @@ impl Cache {
                 pins: HashSet::new(),
                 evicted: HashMap::new(),
                 released: Vec::new(),
+                made: HashMap::new(),
             }),
             config,
             mount: parking_lot::RwLock::new(None),
@@ -607,9 +612,12 @@ impl Cache {
             Admission::Declined => return None,
         };
         let mount = self.shared.mount.read().clone();
+        let made = state.made.entry(key).or_default();
+        made.retain(|e| e.strong_count() > 0);
+        let earlier = made.clone();
         let created = source().and_then(|source| {
             let entry = match mount {
-                Some(mount) => Entry::in_mount(id, identity, name, mount),
+                Some(mount) => Entry::in_mount(id, identity, name, mount, earlier),
                 None => Entry::in_page_cache(id, identity, name, &source)?,
             };
             Ok((entry, source))
@@ -623,6 +631,11 @@ impl Cache {
             }
         };
         state.resident.insert(id, entry.clone());
+        state
+            .made
+            .entry(key)
+            .or_default()
+            .push(Arc::downgrade(&entry));
         if state.pins.contains(name) {
             self.pin_entry(state, &entry, true);
         }
