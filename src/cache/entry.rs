@@ -300,7 +300,8 @@ impl Entry {
 
     /// Stops the load and waits until no chunk is being stored: after this,
     /// the mounted file's page cache gets no more bytes from this entry.
-    /// Called by a writer's open, before it replies.
+    /// Called by a writer's open, before it replies, and before a newer
+    /// entry of the file drops its old pages.
     pub fn fence(&self) {
         self.cancel();
         if let Storage::Mount(mount) = &self.storage {
