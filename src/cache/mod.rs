@@ -271,8 +271,6 @@ pub struct CacheRef {
     entry: Option<Arc<Entry>>,
     /// The entry was fully loaded when the file was opened.
     hit: bool,
-    /// The entry was made at this open.
-    fresh: bool,
     /// The reader protects the entry: for this long after it closes.
     protect: Option<Duration>,
 }
@@ -285,11 +283,6 @@ impl CacheRef {
     /// Whether the open found the file already loaded (a cache hit).
     pub fn hit(&self) -> bool {
         self.hit
-    }
-
-    /// Whether the open made the entry (admission on open).
-    pub fn fresh(&self) -> bool {
-        self.fresh
     }
 }
 
@@ -487,13 +480,13 @@ impl Cache {
         hold: ReaderHold,
     ) -> Option<CacheRef> {
         let mut state = self.shared.lock();
-        let (entry, hit, fresh) = match self.current(&mut state, identity) {
+        let (entry, hit) = match self.current(&mut state, identity) {
             Some(entry) => {
                 let hit = entry.is_complete();
-                (entry, hit, false)
+                (entry, hit)
             }
             None if self.shared.config.admit_on_open => {
-                (self.admit(&mut state, identity, name, source)?, false, true)
+                (self.admit(&mut state, identity, name, source)?, false)
             }
             None => return None,
         };
@@ -509,7 +502,6 @@ impl Cache {
             shared: self.shared.clone(),
             entry: Some(entry),
             hit,
-            fresh,
             protect: hold.protect,
         })
     }

@@ -516,9 +516,11 @@ impl Overlay {
             (None, None)
         };
         let keep_cache = cached.as_ref().is_some_and(|c| c.entry().is_in_mount());
-        if let Some(cached) = cached.as_ref().filter(|c| c.fresh()) {
+        if let Some(cached) = &cached {
             // Pages of the file the kernel kept from before this entry may
-            // be old bytes; the reply keeps the page cache, so drop them now.
+            // be old bytes; the reply keeps the page cache, so they go now
+            // if its loader has not dropped them yet (an entry warmed by
+            // the manifest may still wait for a loader).
             cached.entry().drop_old_pages(id);
         }
         let fh = self.files.insert(OpenFile {
