@@ -108,6 +108,13 @@ else
     confdir=$config/modelcache
 fi
 docdir=$prefix/share/doc/modelcache
+# man finds $prefix/share/man for $prefix/bin in PATH; bash-completion and
+# fish look in these folders of ~/.local/share (or the prefix's share);
+# zsh only in folders named in its fpath.
+mandir=$prefix/share/man/man1
+bashdir=$prefix/share/bash-completion/completions
+zshdir=$prefix/share/zsh/site-functions
+fishdir=$prefix/share/fish/vendor_completions.d
 datadir=$prefix/share/modelcache
 record=$datadir/installed-files
 manifest=$confdir/manifest.toml
@@ -128,8 +135,10 @@ done
 # into the record, so that --uninstall still finds everything installed.
 tmp=''
 new_record=''
+generated=''
 cleanup() {
     [ -z "$tmp" ] || rm -f "$tmp"
+    [ -z "$generated" ] || rm -rf "$generated"
     if [ -n "$new_record" ] && [ -f "$new_record" ]; then
         cat "$record" "$new_record" 2>/dev/null | LC_ALL=C sort -u >"$new_record.merged" &&
             mv -f "$new_record.merged" "$record"
@@ -238,9 +247,30 @@ else
         die "fuse3 is installed but fusermount3 is not in PATH ($PATH)"
 fi
 
+# Distributions package old toolchains (Debian 12's cargo is 1.63): say so
+# before a build fails on the edition or a dependency.
+rustup_hint="install a current toolchain with rustup (https://rustup.rs: curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), open a new shell, then run $me again"
+check_cargo() {
+    need=$(sed -n 's/^rust-version = "\([0-9.]*\)"$/\1/p' "$src/Cargo.toml")
+    [ -n "$need" ] || die "Cargo.toml has no rust-version line"
+    have=$(cargo --version 2>/dev/null | awk '{ print $2 }')
+    [ -n "$have" ] || die "\`cargo --version\` failed: $rustup_hint"
+    older=$(printf '%s\n%s\n' "$have" "$need" | awk -F. '
+        NR == 1 { split($0, h, ".") }
+        NR == 2 { split($0, n, ".")
+            for (i = 1; i <= 3; i++) {
+                if ((h[i] + 0) < (n[i] + 0)) { print "yes"; exit }
+                if ((h[i] + 0) > (n[i] + 0)) { print "no"; exit }
+            }
+            print "no" }')
+    [ "$older" = no ] ||
+        die "cargo $have is too old: modelcache needs Rust $need or newer; $rustup_hint (or pass --binary PATH)"
+}
+
 if [ -z "$binary" ]; then
     command -v cargo >/dev/null 2>&1 ||
-        die "cargo was not found: install Rust (rustup.rs or your distribution's cargo package), or pass --binary PATH"
+        die "cargo was not found: modelcache is built with Rust; $rustup_hint (or pass --binary PATH)"
+    check_cargo
     say "building: cargo build --release (in $src)"
     (cd "$src" && cargo build --release) ||
         die "cargo build --release failed (above); fix that, or pass --binary PATH"
@@ -299,7 +329,7 @@ else
     mkdir -p "$parent"
     printf '%s' "$missing" | sed 's/^/d /' >"$new_record"
 fi
-for dir in "$bindir" "$unitdir" "$confdir" "$docdir"; do
+for dir in "$bindir" "$unitdir" "$confdir" "$docdir" "$mandir" "$bashdir" "$zshdir" "$fishdir"; do
     make_dir "$dir"
 done
 
@@ -323,6 +353,24 @@ for doc in README.md mount/manifest.comfyui.toml mount/manifest.example.toml; do
     cp "$src/$doc" "$tmp"
     commit "$docdir/$(basename "$doc")" 644
 done
+
+# Man pages and completions, made by the binary from its own definitions.
+generated=$(mktemp -d "${TMPDIR:-/tmp}/modelcache-install.XXXXXX")
+"$bin_dest" generate "$generated" || die "$bin_dest generate failed (above)"
+for page in "$generated"/man1/*.1; do
+    tmp=$mandir/$(basename "$page").new.$$
+    cp "$page" "$tmp"
+    commit "$mandir/$(basename "$page")" 644
+done
+for pair in "modelcache.bash $bashdir/modelcache" "_modelcache $zshdir/_modelcache" \
+    "modelcache.fish $fishdir/modelcache.fish"; do
+    dest=${pair#* }
+    tmp=$dest.new.$$
+    cp "$generated/completions/${pair%% *}" "$tmp"
+    commit "$dest" 644
+done
+rm -rf "$generated"
+generated=''
 
 # The manifest is the user's: created once, never replaced. The record keeps
 # its checksum as installed, so --uninstall can tell whether it was edited.
@@ -360,11 +408,18 @@ if [ -z "$custom_prefix" ]; then
         *":$bindir:"*) ;;
         *) warn "$bindir is not in PATH: add it (e.g. in ~/.profile) to run modelcache by name" ;;
     esac
+    case ":${FPATH:-}:" in
+        *":$zshdir:"*) ;;
+        *) [ "$(basename "${SHELL:-}")" != zsh ] || say "zsh completions: add $zshdir to fpath (fpath+=($zshdir) in ~/.zshrc, before compinit)" ;;
+    esac
     cat <<EOF
 
+Check this machine:  modelcache doctor ~/ComfyUI/models
 Mount your ComfyUI models folder now and at every login:
   systemctl --user enable --now "modelcache@\$(systemd-escape --path ~/ComfyUI/models).service"
-  modelcache status
+or only until you stop it, in a terminal:
+  modelcache mount ~/ComfyUI/models
+Then see what it holds:  modelcache status   (and: man modelcache)
 Remove it again with: $0 --uninstall
 EOF
 fi

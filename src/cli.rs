@@ -147,4 +147,74 @@ pub enum Command {
         /// A modelcache mount point (or any path in the mount).
         mountpoint: Option<PathBuf>,
     },
+    /// Check what a mount needs (fusermount3, /dev/fuse, fuse.conf, memory
+    /// limits) and print one line per check with the fix for each problem.
+    /// Exits 1 when something would block a mount.
+    Doctor {
+        /// The directory to be mounted (in place), checked as a mount point.
+        dir: Option<PathBuf>,
+        /// Check for a mount with --allow-other.
+        #[arg(long)]
+        allow_other: bool,
+        /// The manifest the mount would use (default: as `mount`).
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        /// The cap the mount would be given (as `mount --max-size`).
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<SizeSpec>,
+    },
+    /// Write the man pages (DIR/man1/*.1) and shell completions
+    /// (DIR/completions: bash, zsh, fish) made from these definitions; for
+    /// install.sh and the .deb.
+    #[command(hide = true)]
+    Generate {
+        /// The directory to write into (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// The shells whose completions `generate` writes, with the file name each
+/// one's completion loader looks for.
+const COMPLETIONS: [(clap_complete::Shell, &str); 3] = [
+    (clap_complete::Shell::Bash, "modelcache.bash"),
+    (clap_complete::Shell::Zsh, "_modelcache"),
+    (clap_complete::Shell::Fish, "modelcache.fish"),
+];
+
+/// Writes the man pages and completions made from the definitions above,
+/// so that they can never disagree with `--help`.
+pub fn generate(dir: &std::path::Path) -> Result<(), crate::Error> {
+    use clap::CommandFactory;
+    let failed = |what: &std::path::Path, e: std::io::Error| {
+        crate::Error(format!("cannot write {}: {e}", what.display()))
+    };
+    let man = dir.join("man1");
+    let completions = dir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).map_err(|e| failed(d, e))?;
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    // One page for modelcache(1), one per verb (modelcache-mount(1), …);
+    // none for `help` or hidden verbs.
+    let verbs = cmd
+        .get_subcommands()
+        .filter(|v| !v.is_hide_set() && v.get_name() != "help")
+        .map(|v| {
+            let name = format!("modelcache-{}", v.get_name());
+            v.clone().name(name.clone()).display_name(name)
+        });
+    for page in std::iter::once(cmd.clone()).chain(verbs) {
+        let path = man.join(format!("{}.1", page.get_name()));
+        let mut file = std::fs::File::create(&path).map_err(|e| failed(&path, e))?;
+        clap_mangen::Man::new(page)
+            .render(&mut file)
+            .map_err(|e| failed(&path, e))?;
+    }
+    for (shell, name) in COMPLETIONS {
+        let path = completions.join(name);
+        let mut file = std::fs::File::create(&path).map_err(|e| failed(&path, e))?;
+        clap_complete::generate(shell, &mut cmd, "modelcache", &mut file);
+    }
+    Ok(())
 }

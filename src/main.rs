@@ -72,6 +72,13 @@ fn main() -> ExitCode {
         Command::Pin { paths } => control::client::pin_command(&paths),
         Command::Unpin { paths } => control::client::unpin_command(&paths),
         Command::Reload { mountpoint } => control::client::reload_command(mountpoint.as_deref()),
+        Command::Doctor {
+            dir,
+            allow_other,
+            manifest,
+            max_size,
+        } => modelcache::doctor::doctor_command(dir.as_deref(), allow_other, manifest, max_size),
+        Command::Generate { dir } => modelcache::cli::generate(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

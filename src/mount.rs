@@ -142,7 +142,7 @@ fn default_metadata_ttl(in_place: bool) -> Duration {
 /// `--background` reports that its mount is live.
 const READY_FD_ENV: &str = "MODELCACHE_READY_FD";
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: no arguments.
     unsafe { libc::geteuid() == 0 }
 }
@@ -156,7 +156,7 @@ pub const DEFAULT_THREADS: usize = 8;
 
 /// An absolute path whose parent is resolved, without touching the last
 /// component (which may be a dead mount that cannot be stat'ed).
-fn absolute(path: &Path) -> Result<PathBuf, Error> {
+pub(crate) fn absolute(path: &Path) -> Result<PathBuf, Error> {
     let abs = std::path::absolute(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
     match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) => match parent.canonicalize() {
@@ -173,7 +173,7 @@ fn absolute(path: &Path) -> Result<PathBuf, Error> {
     }
 }
 
-fn find_fusermount() -> Option<PathBuf> {
+pub(crate) fn find_fusermount() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     std::env::split_paths(&path)
         .map(|dir| dir.join("fusermount3"))
@@ -182,7 +182,7 @@ fn find_fusermount() -> Option<PathBuf> {
 
 /// Whether the daemon behind a FUSE mount answers.
 #[derive(Debug, PartialEq)]
-enum Liveness {
+pub(crate) enum Liveness {
     Alive,
     /// The daemon is gone: "Transport endpoint is not connected".
     Dead,
@@ -193,7 +193,7 @@ enum Liveness {
 /// Asks the mount for statfs, which the kernel never answers from a cache
 /// (a stat could be served from cached attributes for a second after the
 /// daemon died). Runs on a helper thread so a hung daemon cannot hang us.
-fn probe(mountpoint: &Path) -> Liveness {
+pub(crate) fn probe(mountpoint: &Path) -> Liveness {
     let (tx, rx) = std::sync::mpsc::channel();
     let path = CString::new(mountpoint.as_os_str().as_bytes()).expect("checked for NUL");
     std::thread::spawn(move || {

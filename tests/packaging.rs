@@ -87,10 +87,11 @@ impl Sandbox {
         self.path("prefix")
     }
 
-    /// `sh packaging/install.sh ARGS`, with the sandbox's HOME and config.
+    /// `packaging/install.sh ARGS` as README writes it (run from the
+    /// source tree, by its own `#!` line), with the sandbox's HOME and config.
     fn run(&self, args: &[&str]) -> Output {
-        Command::new("sh")
-            .arg(repo().join("packaging/install.sh"))
+        Command::new("packaging/install.sh")
+            .current_dir(repo())
             .args(args)
             .env("HOME", self.path("home"))
             .env("XDG_CONFIG_HOME", self.path("config"))
@@ -107,8 +108,8 @@ impl Sandbox {
 
     /// `run` with PATH set to `path`.
     fn run_with_path(&self, args: &[&str], path: &Path) -> Output {
-        Command::new("sh")
-            .arg(repo().join("packaging/install.sh"))
+        Command::new("packaging/install.sh")
+            .current_dir(repo())
             .args(args)
             .env("HOME", self.path("home"))
             .env("XDG_CONFIG_HOME", self.path("config"))
@@ -192,8 +193,18 @@ fn installing_twice_gives_the_same_tree_and_a_working_binary() {
         "{second}"
     );
 
+    // One man page per verb, made from the CLI definitions; the rest by name.
+    let (pages, others): (Vec<String>, Vec<String>) = names(&twice)
+        .into_iter()
+        .partition(|n| n.starts_with("share/man/man1/"));
+    for page in ["modelcache.1", "modelcache-mount.1", "modelcache-doctor.1"] {
+        assert!(
+            pages.contains(&format!("share/man/man1/{page}")),
+            "{page} not in {pages:?}"
+        );
+    }
     assert_eq!(
-        names(&twice),
+        others,
         [
             "bin",
             "bin/modelcache",
@@ -201,16 +212,27 @@ fn installing_twice_gives_the_same_tree_and_a_working_binary() {
             "etc/modelcache",
             "etc/modelcache/manifest.toml",
             "share",
+            "share/bash-completion",
+            "share/bash-completion/completions",
+            "share/bash-completion/completions/modelcache",
             "share/doc",
             "share/doc/modelcache",
             "share/doc/modelcache/README.md",
             "share/doc/modelcache/manifest.comfyui.toml",
             "share/doc/modelcache/manifest.example.toml",
+            "share/fish",
+            "share/fish/vendor_completions.d",
+            "share/fish/vendor_completions.d/modelcache.fish",
+            "share/man",
+            "share/man/man1",
             "share/modelcache",
             "share/modelcache/installed-files",
             "share/systemd",
             "share/systemd/user",
             "share/systemd/user/modelcache@.service",
+            "share/zsh",
+            "share/zsh/site-functions",
+            "share/zsh/site-functions/_modelcache",
         ]
     );
     // The binary works from where it was installed.
@@ -364,8 +386,8 @@ fn a_missing_fusermount3_is_installed_with_the_package_manager() {
     let tools = s.path("tools");
     fs::create_dir(&tools).unwrap();
     for tool in [
-        "awk", "basename", "cat", "chmod", "cksum", "cp", "dirname", "grep", "id", "mkdir", "mv",
-        "rm", "rmdir", "sed", "sh", "sort",
+        "awk", "basename", "cat", "chmod", "cksum", "cp", "dirname", "grep", "id", "mkdir",
+        "mktemp", "mv", "rm", "rmdir", "sed", "sh", "sort",
     ] {
         let real = ["/usr/bin", "/bin"]
             .iter()

@@ -59,7 +59,7 @@ fn has_cap_sys_admin() -> bool {
 }
 
 /// (major, minor) of the running kernel.
-fn kernel_release() -> Option<(u32, u32)> {
+pub(crate) fn kernel_release() -> Option<(u32, u32)> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
     parse_release(&release)
 }
