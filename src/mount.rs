@@ -161,6 +161,7 @@ pub(crate) fn absolute(path: &Path) -> Result<PathBuf, Error> {
     match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) => match parent.canonicalize() {
             Ok(parent) => Ok(parent.join(name)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(no_such_directory(&abs, "")),
             Err(e) => Err(Error(format!(
                 "mount point {}: its parent {}: {e}",
                 path.display(),
@@ -171,6 +172,120 @@ pub(crate) fn absolute(path: &Path) -> Result<PathBuf, Error> {
             .canonicalize()
             .map_err(|e| Error(format!("{}: {e}", path.display()))),
     }
+}
+
+/// The directory name among `candidates` nearest to `name` by edit distance
+/// (a transposition is one edit), when near enough to be a typo: at most
+/// max(2, a third of its length) edits, and fewer than its length. Ties go to
+/// the first in sorted order, so the answer does not depend on listing order.
+fn nearest_name<'a>(name: &str, candidates: &'a [String]) -> Option<&'a str> {
+    let len = name.chars().count();
+    let limit = (len / 3).max(2).min(len.saturating_sub(1));
+    candidates
+        .iter()
+        .filter(|c| c.as_str() != name)
+        .map(|c| (strsim::damerau_levenshtein(name, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)))
+        .map(|(_, c)| c.as_str())
+}
+
+/// "no such directory: PATH[what]", naming the ancestor that is missing
+/// when it is not PATH itself, and the suggestion, if any.
+fn no_such_directory_message(
+    path: &Path,
+    what: &str,
+    missing: &Path,
+    suggestion: Option<&Path>,
+) -> String {
+    let mut msg = format!("no such directory: {}{what}", path.display());
+    if missing != path {
+        msg.push_str(&format!(": {} does not exist", missing.display()));
+    }
+    if let Some(s) = suggestion {
+        msg.push_str(&format!(" — did you mean {}?", s.display()));
+    }
+    msg
+}
+
+/// At most this many entries of a directory are read for a suggestion.
+const SUGGEST_SCAN: usize = 10_000;
+
+/// The error for a directory that does not exist: the first missing
+/// ancestor is the one to correct, with its nearest existing sibling
+/// directory as the suggestion (the whole path corrected, when that exists).
+fn no_such_directory(path: &Path, what: &str) -> Error {
+    let missing = path
+        .ancestors()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .find(|a| matches!(std::fs::metadata(a), Err(e) if e.kind() == io::ErrorKind::NotFound))
+        .unwrap_or(path);
+    let suggestion = || -> Option<PathBuf> {
+        let parent = missing.parent()?;
+        let name = missing.file_name()?.to_str()?;
+        let mut dirs = Vec::new();
+        for e in std::fs::read_dir(parent).ok()?.take(SUGGEST_SCAN).flatten() {
+            // d_type from the listing: no stat of each entry, except symlinks.
+            let is_dir = match e.file_type() {
+                Ok(t) if t.is_symlink() => e.path().is_dir(),
+                Ok(t) => t.is_dir(),
+                Err(_) => false,
+            };
+            if let (true, Some(n)) = (is_dir, e.file_name().to_str()) {
+                dirs.push(n.to_string());
+            }
+        }
+        let near = parent.join(nearest_name(name, &dirs)?);
+        let rest = path.strip_prefix(missing).ok()?;
+        let full = near.join(rest);
+        Some(if !rest.as_os_str().is_empty() && full.is_dir() {
+            full
+        } else {
+            near
+        })
+    };
+    Error(no_such_directory_message(
+        path,
+        what,
+        missing,
+        suggestion().as_deref(),
+    ))
+}
+
+/// The name of user `uid`, if the system knows one.
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: passwd is plain data that getpwuid_r fills; `buf` outlives
+    // every pointer it leaves in it, and pw_name is read before `buf` goes.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result = std::ptr::null_mut();
+        let ret = libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
+        if ret != 0 || result.is_null() || pwd.pw_name.is_null() {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr(pwd.pw_name)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
+
+/// The refusal of a root mount without --allow-other over a directory that
+/// `owner` (not root) owns: only root could use the mount.
+fn locked_out_message(mountpoint: &Path, owner: u32, name: Option<&str>) -> String {
+    let (who, ident) = match name {
+        Some(n) => (n.to_string(), format!("{n} (uid {owner})")),
+        None => (format!("uid {owner}"), format!("uid {owner}")),
+    };
+    format!(
+        "{} belongs to {ident}: a root mount without --allow-other would lock {who} out of it. \
+         Run modelcache as {who} (e.g. systemctl --user as that user), or add --allow-other",
+        mountpoint.display()
+    )
 }
 
 pub(crate) fn find_fusermount() -> Option<PathBuf> {
@@ -255,15 +370,24 @@ fn check(config: &MountConfig) -> Result<Checked, Error> {
     let mountpoint = absolute(&config.mountpoint)?;
     clear_stale_mount(&mountpoint)?;
     let mp = mountpoint.display();
-    match std::fs::metadata(&mountpoint) {
+    let owner = match std::fs::metadata(&mountpoint) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(Error(format!(
-                "mount point {mp} does not exist (create it with `mkdir -p {mp}`)"
-            )));
+            return Err(no_such_directory(&mountpoint, ""));
         }
         Err(e) => return Err(Error(format!("mount point {mp}: {e}"))),
         Ok(m) if !m.is_dir() => return Err(Error(format!("mount point {mp} is not a directory"))),
-        Ok(_) => {}
+        Ok(m) => std::os::unix::fs::MetadataExt::uid(&m),
+    };
+    // Without allow_other the kernel lets only the mounting user (root here)
+    // into the mount. The mount point is what is judged, not --backing: it
+    // is where users reach the files, while a backing directory stays
+    // reachable to its owner at its own path.
+    if is_root() && !config.allow_other && owner != 0 {
+        return Err(Error(locked_out_message(
+            &mountpoint,
+            owner,
+            user_name(owner).as_deref(),
+        )));
     }
     let canonical = mountpoint
         .canonicalize()
@@ -279,9 +403,10 @@ fn check(config: &MountConfig) -> Result<Checked, Error> {
         Some(b) => {
             let shown = b.display();
             let meta = std::fs::metadata(b).map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => {
-                    Error(format!("backing directory {shown} does not exist"))
-                }
+                io::ErrorKind::NotFound => no_such_directory(
+                    &std::path::absolute(b).unwrap_or_else(|_| b.clone()),
+                    " (--backing)",
+                ),
                 _ => Error(format!("backing directory {shown}: {e}")),
             })?;
             if !meta.is_dir() {
@@ -331,6 +456,75 @@ fn check(config: &MountConfig) -> Result<Checked, Error> {
         backing,
         mountpoint,
     })
+}
+
+/// The most processes the warning before a mount names.
+const USERS_SHOWN: usize = 8;
+
+/// Processes using the directory about to be mounted over keep what they
+/// hold of the directory underneath: they will not see the mount (in place,
+/// they read past the cache). Scanned before mounting, while /proc's paths
+/// still name that directory, and named in one warning.
+fn warn_of_users_before_mount(mountpoint: &Path, in_place: bool) {
+    let mut skip = vec![std::process::id()];
+    // `--background`: the parent waiting for "ready" exits at once.
+    if std::env::var_os(READY_FD_ENV).is_some() {
+        skip.push(std::os::unix::process::parent_id());
+    }
+    match mountinfo::users_of_dir(mountpoint, &skip) {
+        Ok(scan) => {
+            if let Some(line) = users_warning(mountpoint, in_place, &scan) {
+                warn!("{line}");
+            }
+        }
+        Err(e) => warn!(
+            "cannot list the processes using {} before the mount ({e}): any that do will not see it",
+            mountpoint.display()
+        ),
+    }
+}
+
+/// The one warning line for [`warn_of_users_before_mount`]; `None` when no
+/// process uses the directory.
+fn users_warning(mountpoint: &Path, in_place: bool, scan: &mountinfo::Scan) -> Option<String> {
+    let mp = mountpoint.display();
+    let n = scan.holders.len();
+    if n == 0 {
+        return scan.truncated.then(|| {
+            format!(
+                "the scan for processes using {mp} stopped after {} entries: any beyond it will \
+                 not see the mount",
+                mountinfo::SCAN_LIMIT
+            )
+        });
+    }
+    let mut list: Vec<String> = scan
+        .holders
+        .iter()
+        .take(USERS_SHOWN)
+        .map(|h| h.short())
+        .collect();
+    if n > USERS_SHOWN {
+        list.push(format!("…and {} more", n - USERS_SHOWN));
+    }
+    if scan.truncated {
+        list.push("…and perhaps more (the scan stopped at its limit)".into());
+    }
+    let (who, they, them) = if n == 1 {
+        ("1 process uses".to_string(), "it keeps", "it")
+    } else {
+        (format!("{n} processes use"), "they keep", "them")
+    };
+    let underneath = if in_place {
+        "the directory underneath, uncached"
+    } else {
+        "the directory underneath"
+    };
+    Some(format!(
+        "{who} {mp} from before the mount and will not see it ({they} {underneath}): {}: \
+         restart {them}, or cd out and back in",
+        list.join(", ")
+    ))
 }
 
 /// Mounts a FUSE filesystem at `mountpoint` and returns the /dev/fuse fd.
@@ -512,46 +706,62 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
     }
 }
 
-fn describe_holders(mountpoint: &Path) -> String {
-    let holders = mountinfo::mount_at(mountpoint)
-        .map(|m| mountinfo::holders(&m))
-        .unwrap_or_default();
-    if holders.is_empty() {
-        let who = if is_root() {
-            ""
-        } else {
-            " (other users' processes cannot be inspected)"
-        };
-        return format!("no holder found{who}");
+/// The holders of the topmost mount at `mountpoint`; an error where
+/// mountinfo or /proc cannot be read.
+fn holders_at(mountpoint: &Path) -> io::Result<mountinfo::Scan> {
+    let mount = mountinfo::try_mounts()?
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == mountpoint)
+        .ok_or_else(|| io::Error::other("it is no longer in /proc/self/mountinfo"))?;
+    mountinfo::holders(&mount)
+}
+
+/// "held by …" for a busy mount. A scan that failed, or could not see
+/// every process, says so: that is not "no holder".
+fn describe_holders(scan: &io::Result<mountinfo::Scan>) -> String {
+    let scan = match scan {
+        Ok(s) => s,
+        Err(e) => return format!("its holders cannot be listed ({e})"),
+    };
+    let mut out = if scan.holders.is_empty() {
+        let mut none = "no holder found".to_string();
+        if scan.uninspected > 0 {
+            none.push_str(&format!(
+                " ({} processes of other users could not be inspected{})",
+                scan.uninspected,
+                if is_root() {
+                    ""
+                } else {
+                    "; run as root to see them"
+                }
+            ));
+        }
+        none
+    } else {
+        let list: Vec<String> = scan.holders.iter().map(|h| h.to_string()).collect();
+        format!("held by {}", list.join(", "))
+    };
+    if scan.truncated {
+        out.push_str(&format!(
+            " (perhaps more: the scan stopped after {} entries)",
+            mountinfo::SCAN_LIMIT
+        ));
     }
-    let list: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
-    format!("held by {}", list.join(", "))
+    out
 }
 
 /// A copy-mode daemon maps the files it caches through its own mount, so
-/// the mount is busy while it caches anything. If the daemon is its only
-/// holder, asks it to stop (SIGTERM: it lets go of its files, unmounts
-/// and exits) and waits up to 10 s for the mount to go. Returns whether
-/// it went.
-fn stop_daemon_of(mount: &mountinfo::MountEntry) -> bool {
-    let holders = mountinfo::holders(mount);
-    let [holder] = holders.as_slice() else {
-        return false;
-    };
-    let serves_fuse = std::fs::read_dir(format!("/proc/{}/fd", holder.pid))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")));
-    if holder.command != "modelcache" || !serves_fuse {
-        return false;
-    }
+/// the mount is busy while it caches anything. Asks the daemon (`pid`, from
+/// a holders scan) to stop — SIGTERM: it lets go of its files, unmounts and
+/// exits — and waits up to 10 s for the mount to go. Returns whether it went.
+fn stop_daemon(pid: u32, mount: &mountinfo::MountEntry) -> bool {
     // SAFETY: plain syscall.
-    if unsafe { libc::kill(holder.pid as libc::pid_t, libc::SIGTERM) } != 0 {
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
         return false;
     }
     for _ in 0..200 {
-        if !mountinfo::mounts().iter().any(|m| m.id == mount.id) {
+        if mountinfo::try_mounts().is_ok_and(|all| !all.iter().any(|m| m.id == mount.id)) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -580,12 +790,23 @@ pub fn umount_command(path: &Path, lazy: bool) -> Result<(), Error> {
     }
     match unmount(&entry.mountpoint, lazy) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) && stop_daemon_of(&entry) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error(format!(
-            "{mp} is busy: {}. Close those, or detach it now with `modelcache umount --lazy {mp}` \
-             (it disappears at once and is released when the last user closes it)",
-            describe_holders(&entry.mountpoint)
-        ))),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let scan = mountinfo::holders(&entry);
+            // Busy with no holder but its own daemon (the cache's mappings).
+            if let Ok(s) = &scan
+                && s.holders.is_empty()
+                && !s.truncated
+                && let Some(daemon) = s.daemon
+                && stop_daemon(daemon, &entry)
+            {
+                return Ok(());
+            }
+            Err(Error(format!(
+                "{mp} is busy: {}. Close those, or detach it now with `modelcache umount --lazy {mp}` \
+                 (it disappears at once and is released when the last user closes it)",
+                describe_holders(&scan)
+            )))
+        }
         Err(e) => Err(Error(format!("cannot unmount {mp}: {e}"))),
     }
 }
@@ -763,6 +984,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     // Hold no directory busy (ours could be inside another mount).
     let _ = std::env::set_current_dir("/");
 
+    warn_of_users_before_mount(&mountpoint, backing == mountpoint);
     let fuse_fd = fuse_mount(&mountpoint, &backing, config.allow_other)?;
     // Kept to probe passthrough on the live session.
     let fuse_dev = fuse_fd
@@ -1051,8 +1273,7 @@ fn stop(mountpoint: &Path) {
     // A loader may still hold a file in the mount for the chunk it is
     // storing: busy with no other holder, it is ours for a moment more.
     for _ in 0..20 {
-        let ours_only =
-            mountinfo::mount_at(mountpoint).is_some_and(|m| mountinfo::holders(&m).is_empty());
+        let ours_only = holders_at(mountpoint).is_ok_and(|s| s.holders.is_empty() && !s.truncated);
         if !matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EBUSY)) || !ours_only {
             break;
         }
@@ -1065,12 +1286,185 @@ fn stop(mountpoint: &Path) {
             warn!(
                 "{mp} is busy: {}; detaching it lazily: new opens no longer see it, open files keep \
                  working, and modelcache exits when the last is closed (send the signal again to exit now)",
-                describe_holders(mountpoint)
+                describe_holders(&holders_at(mountpoint))
             );
             if let Err(e) = unmount(mountpoint, true) {
                 error!("cannot detach {mp}: {e}");
             }
         }
         Err(e) => error!("cannot unmount {mp}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_nearest_directory_name_is_suggested_only_when_close() {
+        let dirs = names(&["checkpoints", "loras", "models", "vae", "clip_vision"]);
+        assert_eq!(nearest_name("modles", &dirs), Some("models"));
+        assert_eq!(nearest_name("Models", &dirs), Some("models"));
+        assert_eq!(nearest_name("checkpoint", &dirs), Some("checkpoints"));
+        assert_eq!(nearest_name("chekcpionts", &dirs), Some("checkpoints"));
+        assert_eq!(nearest_name("lora", &dirs), Some("loras"));
+        assert_eq!(nearest_name("vea", &dirs), Some("vae"));
+        // Too far from everything.
+        assert_eq!(nearest_name("unet", &dirs), None);
+        assert_eq!(nearest_name("diffusion_models", &dirs), None);
+        // A very short name never matches on mere length.
+        assert_eq!(nearest_name("x", &names(&["y"])), None);
+        assert_eq!(nearest_name("ab", &names(&["cd"])), None);
+        assert_eq!(nearest_name("ab", &names(&["ac"])), Some("ac"));
+        // The name itself is not a suggestion; no candidates, none.
+        assert_eq!(nearest_name("vae", &names(&["vae"])), None);
+        assert_eq!(nearest_name("vae", &[]), None);
+        // One answer, the same whatever the listing order.
+        assert_eq!(
+            nearest_name("mdel", &names(&["model", "modal"])),
+            Some("model")
+        );
+        assert_eq!(
+            nearest_name("mdel", &names(&["modal", "model"])),
+            Some("model")
+        );
+    }
+
+    #[test]
+    fn no_such_directory_lines() {
+        let p = Path::new;
+        assert_eq!(
+            no_such_directory_message(p("/x/modles"), "", p("/x/modles"), Some(p("/x/models"))),
+            "no such directory: /x/modles — did you mean /x/models?"
+        );
+        assert_eq!(
+            no_such_directory_message(p("/x/m"), " (--backing)", p("/x/m"), None),
+            "no such directory: /x/m (--backing)"
+        );
+        assert_eq!(
+            no_such_directory_message(
+                p("/hmoe/a/models"),
+                "",
+                p("/hmoe"),
+                Some(p("/home/a/models"))
+            ),
+            "no such directory: /hmoe/a/models: /hmoe does not exist — did you mean /home/a/models?"
+        );
+    }
+
+    #[test]
+    fn no_such_directory_finds_the_missing_ancestor_and_its_neighbour() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("ComfyUI/models/checkpoints")).unwrap();
+        std::fs::write(root.join("ComfyUI/modes"), b"a file, never suggested").unwrap();
+        let r = root.display();
+        let msg = |p: &str| no_such_directory(&root.join(p), "").0;
+        assert_eq!(
+            msg("ComfyUI/modles"),
+            format!("no such directory: {r}/ComfyUI/modles — did you mean {r}/ComfyUI/models?")
+        );
+        // The parent is what is mistyped: the whole path, corrected.
+        assert_eq!(
+            msg("ComfyUI/modles/checkpoints"),
+            format!(
+                "no such directory: {r}/ComfyUI/modles/checkpoints: {r}/ComfyUI/modles does not \
+                 exist — did you mean {r}/ComfyUI/models/checkpoints?"
+            )
+        );
+        // Corrected, the rest still does not exist: the ancestor is suggested.
+        assert_eq!(
+            msg("ComfyUI/modles/nothing_like_it"),
+            format!(
+                "no such directory: {r}/ComfyUI/modles/nothing_like_it: {r}/ComfyUI/modles does \
+                 not exist — did you mean {r}/ComfyUI/models?"
+            )
+        );
+        assert_eq!(
+            msg("elsewhere/models"),
+            format!("no such directory: {r}/elsewhere/models: {r}/elsewhere does not exist")
+        );
+    }
+
+    #[test]
+    fn the_lock_out_refusal_names_the_owner_and_both_fixes() {
+        assert_eq!(
+            locked_out_message(Path::new("/home/alice/ComfyUI/models"), 1000, Some("alice")),
+            "/home/alice/ComfyUI/models belongs to alice (uid 1000): a root mount without \
+             --allow-other would lock alice out of it. Run modelcache as alice (e.g. systemctl \
+             --user as that user), or add --allow-other"
+        );
+        let unnamed = locked_out_message(Path::new("/m"), 4242, None);
+        assert!(unnamed.starts_with("/m belongs to uid 4242: "), "{unnamed}");
+        assert!(unnamed.contains("Run modelcache as uid 4242"), "{unnamed}");
+    }
+
+    fn holder(pid: u32, command: &str, holds: &[mountinfo::Hold]) -> mountinfo::Holder {
+        mountinfo::Holder {
+            pid,
+            command: command.into(),
+            holds: holds.to_vec(),
+        }
+    }
+
+    #[test]
+    fn processes_using_the_directory_are_named_in_one_line() {
+        use mountinfo::Hold::*;
+        let mp = Path::new("/x/models");
+        let mut scan = mountinfo::Scan::default();
+        assert_eq!(users_warning(mp, true, &scan), None);
+        scan.holders = vec![
+            holder(123, "bash", &[WorkingDir]),
+            holder(456, "python3", &[OpenFile, Mapping]),
+        ];
+        assert_eq!(
+            users_warning(mp, true, &scan).unwrap(),
+            "2 processes use /x/models from before the mount and will not see it (they keep the \
+             directory underneath, uncached): pid 123 (bash, working directory), pid 456 \
+             (python3, open file, mapped file): restart them, or cd out and back in"
+        );
+        scan.holders.truncate(1);
+        assert_eq!(
+            users_warning(mp, false, &scan).unwrap(),
+            "1 process uses /x/models from before the mount and will not see it (it keeps the \
+             directory underneath): pid 123 (bash, working directory): restart it, or cd out and \
+             back in"
+        );
+        scan.holders = (0..10).map(|i| holder(i, "sh", &[WorkingDir])).collect();
+        scan.truncated = true;
+        let line = users_warning(mp, true, &scan).unwrap();
+        assert!(line.starts_with("10 processes use"), "{line}");
+        assert!(
+            line.contains("pid 7 (sh, working directory), …and 2 more, …and perhaps more"),
+            "{line}"
+        );
+        assert!(!line.contains("pid 8 "), "{line}");
+        assert_eq!(line.lines().count(), 1);
+    }
+
+    #[test]
+    fn busy_descriptions_never_pass_a_failed_scan_for_no_holder() {
+        use mountinfo::Hold::*;
+        let failed: io::Result<mountinfo::Scan> = Err(io::Error::from_raw_os_error(libc::EMFILE));
+        let d = describe_holders(&failed);
+        assert!(d.starts_with("its holders cannot be listed ("), "{d}");
+        let mut scan = mountinfo::Scan {
+            daemon: Some(99),
+            ..Default::default()
+        };
+        assert_eq!(describe_holders(&Ok(scan)), "no holder found");
+        scan = mountinfo::Scan {
+            holders: vec![holder(7, "sleep", &[WorkingDir, OpenFile])],
+            uninspected: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            describe_holders(&Ok(scan)),
+            "held by pid 7 (sleep) via its working directory and an open file"
+        );
     }
 }

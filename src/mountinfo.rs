@@ -1,7 +1,10 @@
 //! Reading `/proc/self/mountinfo`, and finding which processes hold a mount.
 
-use std::ffi::OsString;
-use std::os::unix::ffi::OsStringExt;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 /// The filesystem type our mounts show in /proc/mounts.
@@ -76,27 +79,212 @@ pub fn mount_at(path: &Path) -> Option<MountEntry> {
     mounts().into_iter().rev().find(|m| m.mountpoint == path)
 }
 
-/// A process that keeps a mount busy.
+/// The mounts of this process's namespace, or why they cannot be read: for
+/// the checks where "no mounts" would be a wrong answer.
+pub fn try_mounts() -> io::Result<Vec<MountEntry>> {
+    Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
+}
+
+// Scans of /proc for who holds a mount or directory. Read here rather than
+// through `procfs`: they need the mount id of a cwd/root magic link taken
+// without touching its filesystem (an O_PATH open), fdinfo's
+// `fuse_connection` field, reads bounded per scan and per process, and each
+// failure sorted into gone / not inspected / scan failed.
+
+/// What a process holds in a directory or on a mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    WorkingDir,
+    RootDir,
+    OpenFile,
+    Mapping,
+}
+
+impl Hold {
+    /// As in "pid 1 (sh, working directory)".
+    pub fn noun(self) -> &'static str {
+        match self {
+            Hold::WorkingDir => "working directory",
+            Hold::RootDir => "root directory",
+            Hold::OpenFile => "open file",
+            Hold::Mapping => "mapped file",
+        }
+    }
+
+    /// As in "pid 1 (sh) via its working directory".
+    fn via(self) -> &'static str {
+        match self {
+            Hold::WorkingDir => "its working directory",
+            Hold::RootDir => "its root directory",
+            Hold::OpenFile => "an open file",
+            Hold::Mapping => "a memory mapping",
+        }
+    }
+}
+
+/// A process that holds a mount (or a directory).
 #[derive(Debug, PartialEq)]
 pub struct Holder {
     pub pid: u32,
     pub command: String,
-    /// What it holds: "an open file", "its working directory", "a mapping"…
-    pub how: &'static str,
+    /// What it holds, in the order found; never empty.
+    pub holds: Vec<Hold>,
+}
+
+impl Holder {
+    /// "pid 1 (sh, working directory, open file)".
+    pub fn short(&self) -> String {
+        let what: Vec<&str> = self.holds.iter().map(|h| h.noun()).collect();
+        format!("pid {} ({}, {})", self.pid, self.command, what.join(", "))
+    }
 }
 
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pid {} ({}) via {}", self.pid, self.command, self.how)
+        let via: Vec<&str> = self.holds.iter().map(|h| h.via()).collect();
+        write!(
+            f,
+            "pid {} ({}) via {}",
+            self.pid,
+            self.command,
+            via.join(" and ")
+        )
     }
 }
 
-fn inside(path: &Path, mountpoint: &Path) -> bool {
-    path.starts_with(mountpoint)
+/// What a scan of /proc found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub holders: Vec<Holder>,
+    /// The process serving the mount's FUSE connection (its daemon): never a
+    /// holder, though a copy-mode daemon maps the files it caches.
+    pub daemon: Option<u32>,
+    /// Processes this user may not inspect (other users', without root).
+    pub uninspected: usize,
+    /// The scan stopped at [`SCAN_LIMIT`]: there may be more holders.
+    pub truncated: bool,
+}
+
+/// The most descriptors, links and mapping tables one scan reads: a busy
+/// machine has hundreds of thousands, and a scan runs while a user waits.
+pub const SCAN_LIMIT: usize = 200_000;
+
+/// The most of one process's /proc/PID/maps a scan reads.
+const MAPS_LIMIT: u64 = 8 << 20;
+
+struct Budget {
+    left: usize,
+    hit: bool,
+}
+
+impl Budget {
+    fn take(&mut self) -> bool {
+        if self.left == 0 {
+            self.hit = true;
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+}
+
+/// What counts as "in" for a scan: a path under `dir` whose file is on one of
+/// `mount_ids` (a mapping: on one of `devs`). The path alone does not tell:
+/// the directory underneath a mount has the same path as the mount.
+struct Target {
+    dir: PathBuf,
+    mount_ids: Vec<u64>,
+    devs: Vec<(u32, u32)>,
+    /// The FUSE connection (kernel dev_t) whose server is the daemon.
+    fuse_conn: Option<u64>,
+}
+
+impl Target {
+    fn names(&self, path: &Path) -> bool {
+        path.starts_with(&self.dir)
+    }
+}
+
+/// Every process (but this one and the mount's daemon) with an open file, a
+/// working or root directory, or a memory mapping on `mount` itself, told by
+/// mount id and device: a process still in the directory underneath (same
+/// path, another filesystem) does not hold it. Reads only /proc and never
+/// touches the mount, so it cannot hang on an unresponsive daemon. An error
+/// means /proc could not be read (an fd shortage...): never "no holders".
+pub fn holders(mount: &MountEntry) -> io::Result<Scan> {
+    let (maj, min) = mount.dev;
+    let target = Target {
+        dir: mount.mountpoint.clone(),
+        mount_ids: vec![mount.id],
+        devs: vec![mount.dev],
+        fuse_conn: mount
+            .fstype
+            .starts_with("fuse")
+            .then_some(((maj as u64) << 20) | min as u64),
+    };
+    scan(&target, &[std::process::id()])
+}
+
+/// The processes (but those in `skip`) using `dir` now: a working or root
+/// directory, an open file or a mapping inside it, on its filesystem or on
+/// one mounted below it. Taken before a mount over `dir`, these are what
+/// the mount will not reach: they keep the directory underneath.
+pub fn users_of_dir(dir: &Path, skip: &[u32]) -> io::Result<Scan> {
+    let own = mount_id_of(dir)?;
+    let mut target = Target {
+        dir: dir.to_path_buf(),
+        mount_ids: Vec::new(),
+        devs: Vec::new(),
+        fuse_conn: None,
+    };
+    for m in try_mounts()? {
+        if m.id == own || m.mountpoint.starts_with(dir) {
+            target.mount_ids.push(m.id);
+            target.devs.push(m.dev);
+        }
+    }
+    if !target.mount_ids.contains(&own) {
+        return Err(io::Error::other(format!(
+            "mount {own} of {} is not in /proc/self/mountinfo",
+            dir.display()
+        )));
+    }
+    scan(&target, skip)
+}
+
+/// The id of the mount `path` is on (a magic link of /proc is followed),
+/// from the fdinfo of an O_PATH descriptor: an O_PATH open asks nothing of
+/// the filesystem, so this cannot hang on a daemon that does not answer.
+pub fn mount_id_of(path: &Path) -> io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: NUL-terminated path; the fd is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened, ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    fdinfo_mnt_id(&info).ok_or_else(|| io::Error::other("no mnt_id in /proc/self/fdinfo"))
+}
+
+/// A field of a /proc/PID/fdinfo/N text, as a number.
+fn fdinfo_field(fdinfo: &str, name: &str) -> Option<u64> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The `mnt_id` line of a /proc/PID/fdinfo/N text.
+pub fn fdinfo_mnt_id(fdinfo: &str) -> Option<u64> {
+    fdinfo_field(fdinfo, "mnt_id")
 }
 
 /// `(major, minor)` from the hex `mm:nn` device field of /proc/PID/maps.
-fn maps_dev(field: &str) -> Option<(u32, u32)> {
+fn maps_dev(field: &[u8]) -> Option<(u32, u32)> {
+    let field = std::str::from_utf8(field).ok()?;
     let (maj, min) = field.split_once(':')?;
     Some((
         u32::from_str_radix(maj, 16).ok()?,
@@ -104,72 +292,188 @@ fn maps_dev(field: &str) -> Option<(u32, u32)> {
     ))
 }
 
-/// True when a /proc/PID/maps text maps a file of the device `dev`.
-pub fn maps_use_dev(maps: &str, dev: (u32, u32)) -> bool {
-    maps.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        let inode = f.nth(4);
-        let dev_field = l.split_whitespace().nth(3);
-        inode.is_some_and(|i| i != "0") && dev_field.and_then(maps_dev) == Some(dev)
-    })
+/// The device, inode and path of one /proc/PID/maps line (the path is
+/// what follows the fifth field, spaces included; empty if anonymous).
+fn maps_entry(line: &[u8]) -> Option<((u32, u32), u64, &Path)> {
+    let mut rest = line;
+    let mut fields = [&b""[..]; 5];
+    for f in fields.iter_mut() {
+        let start = rest.iter().position(|c| *c != b' ')?;
+        rest = &rest[start..];
+        let end = rest.iter().position(|c| *c == b' ').unwrap_or(rest.len());
+        *f = &rest[..end];
+        rest = &rest[end..];
+    }
+    let start = rest.iter().position(|c| *c != b' ').unwrap_or(rest.len());
+    let inode = std::str::from_utf8(fields[4]).ok()?.parse().ok()?;
+    Some((
+        maps_dev(fields[3])?,
+        inode,
+        Path::new(OsStr::from_bytes(&rest[start..])),
+    ))
 }
 
-/// The `mnt_id` line of a /proc/PID/fdinfo/N text.
-pub fn fdinfo_mnt_id(fdinfo: &str) -> Option<u64> {
-    fdinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("mnt_id:"))
-        .and_then(|v| v.trim().parse().ok())
+/// How a failed read of a process's /proc entry counts.
+enum Failed {
+    /// The process or descriptor went away: nothing there.
+    Gone,
+    /// Another user's process, or one being torn down: not inspected.
+    Uninspected,
+    /// This process cannot read /proc now (out of descriptors or memory):
+    /// the scan as a whole has no answer.
+    Scan(io::Error),
 }
 
-/// Every process (but this one) with an open file, a working or root
-/// directory, or a memory mapping on `mount`. Reads only /proc: it never
-/// touches the mount itself, so it cannot hang on an unresponsive daemon.
-/// Without root, other users' processes cannot be inspected.
-pub fn holders(mount: &MountEntry) -> Vec<Holder> {
-    let me = std::process::id();
-    let mut found = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
+fn failed(e: io::Error) -> Failed {
+    match e.raw_os_error() {
+        Some(libc::ENOENT | libc::ESRCH) => Failed::Gone,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS) => Failed::Scan(e),
+        _ => Failed::Uninspected,
+    }
+}
+
+enum Seen {
+    Nothing,
+    Uninspected,
+    Daemon,
+    Holds(Vec<Hold>),
+}
+
+fn scan(target: &Target, skip: &[u32]) -> io::Result<Scan> {
+    let mut out = Scan::default();
+    let mut budget = Budget {
+        left: SCAN_LIMIT,
+        hit: false,
     };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
-        if pid == me {
+        if skip.contains(&pid) {
             continue;
         }
-        let dir = p.path();
-        let command = std::fs::read_to_string(dir.join("comm"))
-            .map(|c| c.trim().to_string())
-            .unwrap_or_default();
-        let how = hold_of(&dir, mount);
-        if let Some(how) = how {
-            found.push(Holder { pid, command, how });
+        if budget.left == 0 {
+            budget.hit = true;
+            break;
+        }
+        match examine(pid, target, &mut budget)? {
+            Seen::Nothing => {}
+            Seen::Uninspected => out.uninspected += 1,
+            Seen::Daemon => out.daemon = Some(pid),
+            Seen::Holds(holds) => out.holders.push(Holder {
+                pid,
+                command: command_of(pid),
+                holds,
+            }),
         }
     }
-    found
+    out.truncated = budget.hit;
+    Ok(out)
 }
 
-fn hold_of(proc_dir: &Path, mount: &MountEntry) -> Option<&'static str> {
-    if let Ok(fds) = std::fs::read_dir(proc_dir.join("fdinfo")) {
-        for fd in fds.flatten() {
-            let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
-            if fdinfo_mnt_id(&info) == Some(mount.id) {
-                return Some("an open file");
+fn command_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn read_capped(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    File::open(path)?.take(limit).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// What one process holds of `t`, reading at most `budget` entries.
+fn examine(pid: u32, t: &Target, budget: &mut Budget) -> io::Result<Seen> {
+    // `Some` on success, `None` for a thing gone; returns for the rest.
+    macro_rules! attempt {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => Some(v),
+                Err(e) => match failed(e) {
+                    Failed::Gone => None,
+                    Failed::Uninspected => return Ok(Seen::Uninspected),
+                    Failed::Scan(e) => return Err(e),
+                },
+            }
+        };
+    }
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    let mut holds = Vec::new();
+    for (link, hold) in [("cwd", Hold::WorkingDir), ("root", Hold::RootDir)] {
+        if !budget.take() {
+            break;
+        }
+        let path = dir.join(link);
+        let Some(target) = attempt!(std::fs::read_link(&path)) else {
+            continue;
+        };
+        if t.names(&target)
+            && attempt!(mount_id_of(&path)).is_some_and(|id| t.mount_ids.contains(&id))
+        {
+            holds.push(hold);
+        }
+    }
+    // A daemon on a kernel that does not name the connection in fdinfo.
+    let mut unnamed_fuse = false;
+    if let Some(fds) = attempt!(std::fs::read_dir(dir.join("fd"))) {
+        for fd in fds {
+            let Some(fd) = attempt!(fd) else { continue };
+            if !budget.take() {
+                break;
+            }
+            let Some(target) = attempt!(std::fs::read_link(fd.path())) else {
+                continue;
+            };
+            let is_fuse = target == Path::new("/dev/fuse");
+            let wanted = match (is_fuse, t.fuse_conn) {
+                (true, Some(_)) => true,
+                (true, None) => false,
+                (false, _) => !holds.contains(&Hold::OpenFile) && t.names(&target),
+            };
+            if !wanted {
+                continue;
+            }
+            let info_path = dir.join("fdinfo").join(fd.file_name());
+            let Some(info) = attempt!(std::fs::read_to_string(info_path)) else {
+                continue;
+            };
+            if is_fuse {
+                match fdinfo_field(&info, "fuse_connection") {
+                    Some(conn) if Some(conn) == t.fuse_conn => return Ok(Seen::Daemon),
+                    Some(_) => {}
+                    None => unnamed_fuse = true,
+                }
+            } else if fdinfo_mnt_id(&info).is_some_and(|id| t.mount_ids.contains(&id)) {
+                holds.push(Hold::OpenFile);
+                if t.fuse_conn.is_none() {
+                    break;
+                }
             }
         }
     }
-    for (link, how) in [
-        ("cwd", "its working directory"),
-        ("root", "its root directory"),
-    ] {
-        if std::fs::read_link(proc_dir.join(link)).is_ok_and(|p| inside(&p, &mount.mountpoint)) {
-            return Some(how);
-        }
+    if budget.take()
+        && let Some(maps) = attempt!(read_capped(&dir.join("maps"), MAPS_LIMIT))
+        && maps.split(|c| *c == b'\n').any(|line| {
+            maps_entry(line).is_some_and(|(dev, inode, path)| {
+                inode != 0 && t.devs.contains(&dev) && t.names(path)
+            })
+        })
+    {
+        holds.push(Hold::Mapping);
     }
-    let maps = std::fs::read_to_string(proc_dir.join("maps")).unwrap_or_default();
-    maps_use_dev(&maps, mount.dev).then_some("a memory mapping")
+    if holds.is_empty() {
+        return Ok(Seen::Nothing);
+    }
+    if unnamed_fuse && command_of(pid) == "modelcache" {
+        return Ok(Seen::Daemon);
+    }
+    Ok(Seen::Holds(holds))
 }
 
 #[cfg(test)]
@@ -198,13 +502,18 @@ mod tests {
     }
 
     #[test]
-    fn maps_device_match() {
-        let maps = "7f00-7f10 r--p 00000000 00:4d 1234 /mnt/m/a.safetensors\n\
-                    7f20-7f30 rw-p 00000000 00:00 0 \n";
-        assert!(maps_use_dev(maps, (0, 0x4d)));
-        assert!(!maps_use_dev(maps, (0, 0x4e)));
-        // Anonymous mappings (inode 0) never count.
-        assert!(!maps_use_dev("7f20-7f30 rw-p 00000000 00:00 0 \n", (0, 0)));
+    fn maps_lines_give_device_inode_and_path() {
+        let line =
+            b"7f00-7f10 r--p 00000000 00:4d 1234                       /mnt/Comfy UI/a.safetensors";
+        let (dev, inode, path) = maps_entry(line).unwrap();
+        assert_eq!((dev, inode), ((0, 0x4d), 1234));
+        assert_eq!(path, Path::new("/mnt/Comfy UI/a.safetensors"));
+        let (dev, inode, path) = maps_entry(b"7f20-7f30 rw-p 00000000 00:00 0 ").unwrap();
+        assert_eq!((dev, inode, path), ((0, 0), 0, Path::new("")));
+        let (dev, _, _) = maps_entry(b"7f20-7f30 r-xp 00000000 fd:01 77 /usr/lib/x.so").unwrap();
+        assert_eq!(dev, (0xfd, 1));
+        assert!(maps_entry(b"").is_none());
+        assert!(maps_entry(b"7f20-7f30 rw-p").is_none());
     }
 
     #[test]
@@ -212,5 +521,55 @@ mod tests {
         let info = "pos:\t0\nflags:\t0100000\nmnt_id:\t812\nino:\t5\n";
         assert_eq!(fdinfo_mnt_id(info), Some(812));
         assert_eq!(fdinfo_mnt_id("pos:\t0\n"), None);
+        let fuse = "pos:\t0\nflags:\t02100002\nmnt_id:\t24\nino:\t89\nfuse_connection:\t40\n";
+        assert_eq!(fdinfo_field(fuse, "fuse_connection"), Some(40));
+        assert_eq!(fdinfo_field(fuse, "fuse"), None);
+    }
+
+    /// A child whose working directory is inside a directory is found; one
+    /// elsewhere is not, and `skip` is honoured. No mount needed.
+    #[test]
+    fn users_of_a_directory_are_found_by_working_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap().join("models");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let mut inside = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(dir.join("sub"))
+            .spawn()
+            .unwrap();
+        let mut outside = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(tmp.path())
+            .spawn()
+            .unwrap();
+        let scan = users_of_dir(&dir, &[std::process::id()]);
+        let skipped = users_of_dir(&dir, &[inside.id()]);
+        let _ = (inside.kill(), outside.kill(), inside.wait(), outside.wait());
+        let scan = scan.unwrap();
+        let found: Vec<&Holder> = scan
+            .holders
+            .iter()
+            .filter(|h| h.pid == inside.id())
+            .collect();
+        assert_eq!(found.len(), 1, "{scan:?}");
+        assert_eq!(found[0].holds, [Hold::WorkingDir]);
+        assert_eq!(found[0].command, "sleep");
+        assert!(
+            found[0]
+                .short()
+                .starts_with(&format!("pid {} (sleep, working directory)", inside.id()))
+        );
+        assert!(
+            !scan.holders.iter().any(|h| h.pid == outside.id()),
+            "{scan:?}"
+        );
+        assert!(
+            !skipped
+                .unwrap()
+                .holders
+                .iter()
+                .any(|h| h.pid == inside.id())
+        );
     }
 }

@@ -554,7 +554,7 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
     let cases: Vec<(Command, &str)> = vec![
         (
             modelcache(&[&p("mount"), &p("--backing"), &backing, &missing]),
-            "does not exist",
+            "no such directory: ",
         ),
         (
             modelcache(&[&p("mount"), &p("--backing"), &backing, &file]),
@@ -562,13 +562,13 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         ),
         (
             modelcache(&[&p("mount"), &p("--backing"), &missing, &mnt]),
-            "backing directory",
+            "missing (--backing)",
         ),
         (
             modelcache(&[&p("mount"), &p("--backing"), &file, &mnt]),
             "is not a directory",
         ),
-        (modelcache(&[&p("mount"), &missing]), "does not exist"),
+        (modelcache(&[&p("mount"), &missing]), "no such directory: "),
         (
             modelcache(&[&p("mount"), &p("--backing"), tmp.path(), &mnt]),
             "inside the backing directory",
