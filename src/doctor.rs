@@ -848,26 +848,6 @@ fn access(path: &Path, mode: libc::c_int) -> bool {
     unsafe { libc::access(c.as_ptr(), mode) == 0 }
 }
 
-/// The login name of `uid`, from the password database.
-fn user_name(uid: u32) -> Option<String> {
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: passwd is plain data that getpwuid_r fills; `buf` outlives
-    // the strings it points into, which are copied out before it goes.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let ret = libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
-        if ret != 0 || result.is_null() || pwd.pw_name.is_null() {
-            return None;
-        }
-        Some(
-            std::ffi::CStr::from_ptr(pwd.pw_name)
-                .to_string_lossy()
-                .into_owned(),
-        )
-    }
-}
-
 /// The checks of DIR, the mount point (in place: also the backing).
 fn dir_findings(dir: &Path, uid: u32, allow_other: bool) -> Vec<Finding> {
     const CHECK: &str = "mount point";
@@ -925,7 +905,7 @@ fn dir_findings(dir: &Path, uid: u32, allow_other: bool) -> Vec<Finding> {
     }
     let facts = DirFacts {
         owner: meta.uid(),
-        owner_name: user_name(meta.uid()),
+        owner_name: mount::user_name(meta.uid()),
         sticky: meta.permissions().mode() & 0o1000 != 0,
         readable: access(&canonical, libc::R_OK | libc::X_OK),
         writable: access(&canonical, libc::W_OK),

@@ -255,7 +255,7 @@ fn no_such_directory(path: &Path, what: &str) -> Error {
 }
 
 /// The name of user `uid`, if the system knows one.
-fn user_name(uid: u32) -> Option<String> {
+pub(crate) fn user_name(uid: u32) -> Option<String> {
     let mut buf = vec![0 as libc::c_char; 16 << 10];
     // SAFETY: passwd is plain data that getpwuid_r fills; `buf` outlives
     // every pointer it leaves in it, and pw_name is read before `buf` goes.
