@@ -29,7 +29,7 @@ use crate::manifest::{self, Admit, Manifest};
 use crate::mountinfo::{self, FSTYPE};
 use crate::rules::Rules;
 use crate::service::MountService;
-use crate::size::{Bytes, SizeSpec};
+use crate::size::{Bytes, Count, SizeSpec};
 
 /// What `modelcache mount` was asked to do.
 pub struct MountConfig {
@@ -728,8 +728,8 @@ fn describe_holders(scan: &io::Result<mountinfo::Scan>) -> String {
         let mut none = "no holder found".to_string();
         if scan.uninspected > 0 {
             none.push_str(&format!(
-                " ({} processes of other users could not be inspected{})",
-                scan.uninspected,
+                " ({} of other users could not be inspected{})",
+                Count(scan.uninspected as u64, "process"),
                 if is_root() {
                     ""
                 } else {
@@ -959,8 +959,10 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
             )));
         }
         (Passthrough::Auto, Some(why)) => {
+            // Information, not a warning: copy mode is the normal mode of a
+            // user's daemon.
             info!(
-                "passthrough off: {why}; copy mode (cached files live in the mount's page cache)"
+                "serving mode: copy, cached files are kept in the mount's page cache (passthrough is for root daemons: {why})"
             );
             false
         }
@@ -1192,7 +1194,9 @@ fn confirm_passthrough(
     match passthrough::probe(fuse_dev.as_fd()) {
         Ok(()) => Ok(true),
         Err(e) => {
-            info!("passthrough off: the kernel refused a backing file ({e}); copy mode");
+            info!(
+                "serving mode: copy, cached files are kept in the mount's page cache (the kernel refused passthrough's test file: {e})"
+            );
             backing_files.disable();
             Ok(false)
         }

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::fs::{Overlay, Warmed};
 use crate::manifest::{Manifest, RuleKind};
-use crate::size::Bytes;
+use crate::size::{Bytes, Count, Rate};
 
 /// How often prewarm progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -209,16 +209,16 @@ fn apply(
     if progress.iter().all(|(done, size)| done == size) {
         if !followed.is_empty() {
             info!(
-                "prewarm: all {} files ({}) already in the cache",
-                followed.len(),
+                "prewarm: all {} ({}) already in the cache",
+                Count(followed.len() as u64, "file"),
                 Bytes(total)
             );
         }
         return None;
     }
     info!(
-        "prewarm: loading {} files ({}) from {}, pins first",
-        followed.len(),
+        "prewarm: loading {} ({}) from {}, pins first",
+        Count(followed.len() as u64, "file"),
         Bytes(total),
         manifest.origin.display()
     );
@@ -297,19 +297,23 @@ impl Prewarm {
         }
         if pending == 0 {
             info!(
-                "prewarm: all loaded ({} files, {} in {secs:.1} s, {:.2} GB/s)",
-                self.files.len(),
+                "prewarm: all loaded ({}, {} in {secs:.1} s, {})",
+                Count(self.files.len() as u64, "file"),
                 Bytes(loaded),
-                loaded as f64 / secs.max(1e-9) / 1e9
+                Rate {
+                    bytes: loaded,
+                    secs
+                }
             );
             return true;
         }
         if self.bar.is_none() && self.last_report.elapsed() >= PROGRESS_EVERY {
             self.last_report = Instant::now();
             info!(
-                "prewarm: {} of {} loaded, {pending} files to go",
+                "prewarm: {} of {} loaded, {} to go",
                 Bytes(loaded),
-                Bytes(self.total)
+                Bytes(self.total),
+                Count(pending as u64, "file")
             );
         }
         false

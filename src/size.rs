@@ -82,6 +82,47 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// A transfer rate in the same binary units as [`Bytes`]: `1.52 GiB/s`.
+/// Log lines and status use GiB and GiB/s throughout, never GB.
+pub struct Rate {
+    pub bytes: u64,
+    pub secs: f64,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let per_sec = self.bytes as f64 / self.secs.max(1e-9);
+        let gib = (1u64 << 30) as f64;
+        if per_sec >= gib {
+            write!(f, "{:.2} GiB/s", per_sec / gib)
+        } else {
+            write!(f, "{:.0} MiB/s", per_sec / (1u64 << 20) as f64)
+        }
+    }
+}
+
+/// A count with its noun, singular for one: `1 file`, `3 files`.
+pub struct Count(pub u64, pub &'static str);
+
+impl fmt::Display for Count {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Count(n, noun) = *self;
+        // Nouns ending in s, x, sh or ch take -es ("1 process", "2 processes").
+        let suffix = if n == 1 {
+            ""
+        } else if noun.ends_with('s')
+            || noun.ends_with('x')
+            || noun.ends_with("sh")
+            || noun.ends_with("ch")
+        {
+            "es"
+        } else {
+            "s"
+        };
+        write!(f, "{n} {noun}{suffix}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +156,21 @@ mod tests {
     fn bytes_display() {
         assert_eq!(Bytes(512).to_string(), "512 B");
         assert_eq!(Bytes(3 << 29).to_string(), "1.5 GiB");
+    }
+
+    #[test]
+    fn rates_in_the_units_of_sizes() {
+        let rate = |bytes, secs| Rate { bytes, secs }.to_string();
+        assert_eq!(rate(3 << 30, 2.0), "1.50 GiB/s");
+        assert_eq!(rate(150 << 20, 1.0), "150 MiB/s");
+    }
+
+    #[test]
+    fn counts_are_singular_for_one() {
+        assert_eq!(Count(1, "file").to_string(), "1 file");
+        assert_eq!(Count(0, "file").to_string(), "0 files");
+        assert_eq!(Count(2, "file").to_string(), "2 files");
+        assert_eq!(Count(1, "process").to_string(), "1 process");
+        assert_eq!(Count(3, "process").to_string(), "3 processes");
     }
 }

@@ -307,7 +307,7 @@ fn a_root_daemon_uses_passthrough_and_a_normal_user_gets_copy_mode() {
     let m = Mounted::start(daemon, &mnt);
     let log = wait_log(&m, "reads: copy mode");
     assert!(
-        log.contains("passthrough off: it needs CAP_SYS_ADMIN"),
+        log.contains("serving mode: copy") && log.contains("it needs CAP_SYS_ADMIN"),
         "{log}"
     );
     let out = run_ok(as_user(NOBODY, NOGROUP, "cat").arg(m.path("model.safetensors")));

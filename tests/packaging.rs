@@ -514,67 +514,74 @@ fn the_user_unit_passes_systemd_analyze_verify() {
 
 // ---- the .deb ----
 
+/// `packaging/deb.sh`, run as README writes it, builds a .deb without a
+/// warning, holding the binary, the user unit, the mount(8) helper, the docs,
+/// a man page per verb and the three shells' completions.
 #[test]
-fn the_deb_metadata_names_files_that_exist() {
+fn the_deb_builds_without_warnings_and_holds_what_readme_says() {
+    let readme = fs::read_to_string(repo().join("README.md")).unwrap();
+    assert!(
+        readme.contains("`packaging/deb.sh`"),
+        "README no longer tells how to build the .deb"
+    );
+    let have_cargo_deb = Command::new(env!("CARGO"))
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        have_cargo_deb,
+        "cargo-deb is missing: `cargo install cargo-deb` (tests/run installs it)"
+    );
+    let debian = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo().join("target"), PathBuf::from)
+        .join("debian");
+    let _ = fs::remove_dir_all(&debian);
     let out = run_ok(
-        Command::new(env!("CARGO"))
-            .args([
-                "metadata",
-                "--format-version",
-                "1",
-                "--no-deps",
-                "--offline",
-            ])
-            .current_dir(repo()),
+        Command::new("packaging/deb.sh")
+            .current_dir(repo())
+            .env("CARGO", env!("CARGO")),
     );
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let package = meta["packages"]
-        .as_array()
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        !said.to_lowercase().contains("warning"),
+        "cargo deb warned:\n{said}"
+    );
+    let deb = fs::read_dir(&debian)
         .unwrap()
-        .iter()
-        .find(|p| p["name"] == "modelcache")
-        .unwrap();
-    let deb = &package["metadata"]["deb"];
-    let depends = deb["depends"].as_str().unwrap();
-    assert!(depends.split(',').any(|d| d.trim() == "fuse3"), "{depends}");
-    let bins: Vec<&str> = package["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
-        .map(|t| t["name"].as_str().unwrap())
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("no .deb written");
+    let info = text(&run_ok(Command::new("dpkg-deb").arg("-I").arg(&deb)).stdout);
+    let depends = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends:"))
+        .unwrap_or_default();
+    assert!(depends.split(',').any(|d| d.trim() == "fuse3"), "{info}");
+    assert!(info.contains("Maintainer: "), "{info}");
+    let listing = text(&run_ok(Command::new("dpkg-deb").arg("-c").arg(&deb)).stdout);
+    let files: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
         .collect();
-    let mut dests = BTreeMap::new();
-    for asset in deb["assets"].as_array().unwrap() {
-        let [src, dest, mode] = [0, 1, 2].map(|i| asset[i].as_str().unwrap());
-        if let Some(name) = src.strip_prefix("target/release/") {
-            assert!(
-                bins.contains(&name),
-                "{src} is not a binary of this package"
-            );
-        } else {
-            assert!(repo().join(src).is_file(), "asset {src} does not exist");
-        }
-        assert!(mode == "644" || mode == "755", "{src}: mode {mode}");
-        dests.insert(src, (dest, mode));
+    let has = |path: &str| files.contains(&format!("./{path}").as_str());
+    let mut want = vec![
+        "usr/bin/modelcache".to_string(),
+        "usr/lib/systemd/user/modelcache@.service".into(),
+        // mount(8) looks for /sbin/mount.fuse.modelcache (/usr/sbin on merged /usr).
+        "usr/sbin/mount.fuse.modelcache".into(),
+        "usr/share/doc/modelcache/README.md".into(),
+        "usr/share/doc/modelcache/manifest.comfyui.toml".into(),
+        "usr/share/doc/modelcache/copyright".into(),
+        "usr/share/bash-completion/completions/modelcache".into(),
+        "usr/share/zsh/vendor-completions/_modelcache".into(),
+        "usr/share/fish/vendor_completions.d/modelcache.fish".into(),
+        "usr/share/man/man1/modelcache.1.gz".into(),
+    ];
+    for verb in ["mount", "umount", "status", "warm", "doctor", "check"] {
+        want.push(format!("usr/share/man/man1/modelcache-{verb}.1.gz"));
     }
-    assert_eq!(dests["target/release/modelcache"], ("usr/bin/", "755"));
-    assert_eq!(
-        dests["packaging/systemd/modelcache@.service"],
-        ("usr/lib/systemd/user/", "644")
-    );
-    // mount(8) looks for /sbin/mount.fuse.modelcache (/usr/sbin on merged /usr).
-    assert_eq!(dests["mount/mount.fuse.modelcache"], ("usr/sbin/", "755"));
-    for doc in [
-        "README.md",
-        "mount/manifest.comfyui.toml",
-        "mount/manifest.example.toml",
-    ] {
-        assert!(
-            dests[doc].0.starts_with("usr/share/doc/modelcache/"),
-            "{doc}"
-        );
-    }
+    let missing: Vec<&String> = want.iter().filter(|p| !has(p)).collect();
+    assert!(missing.is_empty(), "missing {missing:?} in:\n{listing}");
 }
 
 // ---- the example manifests ----

@@ -26,7 +26,7 @@ use budget::PinBudget;
 pub use entry::{Entry, Identity, LockReason, MountView};
 use policy::{Admission, EntryId, EvictReason, Key, Policy};
 
-use crate::size::Bytes;
+use crate::size::{Bytes, Rate};
 
 /// Model file extensions cached by default.
 pub const DEFAULT_EXTENSIONS: &[&str] = &[
@@ -917,10 +917,13 @@ fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
                     loads.nanos.fetch_add(nanos, Ordering::Relaxed);
                 }
                 info!(
-                    "loaded {} ({}) in {secs:.2} s, {:.2} GB/s",
+                    "loaded {} ({}) in {secs:.2} s, {}",
                     entry.name,
                     Bytes(entry.size()),
-                    entry.size() as f64 / secs.max(1e-9) / 1e9
+                    Rate {
+                        bytes: entry.size(),
+                        secs
+                    }
                 );
                 if let Some(shared) = shared.upgrade() {
                     entry.settle_lock(&shared.budget);

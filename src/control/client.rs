@@ -15,7 +15,7 @@ use super::protocol::{
 use super::render::render_status;
 use crate::Error;
 use crate::mountinfo::{self, MountEntry};
-use crate::size::Bytes;
+use crate::size::{Bytes, Count};
 
 /// The longest answer a client reads (a status of many files is large).
 const MAX_RESPONSE_LINE: usize = 256 << 20;
@@ -579,7 +579,11 @@ pub fn warm_command(paths: &[PathBuf], no_wait: bool) -> Result<(), Error> {
         let result = wait_for_loads(&mut clients, Duration::from_millis(250), &mut |p| {
             bar.set_length(p.total_bytes);
             bar.set_position(p.loaded_bytes);
-            bar.set_message(format!("{}/{} files", p.files_done, p.files));
+            bar.set_message(format!(
+                "{}/{}",
+                p.files_done,
+                Count(p.files as u64, "file")
+            ));
             for (name, size) in &p.finished {
                 bar.println(format!("loaded {name} ({})", Bytes(*size)));
             }
@@ -590,7 +594,11 @@ pub fn warm_command(paths: &[PathBuf], no_wait: bool) -> Result<(), Error> {
         let mut announced = false;
         wait_for_loads(&mut clients, Duration::from_millis(500), &mut |p| {
             if !announced {
-                println!("warming {} files, {}", p.files, Bytes(p.total_bytes));
+                println!(
+                    "warming {}, {}",
+                    Count(p.files as u64, "file"),
+                    Bytes(p.total_bytes)
+                );
                 announced = true;
             }
             for (name, size) in &p.finished {

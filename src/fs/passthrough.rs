@@ -21,7 +21,8 @@ pub enum Passthrough {
     Auto,
     /// Use it or refuse to mount.
     On,
-    /// Copy mode: every read of a model file is answered by the daemon.
+    /// Copy mode: the kernel reads cached files from the mount's page cache,
+    /// which the daemon fills; other reads go through the daemon.
     Off,
 }
 
@@ -33,7 +34,7 @@ pub fn unsupported_reason() -> Option<String> {
         // SAFETY: geteuid cannot fail.
         let uid = unsafe { libc::geteuid() };
         return Some(format!(
-            "it needs CAP_SYS_ADMIN (root); this daemon runs as uid {uid}"
+            "it needs CAP_SYS_ADMIN, and this daemon runs as uid {uid}"
         ));
     }
     match kernel_release() {

@@ -1,0 +1,226 @@
+//! Backings other than a local disk: another FUSE mount (what JuiceFS,
+//! mountpoint-s3 or rclone give), and a slow disk (a NAS or an HDD, made
+//! here with a blkio throttle, as the benchmarks do). What README's "Models
+//! on a NAS or a distributed filesystem" says holds, in both serving modes.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// The throttle test counts the disk's reads device-wide: nothing else in
+/// this binary may read the disk meanwhile.
+static DISK: Mutex<()> = Mutex::new(());
+
+/// Waits until `path` is listed `cached` by the mount's status.
+fn wait_cached(mnt: &Path, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = mount_status(mnt);
+        if status_file(&s, path).is_some_and(|f| f["state"] == "cached") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{path} never cached: {s:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The mount's serving mode as status names it.
+fn serving_mode(mnt: &Path) -> String {
+    mount_status(mnt)["mode"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A modelcache mount over another modelcache mount, in each mode of the
+/// upper one: model bytes are right on the first and the second read, the
+/// file is cached, and writes land in the lower mount's backing folder.
+#[test]
+fn a_fuse_mount_as_backing_works_in_both_modes() {
+    let _disk = DISK.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = shared_tempdir();
+    let [backing, lower_mnt, upper_mnt] = ["backing", "lower", "upper"].map(|d| tmp.path().join(d));
+    for d in [&backing, &lower_mnt, &upper_mnt] {
+        fs::create_dir(d).unwrap();
+    }
+    let want = pseudo_random(64 * MIB as usize, 7);
+    fs::write(backing.join("m.safetensors"), &want).unwrap();
+
+    // The lower mount in copy mode: a FUSE filesystem without passthrough,
+    // as JuiceFS or rclone are.
+    let lower = Mounted::separate(&backing, &lower_mnt, &Mode::Copy.args());
+    for mode in [Mode::Copy, Mode::Passthrough] {
+        let upper = Mounted::separate(&lower.mountpoint, &upper_mnt, &mode.args());
+        let want_mode = match mode {
+            Mode::Copy => "copy",
+            Mode::Passthrough => "passthrough",
+        };
+        assert_eq!(serving_mode(&upper.mountpoint), want_mode);
+        for pass in ["first", "second"] {
+            let got = fs::read(upper.path("m.safetensors")).unwrap();
+            assert!(got == want, "{mode:?}: {pass} read differs");
+            wait_cached(&upper.mountpoint, "m.safetensors");
+        }
+        // Passthrough over a FUSE filesystem without passthrough of its
+        // own is allowed by the kernel: no fallback warning.
+        assert!(
+            !upper.log_text().contains("refused a backing file"),
+            "{mode:?}: {}",
+            upper.log_text()
+        );
+        let name = format!("written-{want_mode}.bin");
+        fs::write(upper.path(&name), b"through two mounts").unwrap();
+        fs::rename(upper.path(&name), upper.path(&format!("{name}.done"))).unwrap();
+        assert_eq!(
+            fs::read(backing.join(format!("{name}.done"))).unwrap(),
+            b"through two mounts"
+        );
+        upper.unmount();
+    }
+    lower.unmount();
+
+    // Over a FUSE filesystem that itself uses passthrough the kernel's
+    // stacking limit refuses a second level: those opens are served through
+    // the daemon, with one warning, and the bytes stay right.
+    let lower = Mounted::separate(&backing, &lower_mnt, &Mode::Passthrough.args());
+    let upper = Mounted::separate(&lower.mountpoint, &upper_mnt, &[]);
+    for pass in ["first", "second"] {
+        let got = fs::read(upper.path("m.safetensors")).unwrap();
+        assert!(got == want, "stacked passthrough: {pass} read differs");
+    }
+    wait_cached(&upper.mountpoint, "m.safetensors");
+    let log = upper.log_text();
+    assert_eq!(
+        log.matches("the kernel refused a backing file").count(),
+        1,
+        "{log}"
+    );
+    upper.unmount();
+    lower.unmount();
+}
+
+/// `MAJ:MIN` of the block device that holds `path`.
+fn device_of(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(path).unwrap().dev();
+    // SAFETY: major/minor are pure arithmetic.
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    format!("{major}:{minor}")
+}
+
+/// Bytes read from the device so far (/sys/dev/block/MAJ:MIN/stat, field
+/// 3: sectors of 512 bytes). `None` where the device has no such file.
+fn device_read_bytes(dev: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/sys/dev/block/{dev}/stat")).ok()?;
+    let sectors: u64 = text.split_whitespace().nth(2)?.parse().ok()?;
+    Some(sectors * 512)
+}
+
+/// A blkio cgroup (v1) that throttles reads of one device, removed on drop.
+struct Throttle {
+    dir: PathBuf,
+}
+
+impl Throttle {
+    fn new(dev: &str, bytes_per_sec: u64) -> Option<Throttle> {
+        let root = Path::new("/sys/fs/cgroup/blkio");
+        if !root.join("cgroup.procs").exists() {
+            return None;
+        }
+        let dir = root.join(format!("modelcache-test-{}", std::process::id()));
+        fs::create_dir(&dir).unwrap();
+        let t = Throttle { dir };
+        fs::write(
+            t.dir.join("blkio.throttle.read_bps_device"),
+            format!("{dev} {bytes_per_sec}"),
+        )
+        .unwrap();
+        Some(t)
+    }
+
+    fn add(&self, pid: u32) {
+        fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// A shell command that joins this cgroup, then runs `command`.
+    fn run_inside(&self, command: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "echo $$ > '{}/cgroup.procs' && exec {command}",
+            self.dir.display()
+        ));
+        cmd
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        // Move whatever is left back to the root group, then remove it.
+        let root = self.dir.parent().unwrap().join("cgroup.procs");
+        if let Ok(procs) = fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = fs::write(&root, pid);
+            }
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// A backing disk throttled to 100 MB/s (a NAS): the first read through the
+/// mount is throttled (the test's setup holds), the bytes are right, and once
+/// the file is cached a second read moves (almost) nothing from the disk,
+/// in both modes. Speed-ups are measured by the benchmarks, not here.
+#[test]
+fn a_slow_backing_serves_reloads_from_ram_in_both_modes() {
+    let _disk = DISK.lock().unwrap_or_else(|e| e.into_inner());
+    const RATE: u64 = 100_000_000;
+    const SIZE: u64 = 128 * MIB;
+    let (_tmp, backing, mnt) = dirs();
+    let dev = device_of(&backing);
+    let (Some(_), Some(throttle)) = (device_read_bytes(&dev), Throttle::new(&dev, RATE)) else {
+        panic!("{dev}: no /sys/dev/block stat or no blkio cgroup v1 to throttle it");
+    };
+    let file = backing.join("m.safetensors");
+    fs::write(&file, pseudo_random(SIZE as usize, 11)).unwrap();
+    let want = checksum(&file);
+    for mode in [Mode::Copy, Mode::Passthrough] {
+        run_ok(&mut Command::new("sync"));
+        drop_from_page_cache(&file);
+        let m = Mounted::separate(&backing, &mnt, &mode.args());
+        throttle.add(m.pid());
+        // The reader joins the group too: in passthrough mode the kernel
+        // reads the backing file on the reader's behalf.
+        let reader = format!("cksum '{}'", m.path("m.safetensors").display());
+        let started = Instant::now();
+        let first = run_ok(&mut throttle.run_inside(&reader));
+        let cold = started.elapsed();
+        // Half the throttle's time at least: the disk really was slow.
+        let floor = Duration::from_secs_f64(SIZE as f64 / RATE as f64 / 2.0);
+        assert!(
+            cold >= floor,
+            "{mode:?}: cold read took {cold:?}, not throttled"
+        );
+        wait_cached(&m.mountpoint, "m.safetensors");
+        drop_from_page_cache(&file);
+
+        let disk_before = device_read_bytes(&dev).unwrap();
+        let second = run_ok(&mut throttle.run_inside(&reader));
+        let from_disk = device_read_bytes(&dev).unwrap() - disk_before;
+        assert_eq!(first.stdout, second.stdout, "{mode:?}: cksum changed");
+        assert!(
+            from_disk < SIZE / 20,
+            "{mode:?}: the second read moved {from_disk} bytes from the disk"
+        );
+        let via_mount = checksum(&m.path("m.safetensors"));
+        assert_eq!(via_mount, want, "{mode:?}: bytes differ");
+        m.unmount();
+    }
+}
