@@ -979,8 +979,8 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     overlay.start_hooks(hooks.unwrap_or_default(), mountpoint.clone());
 
     raise_nofile_limit();
-    // The kernel applies the caller's umask before a create reaches us; ours
-    // must not mask the mode a second time.
+    // The caller's umask is applied per create (fs/creds.rs); the daemon's
+    // own must not mask the mode a second time on threads that have none.
     // SAFETY: process-wide but harmless here; no path of ours relies on it.
     unsafe { libc::umask(0) };
     // Hold no directory busy (ours could be inside another mount).

@@ -12,7 +12,14 @@
 //! A non-root daemon cannot switch identity; every request then comes from
 //! its own user (or from others only with `allow_other`, whose files are
 //! owned by the daemon's user — documented in the README).
+//!
+//! Every daemon, root or not, applies the caller's umask here: the mount asks
+//! the kernel not to (FUSE_DONT_MASK), so that the backing filesystem can
+//! apply a directory's default ACL instead of the umask, as it does for a
+//! process creating there directly. The umask is per process unless a thread
+//! unshares its filesystem context, which each thread does once, here.
 
+use std::cell::Cell;
 use std::io;
 
 /// The identity of the process behind a FUSE request.
@@ -21,6 +28,8 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
+    /// The caller's umask, for a create.
+    pub umask: u32,
 }
 
 /// While alive, the current thread creates files as the caller.
@@ -28,14 +37,41 @@ pub struct ActingAs {
     /// The thread's own supplementary groups, restored on drop; `None` when
     /// nothing was switched.
     saved_groups: Option<Vec<libc::gid_t>>,
+    /// The thread's umask before, restored on drop.
+    saved_umask: libc::mode_t,
+}
+
+thread_local! {
+    /// Whether this thread has its own umask (unshare(CLONE_FS) done).
+    static OWN_UMASK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Gives the calling thread a umask of its own, once.
+fn own_umask() -> io::Result<()> {
+    if OWN_UMASK.get() {
+        return Ok(());
+    }
+    // SAFETY: no pointers; affects this thread's cwd, root and umask only.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    OWN_UMASK.set(true);
+    Ok(())
 }
 
 impl ActingAs {
     pub fn caller(caller: Caller) -> io::Result<Self> {
+        own_umask()?;
+        // SAFETY: umask cannot fail; this thread's own since own_umask().
+        let saved_umask = unsafe { libc::umask((caller.umask & 0o777) as libc::mode_t) };
+        let mut guard = Self {
+            saved_groups: None,
+            saved_umask,
+        };
         // SAFETY: plain syscalls without pointers.
         let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
         if euid != 0 || (caller.uid == euid && caller.gid == egid) {
-            return Ok(Self { saved_groups: None });
+            return Ok(guard);
         }
         let saved = own_groups()?;
         let groups = supplementary_groups(caller);
@@ -46,9 +82,7 @@ impl ActingAs {
         if ret != 0 {
             return Err(io::Error::last_os_error());
         }
-        let guard = Self {
-            saved_groups: Some(saved),
-        };
+        guard.saved_groups = Some(saved);
         // SAFETY: plain syscalls; the previous value is returned, never an error
         // code, so success is checked by reading the value back.
         unsafe {
@@ -66,6 +100,8 @@ impl ActingAs {
 
 impl Drop for ActingAs {
     fn drop(&mut self) {
+        // SAFETY: umask cannot fail.
+        unsafe { libc::umask(self.saved_umask) };
         let Some(groups) = self.saved_groups.take() else {
             return;
         };

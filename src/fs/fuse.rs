@@ -100,11 +100,15 @@ fn errno(err: io::Error) -> Errno {
     Errno::from_i32(err.raw_os_error().unwrap_or(libc::EIO))
 }
 
-fn caller(req: &Request) -> Caller {
+/// The process behind a create-type request, with the umask the kernel
+/// left for us to apply (FUSE_DONT_MASK; 0 for a symlink, whose mode is
+/// always 0777).
+fn caller(req: &Request, umask: u32) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
+        umask,
     }
 }
 
@@ -216,7 +220,14 @@ impl Filesystem for FuseAdapter {
         // one after another. AUTO_INVAL_DATA: the kernel drops a file's page
         // cache when it sees a new mtime (a file changed behind a --backing
         // mount), which matters for the page cache copy-mode entries keep.
+        // POSIX_ACL: with default_permissions the kernel checks each
+        // caller against the backing file's ACLs (read through getxattr),
+        // not the mode bits alone. DONT_MASK: the kernel leaves the umask to
+        // us, so that a directory's default ACL can replace it as on the
+        // backing filesystem (creds.rs applies it per create).
         for cap in [
+            InitFlags::FUSE_POSIX_ACL,
+            InitFlags::FUSE_DONT_MASK,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
@@ -310,13 +321,13 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         let result = self
             .overlay
-            .mknod(caller(req), parent.0, name, mode, rdev.into());
+            .mknod(caller(req, umask), parent.0, name, mode, rdev.into());
         reply_entry(reply, self.ttl, result);
     }
 
@@ -326,13 +337,13 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         reply_entry(
             reply,
             self.ttl,
-            self.overlay.mkdir(caller(req), parent.0, name, mode),
+            self.overlay.mkdir(caller(req, umask), parent.0, name, mode),
         );
     }
 
@@ -354,7 +365,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let result = self
             .overlay
-            .symlink(caller(req), parent.0, link_name, target.as_os_str());
+            .symlink(caller(req, 0), parent.0, link_name, target.as_os_str());
         reply_entry(reply, self.ttl, result);
     }
 
@@ -651,13 +662,13 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let (entry, fh) = match self
             .overlay
-            .create(caller(req), parent.0, name, mode, flags)
+            .create(caller(req, umask), parent.0, name, mode, flags)
         {
             Ok(created) => created,
             Err(e) => return reply.error(errno(e)),

@@ -819,6 +819,7 @@ mod tests {
                 uid: libc::geteuid(),
                 gid: libc::getegid(),
                 pid: std::process::id(),
+                umask: 0o022,
             }
         }
     }
