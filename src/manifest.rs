@@ -545,17 +545,38 @@ impl Source<'_> {
     }
 }
 
+/// Where a root process looks for its manifest when given none: never a
+/// user's home, whatever `$HOME` says under `sudo -E` or `su`.
+pub const SYSTEM_MANIFEST: &str = "/etc/modelcache/manifest.toml";
+
+/// Who a manifest's reader is, for the checks of [`Manifest::load`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// `modelcache check`, doctor: only reads and reports.
+    Report,
+    /// A daemon, which runs the manifest's hook commands as its own user:
+    /// the file must be its own or root's, and writable by no one else.
+    Daemon,
+}
+
 impl Manifest {
-    /// Reads and validates the manifest at `path`.
-    pub fn load(path: &Path) -> Result<Manifest, Error> {
-        let text = fs::read_to_string(path)
-            .map_err(|e| Error(format!("cannot read the manifest {}: {e}", path.display())))?;
+    /// Reads and validates the manifest at `path`. The file is opened
+    /// without blocking (a FIFO there cannot hang the reader) and must be a
+    /// regular file; a daemon also requires it to be owned by its own user
+    /// or root and not writable by group or others.
+    pub fn load(path: &Path, reader: Reader) -> Result<Manifest, Error> {
+        let text = read_manifest_file(path, reader)?;
         Manifest::parse(&text, path)
     }
 
-    /// `$XDG_CONFIG_HOME/modelcache/manifest.toml`, else
-    /// `~/.config/modelcache/manifest.toml`; `None` without a home.
+    /// Root: [`SYSTEM_MANIFEST`]. Others: `$XDG_CONFIG_HOME/modelcache/
+    /// manifest.toml`, else `~/.config/modelcache/manifest.toml`; `None`
+    /// without a home.
     pub fn default_path() -> Option<PathBuf> {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return Some(PathBuf::from(SYSTEM_MANIFEST));
+        }
         default_path_from(
             std::env::var_os("XDG_CONFIG_HOME"),
             std::env::var_os("HOME"),
@@ -994,6 +1015,70 @@ impl Manifest {
     }
 }
 
+/// The manifest's text, read as [`Manifest::load`] says.
+fn read_manifest_file(path: &Path, reader: Reader) -> Result<String, Error> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    let failed = |e: std::io::Error| Error(format!("cannot read the manifest {shown}: {e}"));
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(failed)?;
+    // The checks look at the file that was opened, not at the path again.
+    let meta = file.metadata().map_err(failed)?;
+    if !meta.file_type().is_file() {
+        return Err(Error(format!(
+            "the manifest {shown} is not a regular file: give the path of a TOML file"
+        )));
+    }
+    if reader == Reader::Daemon {
+        check_trusted(path, meta.uid(), meta.mode())?;
+    }
+    // A manifest is a few KiB; a bound keeps a huge file from filling RAM.
+    const MAX_MANIFEST: u64 = 4 << 20;
+    if meta.len() > MAX_MANIFEST {
+        return Err(Error(format!(
+            "the manifest {shown} is {}, over the {} a manifest may be",
+            Bytes(meta.len()),
+            Bytes(MAX_MANIFEST)
+        )));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(failed)?;
+    Ok(text)
+}
+
+/// A daemon runs the manifest's `[hooks.*] exec` commands as itself, so it
+/// reads only a manifest that no one else could have written.
+fn check_trusted(path: &Path, owner: u32, mode: u32) -> Result<(), Error> {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let shown = path.display();
+    if owner != me && owner != 0 {
+        return Err(Error(format!(
+            "the manifest {shown} is owned by uid {owner}, and this daemon runs as uid {me}: \
+             a daemon reads only a manifest owned by its own user or root (its hook commands \
+             run as uid {me}). Copy it to a file of your own (for root: {SYSTEM_MANIFEST}), \
+             or `chown {me} {shown}`"
+        )));
+    }
+    if mode & 0o022 != 0 {
+        let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+            (true, true) => "group and others",
+            (true, false) => "its group",
+            _ => "others",
+        };
+        return Err(Error(format!(
+            "the manifest {shown} is writable by {who} (mode {:04o}): anyone who can write it \
+             could run commands as this daemon's user. Fix: chmod go-w {shown}",
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
 fn default_path_from(xdg_config_home: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
     // The XDG spec says to ignore a relative XDG_CONFIG_HOME.
     let config = xdg_config_home
@@ -1288,7 +1373,7 @@ pub fn check_command(manifest: Option<PathBuf>, root: &Path) -> Result<(), Error
     let path = manifest.or_else(Manifest::default_path).ok_or_else(|| {
         Error("no manifest given, and neither XDG_CONFIG_HOME nor HOME is set: give the manifest's path".into())
     })?;
-    let manifest = Manifest::load(&path)?;
+    let manifest = Manifest::load(&path, Reader::Report)?;
     let ram = crate::mount::total_ram();
     let limits = manifest.limits(ram)?;
     let matches = manifest.matches(root)?;
@@ -2036,6 +2121,21 @@ paths = ["b/*", "c/*"]
         ] {
             assert_eq!(show_duration(Duration::from_millis(ms)), shown);
         }
+    }
+
+    #[test]
+    fn a_daemon_trusts_only_its_own_or_roots_manifest_that_others_cannot_write() {
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let path = Path::new("/x/manifest.toml");
+        assert!(check_trusted(path, me, 0o100644).is_ok());
+        assert!(check_trusted(path, 0, 0o100600).is_ok());
+        let other = if me == 4242 { 4243 } else { 4242 };
+        let err = check_trusted(path, other, 0o100644).unwrap_err().0;
+        assert!(err.contains(&format!("owned by uid {other}")), "{err}");
+        let err = check_trusted(path, me, 0o100664).unwrap_err().0;
+        assert!(err.contains("writable by its group (mode 0664)"), "{err}");
+        assert!(err.contains("chmod go-w /x/manifest.toml"), "{err}");
     }
 
     #[test]

@@ -87,7 +87,10 @@ impl Settings {
         let path = manifest_arg
             .clone()
             .or_else(|| Manifest::default_path().filter(|p| p.exists()));
-        let manifest = path.as_deref().map(Manifest::load).transpose()?;
+        let manifest = path
+            .as_deref()
+            .map(|p| Manifest::load(p, manifest::Reader::Daemon))
+            .transpose()?;
         // Without a manifest, its defaults: one place defines them.
         let defaults;
         let m = match &manifest {

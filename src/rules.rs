@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use crate::fs::{Overlay, Warmed};
-use crate::manifest::{Manifest, RuleKind};
+use crate::manifest::{self, Manifest, RuleKind};
 use crate::size::{Bytes, Count, Rate};
 
 /// How often prewarm progress is logged.
@@ -81,7 +81,7 @@ impl Rules {
             .clone()
             .or_else(|| Manifest::default_path().filter(|p| p.exists()))
             .ok_or("no manifest to reload: none was given and none is at the default path")?;
-        let manifest = Manifest::load(&path).map_err(|e| e.0)?;
+        let manifest = Manifest::load(&path, manifest::Reader::Daemon).map_err(|e| e.0)?;
         let summary = format!("reloading {}", path.display());
         if let Some(jobs) = &self.jobs {
             let _ = jobs.send(Job::Apply(Box::new(manifest)));

@@ -66,7 +66,7 @@ const WAN: [(&str, u64); 4] = [
 
 #[test]
 fn example_manifest_takes_every_file_of_a_wan_setup() {
-    let manifest = Manifest::load(&example()).unwrap();
+    let manifest = Manifest::load(&example(), modelcache::manifest::Reader::Report).unwrap();
     assert!(manifest.rules.len() >= 3, "pin, warm and group rules");
     let dir = tempfile::tempdir().unwrap();
     for (rel, size) in WAN {

@@ -3,6 +3,10 @@
 //! The open never waits for it: a command that fails, cannot start or runs
 //! past its time limit (and is then killed, with its process group) is
 //! logged, and the read goes on.
+//!
+//! Bounded: at most [`MAX_RUNNING`] commands run at once and at most
+//! [`MAX_QUEUED`] wait; past that a command is dropped, and logged. A burst
+//! of opens (500 files at once) never starts 500 processes.
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
@@ -20,6 +24,12 @@ use crate::manifest::show_duration;
 
 /// How often running commands are checked for their exit and time limit.
 const POLL: Duration = Duration::from_millis(50);
+
+/// Commands running at once, per mount.
+pub const MAX_RUNNING: usize = 4;
+
+/// Commands waiting for a slot, per mount.
+pub const MAX_QUEUED: usize = 256;
 
 /// One command to run.
 struct Job {
@@ -46,6 +56,8 @@ impl Job {
 /// Runs the `exec` hooks of one mount.
 pub struct CommandRunner {
     jobs: Option<Sender<Job>>,
+    /// Commands dropped because the queue was full, since the last warning.
+    dropped: std::sync::atomic::AtomicU64,
     /// (file, class) pairs whose first open already ran the command.
     ran: Mutex<HashSet<(String, ReaderClass)>>,
     worker: Option<JoinHandle<()>>,
@@ -54,13 +66,14 @@ pub struct CommandRunner {
 impl CommandRunner {
     /// A runner whose commands see `MODELCACHE_MOUNT=mountpoint`.
     pub fn start(mountpoint: PathBuf) -> CommandRunner {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = crossbeam_channel::bounded(MAX_QUEUED);
         let worker = std::thread::Builder::new()
             .name("hook-commands".into())
             .spawn(move || run(rx, &mountpoint))
             .expect("spawn the hook command runner");
         CommandRunner {
             jobs: Some(tx),
+            dropped: Default::default(),
             ran: Mutex::new(HashSet::new()),
             worker: Some(worker),
         }
@@ -74,12 +87,25 @@ impl CommandRunner {
             return;
         }
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(Job {
+            let job = Job {
                 argv: argv.to_vec(),
                 file: file.to_string(),
                 reader,
                 limit,
-            });
+            };
+            if let Err(crossbeam_channel::TrySendError::Full(job)) = jobs.try_send(job) {
+                use std::sync::atomic::Ordering;
+                // One line per burst, not one per dropped command.
+                if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    warn!(
+                        "{} not run: {MAX_RUNNING} hook commands are running and {MAX_QUEUED} waiting \
+                         (further drops are not logged until the queue has room again)",
+                        job.describe()
+                    );
+                }
+                return;
+            }
+            self.dropped.store(0, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -104,7 +130,8 @@ fn run(jobs: Receiver<Job>, mountpoint: &std::path::Path) {
     let mut running: Vec<Running> = Vec::new();
     let mut open = true;
     while open || !running.is_empty() {
-        let next = if !open {
+        let next = if !open || running.len() >= MAX_RUNNING {
+            // Full (or closing): only reap, the queue waits.
             std::thread::sleep(POLL);
             None
         } else if running.is_empty() {
@@ -142,9 +169,13 @@ fn spawn(job: Job, mountpoint: &std::path::Path) -> Option<Running> {
         .stdin(Stdio::null())
         // Its own process group, so the time limit kills what it started too.
         .process_group(0);
-    // SAFETY: one async-signal-safe system call between fork and exec.
+    // SAFETY: async-signal-safe system calls only between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
+            // Not the daemon's umask 0 (which lets creates through the
+            // mount carry the caller's own): files a command makes are not
+            // world-writable.
+            libc::umask(0o022);
             // Descriptors the daemon holds without close-on-exec (the FUSE
             // device among them) stay out of the command.
             libc::syscall(
