@@ -214,3 +214,122 @@ fn hook_commands_run_with_umask_022_no_stdin_and_at_most_four_at_once() {
     }
     m.unmount();
 }
+
+/// Stops the daemon with SIGTERM and asserts it exits within 5 s.
+fn stops_within_5s(mut m: Mounted, what: &str) {
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    let status = m.wait_exit(Duration::from_secs(5));
+    assert!(
+        started.elapsed() < Duration::from_secs(5) && status.success(),
+        "{what}: the daemon did not stop within 5 s of SIGTERM ({status}):\n{}",
+        m.log_text()
+    );
+}
+
+/// Runs `modelcache ARGS` and asserts it answers within 5 s.
+fn answers_within_5s(args: &[&str]) -> String {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`modelcache {}` hung", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A FIFO where the daemon expects a model file (renamed over a file its
+/// loader has queued, over a member of a group, or named in `warm`) is
+/// refused without blocking: later files still load, the control socket
+/// answers, and SIGTERM still stops the daemon.
+#[test]
+fn a_fifo_in_a_model_files_place_never_hangs_the_daemon() {
+    let (tmp, backing, mnt) = dirs();
+    // The loader's queue: one thread, a large file first, then a small one
+    // that becomes a FIFO before its turn (copy mode reopens it by path).
+    write_model(&backing.join("big.safetensors"), 512 * MIB, 1);
+    write_model(&backing.join("queued.safetensors"), 2 * MIB, 2);
+    write_model(&backing.join("later.safetensors"), 2 * MIB, 3);
+    write_model(&backing.join("a.safetensors"), 2 * MIB, 4);
+    write_model(&backing.join("b.safetensors"), 2 * MIB, 5);
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(
+        &manifest,
+        "[[group]]\nname = \"pair\"\npaths = [\"a.safetensors\", \"b.safetensors\"]\n",
+    )
+    .unwrap();
+    let mut cmd = mount_cmd(&backing, &mnt, &manifest);
+    // TTL 0: the kernel looks each name up again, so a rename behind the
+    // mount is seen by the loader's open at once.
+    cmd.args([
+        "--loader-threads",
+        "1",
+        "--passthrough",
+        "off",
+        "--metadata-ttl",
+        "0",
+    ]);
+    let m = Mounted::start(cmd, &mnt);
+    // Renamed over the file behind the mount (a `--backing` mount's
+    // backing changes under it): the daemon's entry does not know yet.
+    let mkfifo = |name: &str| {
+        let fifo = tmp.path().join(format!("{name}.fifo"));
+        run_ok(Command::new("mkfifo").arg(&fifo));
+        fs::rename(&fifo, backing.join(name)).unwrap();
+    };
+
+    let big = fs::File::open(m.path("big.safetensors")).unwrap();
+    let queued = fs::File::open(m.path("queued.safetensors")).unwrap();
+    mkfifo("queued.safetensors");
+    drop((big, queued));
+    // The loader went on past the FIFO: a file opened after it loads.
+    let _later = fs::read(m.path("later.safetensors")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = mount_status(&m.mountpoint);
+        let state = |p: &str| status_file(&s, p).map(|f| f["state"].clone());
+        if state("later.safetensors").is_some_and(|v| v == "cached") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the loader is stuck: {s:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A group member became a FIFO: opening the other member warms it.
+    mkfifo("b.safetensors");
+    let _a = fs::read(m.path("a.safetensors")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let reload = answers_within_5s(&["reload", m.mountpoint.to_str().unwrap()]);
+    assert!(reload.contains("reloading"), "{reload}");
+
+    // `warm` of a FIFO: an answer that says what it is, at once.
+    mkfifo("c.safetensors");
+    let warm = answers_within_5s(&["warm", m.path("c.safetensors").to_str().unwrap()]);
+    assert!(warm.contains("a FIFO"), "{warm}");
+    assert!(
+        answers_within_5s(&["status", m.mountpoint.to_str().unwrap()])
+            .contains("later.safetensors")
+    );
+    let log = m.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("b.safetensors") && l.contains("a FIFO")),
+        "no FIFO refusal logged for the group member:\n{log}"
+    );
+    stops_within_5s(m, "after FIFOs");
+}

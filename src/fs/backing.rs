@@ -128,13 +128,15 @@ pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<File> {
 
 /// Opens the regular file at `rel` below `root` for reading. Symlinks are
 /// followed only while they stay below `root` (openat2 RESOLVE_BENEATH), as
-/// a reader of the mount would see them.
+/// a reader of the mount would see them. Non-blocking, so that a FIFO (or a
+/// device) a user put there cannot hang the daemon: anything but a regular
+/// file is an error.
 pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<File> {
     let path = CString::new(rel.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: a plain C struct; zero is its "no options" value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY) as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: valid fd, NUL-terminated path and a matching struct size.
     let fd = cvt(unsafe {
@@ -146,7 +148,30 @@ pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<File> {
             std::mem::size_of::<libc::open_how>(),
         )
     } as i32)?;
-    Ok(File::from(owned(fd)))
+    regular_file(File::from(owned(fd)))
+}
+
+/// `file` if it is a regular file, else an error naming what it is.
+/// The daemon's own opens are non-blocking; O_NONBLOCK means nothing for a
+/// regular file's reads, so it is left on.
+pub fn regular_file(file: File) -> io::Result<File> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() {
+        return Ok(file);
+    }
+    let what = if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(io::Error::other(format!("{what}, not a model file")))
 }
 
 /// Creates and opens a regular file `name` in `dir` (`O_CREAT`, never

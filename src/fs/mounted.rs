@@ -33,10 +33,13 @@ impl MountView for MountedFiles {
     fn open(&self, name: &str, identity: &Identity) -> io::Result<(File, u64)> {
         // Opened by path, so it may be another file by now (renamed over
         // it): the node it reached must be the backing file being cached.
+        // Non-blocking and type-checked: a FIFO renamed over it must not
+        // hang the loader.
         let file = File::options()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(self.mountpoint.join(name))?;
+        let file = super::backing::regular_file(file)?;
         let node = file.metadata()?.ino();
         let overlay = self
             .overlay
