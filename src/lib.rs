@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod cli;
 pub mod control;
+pub mod descriptors;
 pub mod doctor;
 pub mod fs;
 pub mod gpu;

@@ -920,17 +920,6 @@ pub fn run_in_background(args: Vec<std::ffi::OsString>) -> Result<(), Error> {
 }
 
 /// Raises the open-file limit to its hard maximum: one fd per known inode.
-fn raise_nofile_limit() {
-    // SAFETY: plain get/set of a resource limit.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// `modelcache mount`: mounts, serves until unmounted or signalled, and
 /// unmounts. Returns once the mount is gone.
 pub fn run(config: MountConfig) -> Result<(), Error> {
@@ -981,7 +970,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let hooks = settings.manifest.as_ref().map(|m| m.hooks.clone());
     overlay.start_hooks(hooks.unwrap_or_default(), mountpoint.clone());
 
-    raise_nofile_limit();
+    crate::descriptors::raise_limit();
     // The caller's umask is applied per create (fs/creds.rs); the daemon's
     // own must not mask the mode a second time on threads that have none.
     // SAFETY: process-wide but harmless here; no path of ours relies on it.
@@ -1220,6 +1209,8 @@ fn serve_until_unmounted(
     let mp = mountpoint.display();
     let mut stopping = false;
     let mut detached = false;
+    // Whether the last read of the mount table failed (logged once).
+    let mut unreadable_table = false;
     while !session.is_finished() {
         match wait_signal(Duration::from_millis(200)) {
             Some(libc::SIGHUP) => reload(),
@@ -1235,18 +1226,29 @@ fn serve_until_unmounted(
             }
             None => {}
         }
-        if !detached
-            && let Some(id) = ours
-            && !mountinfo::mounts().iter().any(|m| m.id == id)
-        {
-            detached = true;
-            info!("{mp} was detached: releasing the cache's files in it");
-            crate::notify::stopping();
-            release();
+        if !detached && let Some(id) = ours {
+            match mountinfo::is_gone(mountinfo::try_mounts(), id) {
+                Ok(true) => {
+                    detached = true;
+                    info!("{mp} was detached: releasing the cache's files in it");
+                    crate::notify::stopping();
+                    release();
+                }
+                Ok(false) => unreadable_table = false,
+                // Never taken for "detached": that would empty the cache
+                // because this process ran out of descriptors.
+                Err(e) => {
+                    if !unreadable_table {
+                        warn!("{}", mountinfo::unreadable_message(&e));
+                    }
+                    unreadable_table = true;
+                }
+            }
         }
     }
+    // Unknown counts as mounted: the ECONNABORTED below is then an error.
     let still_mounted = || match ours {
-        Some(id) => mountinfo::mounts().iter().any(|m| m.id == id),
+        Some(id) => !matches!(mountinfo::is_gone(mountinfo::try_mounts(), id), Ok(true)),
         None => mountinfo::mount_at(mountpoint).is_some_and(|m| m.is_modelcache()),
     };
     match session.join() {

@@ -85,6 +85,23 @@ pub fn try_mounts() -> io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
+/// Whether mount `id` is gone from `table`; an unreadable table stays an
+/// error, never "gone".
+pub fn is_gone(table: io::Result<Vec<MountEntry>>, id: u64) -> io::Result<bool> {
+    Ok(!table?.iter().any(|m| m.id == id))
+}
+
+/// What to log when the mount table cannot be read; out of descriptors, it
+/// names the limit and the fix.
+pub fn unreadable_message(e: &io::Error) -> String {
+    let mut text = format!("cannot read /proc/self/mountinfo ({e}); the mount is taken to be live");
+    if let Some(hint) = crate::descriptors::shortage_hint(e) {
+        text.push_str(": ");
+        text.push_str(&hint);
+    }
+    text
+}
+
 // Scans of /proc for who holds a mount or directory. Read here rather than
 // through `procfs`: they need the mount id of a cwd/root magic link taken
 // without touching its filesystem (an O_PATH open), fdinfo's
@@ -491,6 +508,20 @@ mod tests {
         assert_eq!(m.source, "/data/my models");
         assert!(m.is_modelcache());
         assert!(parse_line("garbage").is_none());
+    }
+
+    #[test]
+    fn an_unreadable_mount_table_never_reads_as_detached() {
+        let table = parse("812 29 0:77 / /m rw - fuse.modelcache /b rw\n");
+        assert!(!is_gone(Ok(table.clone()), 812).unwrap());
+        assert!(is_gone(Ok(table), 813).unwrap());
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(is_gone(Err(emfile), 812).is_err());
+        let text = unreadable_message(&io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(
+            text.contains("taken to be live") && text.contains("LimitNOFILE="),
+            "{text}"
+        );
     }
 
     #[test]

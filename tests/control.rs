@@ -207,15 +207,20 @@ fn socket_of(m: &Mounted) -> PathBuf {
     for dir in ["/run/modelcache"] {
         for e in fs::read_dir(dir).unwrap().flatten() {
             let path = e.path();
-            if let Ok(mut s) = UnixStream::connect(&path) {
-                s.write_all(b"{\"version\":1,\"verb\":\"status\"}\n")
-                    .unwrap();
-                let mut line = String::new();
-                BufReader::new(s).read_line(&mut line).unwrap();
-                let v: Value = serde_json::from_str(&line).unwrap();
-                if v["status"]["mountpoint"] == m.mountpoint.to_str().unwrap() {
-                    return path;
-                }
+            // Other tests' daemons come and go: a socket that fails to
+            // answer is not this mount's.
+            let Ok(mut s) = UnixStream::connect(&path) else {
+                continue;
+            };
+            let mut line = String::new();
+            let answered = s
+                .write_all(b"{\"version\":1,\"verb\":\"status\"}\n")
+                .and_then(|()| BufReader::new(s).read_line(&mut line));
+            let Ok(v) = answered.map(|_| serde_json::from_str::<Value>(&line)) else {
+                continue;
+            };
+            if v.is_ok_and(|v| v["status"]["mountpoint"] == m.mountpoint.to_str().unwrap()) {
+                return path;
             }
         }
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use parking_lot::Mutex;
-use tracing::warn;
+use tracing::{info, warn};
 
 const MIB: u64 = 1 << 20;
 
@@ -321,6 +321,10 @@ impl Monitor {
                 loop {
                     match sample() {
                         Ok(sample) => {
+                            if warned {
+                                info!("memory state readable again: watching pressure");
+                                warned = false;
+                            }
                             let pressure = assess(&sample, &thresholds);
                             *shared.lock() = Some(sample.clone());
                             if pressure != Pressure::Calm {
@@ -328,8 +332,14 @@ impl Monitor {
                             }
                         }
                         // Once: a failure that persists would flood the log.
+                        // Sampling goes on; the next good sample says so.
                         Err(e) if !warned => {
-                            warn!("cannot read memory state, not watching pressure: {e}");
+                            let hint = crate::descriptors::shortage_hint(&e)
+                                .map(|h| format!(": {h}"))
+                                .unwrap_or_default();
+                            warn!(
+                                "cannot read memory state ({e}); pressure is not watched until it can be read again{hint}"
+                            );
                             warned = true;
                         }
                         Err(_) => {}
