@@ -18,6 +18,9 @@ pub struct MountEntry {
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// A FUSE mount's owner: the uid of the daemon that mounted it (the
+    /// `user_id=` option the kernel shows).
+    pub owner: Option<u32>,
 }
 
 impl MountEntry {
@@ -62,6 +65,13 @@ pub fn parse_line(line: &str) -> Option<MountEntry> {
         source: unescape(fields.get(sep + 2)?)
             .to_string_lossy()
             .into_owned(),
+        owner: fields.get(sep + 3).and_then(|options| {
+            options
+                .trim_end()
+                .split(',')
+                .find_map(|o| o.strip_prefix("user_id="))
+                .and_then(|uid| uid.parse().ok())
+        }),
     })
 }
 
@@ -506,6 +516,7 @@ mod tests {
         assert_eq!(m.mountpoint, Path::new("/home/me/Comfy UI/models"));
         assert_eq!(m.fstype, "fuse.modelcache");
         assert_eq!(m.source, "/data/my models");
+        assert_eq!(m.owner, Some(0));
         assert!(m.is_modelcache());
         assert!(parse_line("garbage").is_none());
     }
@@ -528,6 +539,7 @@ mod tests {
     fn parses_mountinfo_without_optional_fields() {
         let m = parse_line("25 1 8:1 / / rw - ext4 /dev/sda1 rw").unwrap();
         assert_eq!(m.fstype, "ext4");
+        assert_eq!(m.owner, None);
         assert_eq!(m.dev, (8, 1));
         assert!(!m.is_modelcache());
     }

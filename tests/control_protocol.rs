@@ -774,6 +774,7 @@ fn fake_mount(path: &str) -> MountEntry {
         mountpoint: PathBuf::from(path),
         fstype: "fuse.modelcache".into(),
         source: "/backing".into(),
+        owner: Some(0),
     }
 }
 

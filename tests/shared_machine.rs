@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -409,4 +409,140 @@ fn running_out_of_descriptors_never_empties_the_cache() {
         );
     }
     stops_within_5s(m, "out of descriptors");
+}
+
+/// Serves one canned answer line on a Unix socket at `path`, as `uid`
+/// (python3, part of Debian's base system), until killed.
+struct FakeSocket(std::process::Child);
+
+impl FakeSocket {
+    fn start(uid: u32, path: &Path, answer: &str) -> FakeSocket {
+        let script = "import socket,sys\n\
+            s=socket.socket(socket.AF_UNIX)\n\
+            s.bind(sys.argv[1]); s.listen(8)\n\
+            while True:\n\
+            \x20   c,_=s.accept(); c.recv(65536); c.sendall(sys.argv[2].encode()+b'\\n'); c.close()\n";
+        let child = as_user(uid, uid, "/usr/bin/python3")
+            .args(["-c", script])
+            .arg(path)
+            .arg(answer)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "the fake socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        FakeSocket(child)
+    }
+}
+
+impl Drop for FakeSocket {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Root's `modelcache status` of a normal user's mount never believes a
+/// socket another user planted where it looks (`/tmp/modelcache-*`), and
+/// control characters in file names reach the terminal escaped.
+#[test]
+fn the_client_trusts_only_the_mounts_own_daemon_and_escapes_names() {
+    const ATTACKER: u32 = 4242;
+    let (tmp, backing, mnt) = dirs();
+    let evil = "a\u{1b}[31mred\nline.safetensors";
+    write_model(&backing.join(evil), 2 * MIB, 3);
+    for p in [&backing, &mnt, &backing.join(evil)] {
+        chown(p, NOBODY, NOGROUP);
+    }
+    // The real daemon: nobody's, with its socket where root does not look.
+    let runtime = tmp.path().join("runtime");
+    fs::create_dir(&runtime).unwrap();
+    chown(&runtime, NOBODY, NOGROUP);
+    let mut cmd = as_user(NOBODY, NOGROUP, bin());
+    cmd.args(["mount", "--backing"])
+        .arg(&backing)
+        .arg(&mnt)
+        .env("XDG_RUNTIME_DIR", &runtime);
+    let m = Mounted::start(cmd, &mnt);
+    run_ok(
+        as_user(NOBODY, NOGROUP, "cat")
+            .arg(m.path(evil))
+            .stdout(Stdio::null()),
+    );
+    let real_socket = runtime
+        .join("modelcache")
+        .join(modelcache::control::socket_file_name(&m.mountpoint));
+    // The real answer, doctored: what a planted socket would say.
+    let mut conn = std::os::unix::net::UnixStream::connect(&real_socket).unwrap();
+    std::io::Write::write_all(&mut conn, b"{\"version\":1,\"verb\":\"status\"}\n").unwrap();
+    let mut real = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(conn), &mut real).unwrap();
+    let forged = real
+        .trim_end()
+        .replace("\"cached_bytes\":", "\"cached_bytes\":1234567890123,\"x\":");
+    assert_ne!(forged, real.trim_end(), "the forgery changed nothing");
+
+    let planted_dir = PathBuf::from(format!("/tmp/modelcache-{ATTACKER}"));
+    let _ = fs::remove_dir_all(&planted_dir);
+    fs::create_dir(&planted_dir).unwrap();
+    chown(&planted_dir, ATTACKER, ATTACKER);
+    let planted = planted_dir.join(modelcache::control::socket_file_name(&m.mountpoint));
+    let fake = FakeSocket::start(ATTACKER, &planted, &forged);
+    let out = modelcache(&["status", m.mountpoint.to_str().unwrap()]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(fake);
+    let _ = fs::remove_dir_all(&planted_dir);
+    assert!(
+        !out.status.success(),
+        "root believed a planted socket:\n{said}"
+    );
+    assert!(!said.contains("1.1 TiB"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "served by uid {ATTACKER}, not by the mount's owner (uid {NOBODY})"
+        )),
+        "{said}"
+    );
+
+    // The mount's own user sees the file's name escaped in the table, and
+    // exact in JSON.
+    let mut status = as_user(NOBODY, NOGROUP, bin());
+    status
+        .arg("status")
+        .arg(&m.mountpoint)
+        .env("XDG_RUNTIME_DIR", &runtime);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let table = loop {
+        let out = run_ok(&mut status);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("cached") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "never cached:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !table.contains('\u{1b}'),
+        "a raw escape reached the terminal:\n{table}"
+    );
+    assert!(
+        table.contains("a\\x{1b}[31mred\\nline.safetensors"),
+        "{table}"
+    );
+    let json = run_ok(status.arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let paths: Vec<&str> = v["mounts"][0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert_eq!(paths, [evil]);
+    m.unmount();
 }

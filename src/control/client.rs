@@ -12,7 +12,7 @@ use super::protocol::{
     FileState, Line, MountStatus, PROTOCOL_VERSION, Request, Response, StatusReport,
     read_line_limited,
 };
-use super::render::render_status;
+use super::render::{escape_controls, render_status};
 use crate::Error;
 use crate::mountinfo::{self, MountEntry};
 use crate::size::{Bytes, Count};
@@ -43,6 +43,29 @@ impl Client {
 
     pub fn socket_path(&self) -> &Path {
         &self.socket
+    }
+
+    /// The uid of the process at the other end (SO_PEERCRED): who really
+    /// serves this socket, whoever made its file.
+    pub fn peer_uid(&self) -> io::Result<u32> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain C struct; zero is a valid value.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: a valid socket and an out-buffer of the given length.
+        let ret = unsafe {
+            libc::getsockopt(
+                self.writer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cred.uid)
     }
 
     /// Sends one request and reads its answer, whether `ok` or not. The
@@ -152,6 +175,14 @@ impl Context {
     pub fn connect(&self, mountpoint: &Path) -> Result<(Client, MountStatus), Unreachable> {
         let mp = mountpoint.display();
         let candidates = self.candidates(mountpoint);
+        let owner = self
+            .mounts
+            .iter()
+            .rev()
+            .find(|m| m.mountpoint == mountpoint)
+            .and_then(|m| m.owner);
+        // SAFETY: geteuid cannot fail.
+        let my_uid = unsafe { libc::geteuid() };
         let mut quiet: Option<String> = None;
         let mut failed: Option<String> = None;
         for socket in &candidates {
@@ -180,6 +211,28 @@ impl Context {
                     continue;
                 }
             };
+            // Anyone may create a socket where root looks (/tmp/modelcache-*,
+            // a runtime dir): only the mount's own daemon (its owner's
+            // uid), root, or this user's own process is believed.
+            match client.peer_uid() {
+                Ok(uid) if uid == 0 || uid == my_uid || Some(uid) == owner => {}
+                Ok(uid) => {
+                    failed.get_or_insert(format!(
+                        "{mp}: the control socket {} is served by uid {uid}, not by the mount's owner{}: \
+                         ignored (another user may have put it there)",
+                        socket.display(),
+                        owner.map(|o| format!(" (uid {o})")).unwrap_or_default()
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    failed.get_or_insert(format!(
+                        "{mp}: cannot tell who serves its control socket {}: {e}",
+                        socket.display()
+                    ));
+                    continue;
+                }
+            }
             match client.status() {
                 Ok(status) if Path::new(&status.mountpoint) == mountpoint => {
                     return Ok((client, status));
@@ -361,9 +414,9 @@ fn finish(mut errors: Vec<String>) -> Result<(), Error> {
         return Ok(());
     };
     for e in errors {
-        eprintln!("modelcache: {e}");
+        eprintln!("modelcache: {}", escape_controls(&e));
     }
-    Err(Error(last))
+    Err(Error(escape_controls(&last)))
 }
 
 fn paths_command(paths: &[PathBuf], make: impl Fn(Vec<String>) -> Request) -> Result<(), Error> {
@@ -405,7 +458,7 @@ pub fn reload_command(mountpoint: Option<&Path>) -> Result<(), Error> {
             Ok((mut client, _)) => match client.call(&Request::Reload) {
                 Ok(r) => println!(
                     "{shown}: {}",
-                    r.message.unwrap_or_else(|| "reloaded".into())
+                    escape_controls(&r.message.unwrap_or_else(|| "reloaded".into()))
                 ),
                 Err(e) => errors.push(format!("{shown}: {e}")),
             },
@@ -585,7 +638,11 @@ pub fn warm_command(paths: &[PathBuf], no_wait: bool) -> Result<(), Error> {
                 Count(p.files as u64, "file")
             ));
             for (name, size) in &p.finished {
-                bar.println(format!("loaded {name} ({})", Bytes(*size)));
+                bar.println(format!(
+                    "loaded {} ({})",
+                    escape_controls(name),
+                    Bytes(*size)
+                ));
             }
         });
         bar.finish_and_clear();
@@ -602,7 +659,7 @@ pub fn warm_command(paths: &[PathBuf], no_wait: bool) -> Result<(), Error> {
                 announced = true;
             }
             for (name, size) in &p.finished {
-                println!("loaded {name} ({})", Bytes(*size));
+                println!("loaded {} ({})", escape_controls(name), Bytes(*size));
             }
         })?
     };

@@ -171,6 +171,7 @@ mod tests {
             mountpoint: PathBuf::from(path),
             fstype: fstype.into(),
             source: "/src".into(),
+            owner: Some(0),
         }
     }
 

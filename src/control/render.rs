@@ -6,6 +6,28 @@ use std::fmt::Write;
 use super::protocol::{EVICTION_REASONS, FileState, FileStatus, MountStatus};
 use crate::size::Bytes;
 
+/// `text` with control characters written as escapes (`\n`, `\t`,
+/// `\x1b`…): file names and daemon messages may hold anything a user put in
+/// a name, and a terminal must not act on it. JSON output stays exact.
+pub fn escape_controls(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// How long ago a Unix time was: `12s ago`, `5m ago`, `3h ago`, `2d ago`;
 /// `-` when never.
 pub fn ago(then: Option<u64>, now: u64) -> String {
@@ -111,7 +133,7 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
                     f.open_handles.to_string()
                 };
                 [
-                    f.path.clone(),
+                    escape_controls(&f.path),
                     Bytes(f.size).to_string(),
                     state_label(f),
                     f.hits.to_string(),
@@ -204,6 +226,16 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_in_names_are_escaped() {
+        assert_eq!(escape_controls("vae/a.safetensors"), "vae/a.safetensors");
+        assert_eq!(
+            escape_controls("a\u{1b}[31mred\nx\t.sft"),
+            "a\\x{1b}[31mred\\nx\\t.sft"
+        );
+        assert_eq!(escape_controls("\u{9b}2J"), "\\x{9b}2J");
+    }
     use crate::control::protocol::{Counters, Mode};
 
     pub(crate) fn sample() -> MountStatus {

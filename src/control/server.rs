@@ -87,46 +87,72 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
 }
 
 /// Creates the socket's directory (mode 0700) if missing; an existing one
-/// must be a directory owned by this user, and is made 0700.
+/// must be a directory owned by this user, and is made 0700. The checks and
+/// the chmod act on the opened directory, never through a symlink, so a
+/// path swapped meanwhile cannot redirect them; a directory another user
+/// made first is an error that says to remove it.
 fn prepare_dir(dir: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| with_path(e, "cannot create the control socket's directory", dir)),
-        Err(e) => Err(with_path(
-            e,
-            "cannot use the control socket's directory",
-            dir,
-        )),
-        Ok(m) if !m.is_dir() => Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "{} should be the control sockets' directory but is not a directory: remove it",
-                dir.display()
-            ),
-        )),
-        Ok(m) => {
-            // SAFETY: geteuid cannot fail.
-            let me = unsafe { libc::geteuid() };
-            if m.uid() != me {
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!(
-                        "the control sockets' directory {} belongs to uid {}, not to this user (uid {me}): remove it",
-                        dir.display(),
-                        m.uid()
-                    ),
-                ));
-            }
-            if m.mode() & 0o777 != 0o700 {
-                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| with_path(e, "cannot make private", dir))?;
-            }
-            Ok(())
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        // An existing non-directory is reported below, with the fix.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(with_path(
+                e,
+                "cannot create the control socket's directory",
+                dir,
+            ));
         }
     }
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(dir);
+    let handle = match opened {
+        Ok(f) => f,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP)) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} should be the control sockets' directory but is not a directory (or is a symlink): remove it",
+                    dir.display()
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err(with_path(
+                e,
+                "cannot use the control socket's directory",
+                dir,
+            ));
+        }
+    };
+    let m = handle.metadata()?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the control sockets' directory {} belongs to uid {}, not to this user (uid {me}): \
+                 another user made it first; remove it (as root: rm -r {})",
+                dir.display(),
+                m.uid(),
+                dir.display()
+            ),
+        ));
+    }
+    if m.mode() & 0o777 != 0o700 {
+        handle
+            .set_permissions(fs::Permissions::from_mode(0o700))
+            .map_err(|e| with_path(e, "cannot make private", dir))?;
+    }
+    Ok(())
 }
 
 /// Removes a socket file nothing answers on; refuses a live one.
