@@ -1237,6 +1237,11 @@ impl Tree {
 
     /// Lists `root`, following symlinks that stay inside it (as the mount's
     /// reader would through the kernel) and noting those that leave it.
+    /// Each folder is visited once, however many links lead to it, under
+    /// its real path where it has one (links to folders are followed only
+    /// after every real folder was walked), and the walk stops (with a
+    /// warning) after [`WALK_MAX_ENTRIES`] entries or [`WALK_MAX_TIME`]: a
+    /// tree of links cannot keep it busy.
     pub fn walk(root: &Path) -> Result<Tree, Error> {
         let meta = fs::metadata(root)
             .map_err(|e| Error(format!("cannot read the root {}: {e}", root.display())))?;
@@ -1248,66 +1253,123 @@ impl Tree {
         }
         let canonical = fs::canonicalize(root)
             .map_err(|e| Error(format!("cannot resolve the root {}: {e}", root.display())))?;
-        let mut tree = Tree::default();
-        let mut ancestors = vec![(meta.dev(), meta.ino())];
-        walk_dir(
-            &canonical,
-            &canonical,
-            Path::new(""),
-            &mut ancestors,
-            &mut tree,
-        );
-        Ok(tree)
+        let mut walk = Walk {
+            root: &canonical,
+            visited: HashSet::from([(meta.dev(), meta.ino())]),
+            entries: 0,
+            deadline: std::time::Instant::now() + WALK_MAX_TIME,
+            stopped: false,
+            linked_dirs: Vec::new(),
+            tree: Tree::default(),
+        };
+        walk.dir(&canonical, Path::new(""));
+        while let Some((path, rel, id)) = walk.linked_dirs.pop() {
+            if walk.visited.insert(id) {
+                walk.tree.dirs.push(rel.clone());
+                walk.dir(&path, &rel);
+            }
+        }
+        if walk.stopped {
+            walk.tree.warnings.push(format!(
+                "the walk of {} stopped after {} entries or {} (its limits): files beyond \
+                 it are not matched",
+                root.display(),
+                walk.entries,
+                show_duration(WALK_MAX_TIME)
+            ));
+        }
+        Ok(walk.tree)
     }
 }
 
-fn walk_dir(root: &Path, dir: &Path, rel: &Path, ancestors: &mut Vec<(u64, u64)>, tree: &mut Tree) {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) => {
-            tree.warnings
-                .push(format!("cannot read {}: {e}", dir.display()));
-            return;
+/// The most entries one walk reads.
+pub const WALK_MAX_ENTRIES: usize = 1_000_000;
+/// The longest one walk runs.
+pub const WALK_MAX_TIME: Duration = Duration::from_secs(30);
+
+/// One walk in progress.
+struct Walk<'a> {
+    root: &'a Path,
+    /// `(st_dev, st_ino)` of every folder entered.
+    visited: HashSet<(u64, u64)>,
+    entries: usize,
+    deadline: std::time::Instant,
+    stopped: bool,
+    /// Folders reached through a symlink, walked after the real ones.
+    linked_dirs: Vec<(PathBuf, PathBuf, (u64, u64))>,
+    tree: Tree,
+}
+
+impl Walk<'_> {
+    fn over_limits(&mut self) -> bool {
+        if !self.stopped
+            && (self.entries >= WALK_MAX_ENTRIES || std::time::Instant::now() >= self.deadline)
+        {
+            self.stopped = true;
         }
-    };
-    let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let path = entry.path();
-        let rel = rel.join(entry.file_name());
-        let Ok(kind) = entry.file_type() else {
-            continue;
+        self.stopped
+    }
+
+    fn dir(&mut self, dir: &Path, rel: &Path) {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                self.tree
+                    .warnings
+                    .push(format!("cannot read {}: {e}", dir.display()));
+                return;
+            }
         };
-        let meta = if kind.is_symlink() {
-            match fs::canonicalize(&path) {
-                Ok(target) if target.starts_with(root) => fs::metadata(&target),
-                Ok(_) => {
-                    tree.outside_links.push(rel);
+        let mut list = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            self.entries += 1;
+            if self.over_limits() {
+                return;
+            }
+            list.push(entry);
+        }
+        list.sort_by_key(|e| e.file_name());
+        for entry in list {
+            if self.over_limits() {
+                return;
+            }
+            let path = entry.path();
+            let rel = rel.join(entry.file_name());
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let meta = if kind.is_symlink() {
+                match fs::canonicalize(&path) {
+                    Ok(target) if target.starts_with(self.root) => fs::metadata(&target),
+                    Ok(_) => {
+                        self.tree.outside_links.push(rel);
+                        continue;
+                    }
+                    // Dangling: nothing to cache.
+                    Err(_) => continue,
+                }
+            } else {
+                fs::symlink_metadata(&path)
+            };
+            let Ok(meta) = meta else { continue };
+            let id = (meta.dev(), meta.ino());
+            if meta.is_dir() && kind.is_symlink() {
+                self.linked_dirs.push((path, rel, id));
+            } else if meta.is_dir() {
+                // Once per folder: links back up would loop, and links
+                // across would multiply the work at every level.
+                if !self.visited.insert(id) {
                     continue;
                 }
-                // Dangling: nothing to cache.
-                Err(_) => continue,
+                self.tree.dirs.push(rel.clone());
+                self.dir(&path, &rel);
+            } else if meta.is_file() {
+                self.tree.files.push(TreeFile {
+                    path: rel,
+                    size: meta.len(),
+                    id,
+                });
             }
-        } else {
-            fs::symlink_metadata(&path)
-        };
-        let Ok(meta) = meta else { continue };
-        let id = (meta.dev(), meta.ino());
-        if meta.is_dir() {
-            // A link back to a folder above would loop forever.
-            if ancestors.contains(&id) {
-                continue;
-            }
-            tree.dirs.push(rel.clone());
-            ancestors.push(id);
-            walk_dir(root, &path, &rel, ancestors, tree);
-            ancestors.pop();
-        } else if meta.is_file() {
-            tree.files.push(TreeFile {
-                path: rel,
-                size: meta.len(),
-                id,
-            });
         }
     }
 }

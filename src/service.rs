@@ -33,8 +33,17 @@ impl MountService {
         let mut out = Vec::new();
         for p in paths {
             let through = self.mountpoint.join(p);
+            // Where it really leads: a symlink out of the mount (to `/`,
+            // say) is refused at once, and what it points at is not named.
+            let real = std::fs::canonicalize(&through)
+                .map_err(|e| format!("{}: {e}", through.display()))?;
+            if !real.starts_with(&self.mountpoint) {
+                return Err(format!(
+                    "{p}: leads outside the mount (a symlink): only files in the mount are cached"
+                ));
+            }
             let meta =
-                std::fs::metadata(&through).map_err(|e| format!("{}: {e}", through.display()))?;
+                std::fs::metadata(&real).map_err(|e| format!("{}: {e}", through.display()))?;
             if meta.is_dir() {
                 let tree = Tree::walk(&through).map_err(|e| e.0)?;
                 out.extend(tree.files.iter().map(|f| Path::new(p).join(&f.path)));

@@ -546,3 +546,53 @@ fn the_client_trusts_only_the_mounts_own_daemon_and_escapes_names() {
     assert_eq!(paths, [evil]);
     m.unmount();
 }
+
+/// A ladder of folders, each holding two links to the next, costs a walk
+/// one visit per folder (not 2^20), and `warm` of a link out of the mount
+/// (to `/`) is refused at once, naming nothing outside.
+#[test]
+fn walks_visit_each_folder_once_and_never_leave_the_mount() {
+    let (tmp, backing, mnt) = dirs();
+    const RUNGS: usize = 20;
+    for i in 0..RUNGS {
+        let dir = backing.join(format!("d{i}"));
+        fs::create_dir(&dir).unwrap();
+        if i + 1 < RUNGS {
+            for link in ["a", "b"] {
+                std::os::unix::fs::symlink(format!("../d{}", i + 1), dir.join(link)).unwrap();
+            }
+        }
+    }
+    write_model(
+        &backing.join(format!("d{}/m.safetensors", RUNGS - 1)),
+        2 * MIB,
+        1,
+    );
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(&manifest, "[[warm]]\npaths = [\"**/*.safetensors\"]\n").unwrap();
+    let started = Instant::now();
+    let out = answers_within_5s(&[
+        "check",
+        "--root",
+        backing.to_str().unwrap(),
+        manifest.to_str().unwrap(),
+    ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the ladder took {:?}",
+        started.elapsed()
+    );
+    assert!(out.contains("1 file"), "{out}");
+
+    std::os::unix::fs::symlink("/", backing.join("root-link")).unwrap();
+    std::os::unix::fs::symlink("/usr/share/doc", backing.join("doc-link")).unwrap();
+    let m = Mounted::separate(&backing, &mnt, &[]);
+    for link in ["root-link", "doc-link"] {
+        let said = answers_within_5s(&["warm", m.path(link).to_str().unwrap()]);
+        assert!(said.contains("leads outside the mount"), "{said}");
+        for outside in ["etc", "usr", "bin", "copyright", "share"] {
+            assert!(!said.contains(outside), "{link}: {outside} named: {said}");
+        }
+    }
+    stops_within_5s(m, "after warm of a link to /");
+}
