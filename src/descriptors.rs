@@ -15,18 +15,59 @@ pub fn raise_limit() {
     }
 }
 
+/// How the open-file limit is shared, so that no table of the daemon can
+/// take the descriptors the others (and the daemon itself: /dev/fuse,
+/// sockets, /proc) need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// `O_PATH` descriptors of looked-up nodes, an LRU (fs/inodes.rs).
+    pub node_fds: usize,
+    /// Files open through the mount at once; past it an open gets EMFILE.
+    pub open_files: usize,
+    /// Directories open through the mount at once; past it EMFILE.
+    pub open_dirs: usize,
+}
+
+/// Descriptors kept for the daemon's own use: a /dev/fuse clone per FUSE
+/// thread, the control socket and its connections, loaders, /proc reads.
+pub const RESERVED: u64 = 128;
+
+impl Budget {
+    /// The shares of an open-file limit of `limit`.
+    pub fn of(limit: u64) -> Budget {
+        let usable = limit.saturating_sub(RESERVED).max(64) as usize;
+        let node_fds = (usable / 4).clamp(16, 16384);
+        let open_dirs = (usable / 8).max(8);
+        let open_files = usable.saturating_sub(node_fds + open_dirs).max(16);
+        Budget {
+            node_fds,
+            open_files,
+            open_dirs,
+        }
+    }
+
+    /// The shares of this process's current limit.
+    pub fn current() -> Budget {
+        Budget::of(soft_limit())
+    }
+}
+
+fn soft_limit() -> u64 {
+    // SAFETY: a valid out-pointer.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur
+    }
+}
+
 /// For an error that means this process is out of descriptors (EMFILE):
 /// the limit and how to raise it, to append to the error's log line.
 pub fn shortage_hint(e: &io::Error) -> Option<String> {
     if e.raw_os_error() != Some(libc::EMFILE) {
         return None;
     }
-    // SAFETY: a valid out-pointer.
-    let limit = unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur
-    };
+    let limit = soft_limit();
     Some(format!(
         "this daemon has used all {limit} file descriptors it may open (one per file or \
          folder the kernel has looked up through the mount); raise the limit (`LimitNOFILE=` \
@@ -37,6 +78,20 @@ pub fn shortage_hint(e: &io::Error) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_limit_is_shared_and_never_overspent() {
+        for limit in [64, 1024, 20_000, 1 << 20] {
+            let b = Budget::of(limit);
+            let spent = (b.node_fds + b.open_files + b.open_dirs) as u64 + RESERVED;
+            assert!(spent <= limit.max(64 + RESERVED + 16), "{limit}: {b:?}");
+            assert!(
+                b.node_fds >= 16 && b.open_files >= 16 && b.open_dirs >= 8,
+                "{b:?}"
+            );
+        }
+        assert_eq!(Budget::of(1024).node_fds, 224);
+    }
 
     #[test]
     fn only_emfile_gets_the_limit_and_the_fix() {

@@ -960,6 +960,8 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         }
         (_, None) => true,
     };
+    // Before the overlay sizes its tables from the limit.
+    crate::descriptors::raise_limit();
     let backing_files = Arc::new(BackingFiles::new(passthrough_wanted));
     let cache = Arc::new(Cache::new(settings.cache.clone()));
     let overlay = Arc::new(
@@ -970,7 +972,6 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let hooks = settings.manifest.as_ref().map(|m| m.hooks.clone());
     overlay.start_hooks(hooks.unwrap_or_default(), mountpoint.clone());
 
-    crate::descriptors::raise_limit();
     // The caller's umask is applied per create (fs/creds.rs); the daemon's
     // own must not mask the mode a second time on threads that have none.
     // SAFETY: process-wide but harmless here; no path of ours relies on it.

@@ -596,3 +596,114 @@ fn walks_visit_each_folder_once_and_never_leave_the_mount() {
     }
     stops_within_5s(m, "after warm of a link to /");
 }
+
+/// Raises this process's soft open-file limit to its hard one.
+fn raise_own_limit() {
+    // SAFETY: plain get/set of a resource limit.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// Every file under `dir` (through the mount): stat'ed, read, counted.
+fn read_every_file(dir: &Path) -> usize {
+    let mut count = 0;
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            count += read_every_file(&path);
+        } else {
+            assert_eq!(fs::read(&path).unwrap(), b"x", "{}", path.display());
+            count += 1;
+        }
+    }
+    count
+}
+
+/// With an open-file limit of 1024, a daemon serves a folder of 100,000
+/// files and a tree of 20,000 (listed, stat'ed and read, every one), keeps
+/// its cache, and answers the excess of 5,000 files held open at once with
+/// a clean EMFILE, never a broken mount.
+#[test]
+fn descriptors_are_bounded_by_design() {
+    let (_tmp, backing, mnt) = dirs();
+    write_model(&backing.join("m.safetensors"), 4 * MIB, 5);
+    let flat = backing.join("flat");
+    fs::create_dir(&flat).unwrap();
+    for i in 0..100_000 {
+        fs::write(flat.join(format!("f{i}")), b"x").unwrap();
+    }
+    let tree = backing.join("tree");
+    for d in 0..200 {
+        let dir = tree.join(format!("d{}/e{}", d / 20, d));
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..100 {
+            fs::write(dir.join(format!("f{i}")), b"x").unwrap();
+        }
+    }
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=1024:1024")
+        .arg("--")
+        .arg(bin())
+        .args(["mount", "--passthrough", "off", "--backing"])
+        .arg(&backing)
+        .arg(&mnt);
+    let m = Mounted::start(cmd, &mnt);
+    let _ = fs::read(m.path("m.safetensors")).unwrap();
+    let cached = || {
+        cached_files(m.pid(), &backing, &m.mountpoint)
+            .iter()
+            .any(|f| f.name == "m.safetensors" && f.complete)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cached() {
+        assert!(Instant::now() < deadline, "never cached:\n{}", m.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let listed = run_ok(Command::new("ls").arg("-f").arg(m.path("flat")));
+    assert_eq!(
+        listed
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        100_002
+    );
+    assert_eq!(read_every_file(&m.path("flat")), 100_000);
+    assert_eq!(read_every_file(&m.path("tree")), 20_000);
+    let fds = fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .unwrap()
+        .count();
+    assert!(fds < 1024, "{fds} descriptors open");
+
+    // 5,000 files held open at once: the excess gets EMFILE.
+    raise_own_limit();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..5000 {
+        match fs::File::open(m.path(&format!("flat/f{i}"))) {
+            Ok(f) => held.push(f),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "open {i}: {e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        !held.is_empty() && refused > 0,
+        "{} held, {refused} refused",
+        held.len()
+    );
+    drop(held);
+    // The mount is whole: the cached file reads, a new file opens.
+    assert_eq!(read_every_file(&m.path("tree/d0")), 2_000);
+    let log = m.log_text();
+    assert!(!log.contains("was detached"), "{log}");
+    assert!(cached(), "the cache emptied itself:\n{log}");
+    stops_within_5s(m, "after 120,000 files");
+}

@@ -1,17 +1,29 @@
 //! The inode table: FUSE node ids for backing inodes.
 //!
 //! A backing inode is identified by its `(st_dev, st_ino)`, so every hard link
-//! to it maps to the same node. Each node holds an `O_PATH` fd on the inode,
-//! which keeps working when the file is renamed, and is released when the
-//! kernel forgets its last lookup.
+//! to it maps to the same node. A node remembers where it was last seen (its
+//! parent node and its name there); its `O_PATH` descriptor lives in a
+//! bounded LRU and is opened again from that place on demand, checked to
+//! still be the same inode. So the daemon holds at most [`InodeTable::max_open`]
+//! descriptors for nodes however many the kernel has looked up (a directory
+//! of 100,000 files), and a node whose name now leads to another inode
+//! (replaced or deleted behind the mount) answers ESTALE, which makes the
+//! kernel look the name up again. Renames through the mount move the place
+//! ([`InodeTable::moved`]); every open is still a single-component `openat`
+//! relative to the parent's descriptor, never following a symlink.
 
 use std::collections::HashMap;
+use std::ffi::{CStr, CString};
 use std::io;
+use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+
+use super::backing;
 
 /// The FUSE root node id.
 pub const ROOT: u64 = 1;
@@ -19,9 +31,11 @@ pub const ROOT: u64 = 1;
 /// Backing identity of an inode.
 pub type InodeKey = (u64, u64);
 
+/// A node, ready for a backing call: its descriptor stays open while this
+/// handle lives, even if the LRU lets go of it meanwhile.
 #[derive(Debug)]
 pub struct Node {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     pub key: InodeKey,
 }
 
@@ -31,15 +45,24 @@ impl Node {
     }
 }
 
+/// Where a node was last seen: its parent node and its name there.
+#[derive(Clone, Debug)]
+struct Place {
+    parent: u64,
+    name: CString,
+}
+
 struct Slot {
-    node: Arc<Node>,
+    key: InodeKey,
+    /// `None` for the root, whose descriptor is held for good.
+    place: Mutex<Option<Place>>,
     /// Outstanding kernel lookups; the node goes when this reaches zero.
     /// Atomic so that a repeated lookup needs only the shared lock.
     lookups: AtomicU64,
 }
 
 struct Table {
-    by_id: HashMap<u64, Slot>,
+    by_id: HashMap<u64, Arc<Slot>>,
     by_key: HashMap<InodeKey, u64>,
     /// Ids of inodes the kernel has forgotten. A later lookup of the same
     /// inode gets its old id back, so `st_ino` (the node id) stays the same
@@ -62,114 +85,264 @@ impl Table {
 
 pub struct InodeTable {
     table: RwLock<Table>,
+    root: Arc<OwnedFd>,
+    /// Descriptors of recently used nodes (never the root's).
+    open: Mutex<LruCache<u64, Arc<OwnedFd>>>,
+    max_open: usize,
 }
 
 impl InodeTable {
-    pub fn new(root: OwnedFd, root_key: InodeKey) -> Self {
-        let mut by_id = HashMap::new();
-        by_id.insert(
-            ROOT,
-            Slot {
-                node: Arc::new(Node {
-                    fd: root,
-                    key: root_key,
-                }),
-                lookups: AtomicU64::new(1),
-            },
-        );
+    /// A table over the root `root`, keeping at most `max_open` node
+    /// descriptors open besides the root's.
+    pub fn new(root: OwnedFd, root_key: InodeKey, max_open: usize) -> Self {
+        let max_open = max_open.max(1);
+        let root_slot = Arc::new(Slot {
+            key: root_key,
+            place: Mutex::new(None),
+            lookups: AtomicU64::new(1),
+        });
         Self {
             table: RwLock::new(Table {
-                by_id,
+                by_id: HashMap::from([(ROOT, root_slot)]),
                 by_key: HashMap::from([(root_key, ROOT)]),
                 retired: HashMap::new(),
                 next_id: ROOT + 1,
             }),
+            root: Arc::new(root),
+            open: Mutex::new(LruCache::new(
+                NonZeroUsize::new(max_open).expect("at least one"),
+            )),
+            max_open,
         }
     }
 
-    pub fn get(&self, id: u64) -> io::Result<Arc<Node>> {
+    /// The most node descriptors held open at once (in-flight calls may
+    /// hold a few more for their duration).
+    pub fn max_open(&self) -> usize {
+        self.max_open
+    }
+
+    fn slot(&self, id: u64) -> io::Result<Arc<Slot>> {
         self.table
             .read()
             .by_id
             .get(&id)
-            .map(|slot| slot.node.clone())
+            .cloned()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
     }
 
-    /// Records one kernel lookup of an inode already known by its key.
-    pub fn acquire(&self, key: InodeKey) -> Option<u64> {
-        self.table.read().acquire(key)
+    /// Node `id` with an open descriptor: from the LRU, or opened again at
+    /// its place (its parent first, as far up as needed) and checked to be
+    /// the same inode. ESTALE when the node is unknown or its place now
+    /// leads elsewhere.
+    pub fn get(&self, id: u64) -> io::Result<Node> {
+        let slot = self.slot(id)?;
+        if id == ROOT {
+            return Ok(Node {
+                fd: self.root.clone(),
+                key: slot.key,
+            });
+        }
+        if let Some(fd) = self.open.lock().get(&id) {
+            return Ok(Node {
+                fd: fd.clone(),
+                key: slot.key,
+            });
+        }
+        let place = slot
+            .place
+            .lock()
+            .clone()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        let parent = self.get(place.parent)?;
+        let fd = backing::open_path(parent.fd(), &place.name).map_err(stale)?;
+        let st = backing::stat(fd.as_fd())?;
+        if (st.st_dev, st.st_ino) != slot.key {
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        let fd = Arc::new(fd);
+        self.open.lock().put(id, fd.clone());
+        Ok(Node { fd, key: slot.key })
     }
 
-    /// Records one kernel lookup of the inode `fd` holds and returns its node
-    /// id. When the inode is already known, `fd` is dropped and the existing
-    /// node is reused.
-    pub fn remember(&self, fd: OwnedFd, key: InodeKey) -> u64 {
-        let mut table = self.table.write();
-        if let Some(id) = table.acquire(key) {
-            return id;
-        }
-        let id = match table.retired.remove(&key) {
-            Some(id) => id,
-            None => {
-                table.next_id += 1;
-                table.next_id - 1
+    /// Records one kernel lookup of an inode already known by its key, seen
+    /// now as `name` in `parent`.
+    pub fn acquire(&self, key: InodeKey, parent: u64, name: &CStr) -> Option<u64> {
+        let table = self.table.read();
+        let id = table.acquire(key)?;
+        set_place(&table.by_id[&id], parent, name);
+        Some(id)
+    }
+
+    /// Records one kernel lookup of the inode `fd` holds, found as `name` in
+    /// `parent`, and returns its node id. When the inode is already known,
+    /// its place is updated and `fd` kept as its open descriptor.
+    pub fn remember(&self, fd: OwnedFd, key: InodeKey, parent: u64, name: &CStr) -> u64 {
+        let id = {
+            let mut table = self.table.write();
+            match table.acquire(key) {
+                Some(id) => {
+                    set_place(&table.by_id[&id], parent, name);
+                    id
+                }
+                None => {
+                    let id = match table.retired.remove(&key) {
+                        Some(id) => id,
+                        None => {
+                            table.next_id += 1;
+                            table.next_id - 1
+                        }
+                    };
+                    table.by_key.insert(key, id);
+                    table.by_id.insert(
+                        id,
+                        Arc::new(Slot {
+                            key,
+                            place: Mutex::new(Some(Place {
+                                parent,
+                                name: name.to_owned(),
+                            })),
+                            lookups: AtomicU64::new(1),
+                        }),
+                    );
+                    id
+                }
             }
         };
-        table.by_key.insert(key, id);
-        table.by_id.insert(
-            id,
-            Slot {
-                node: Arc::new(Node { fd, key }),
-                lookups: AtomicU64::new(1),
-            },
-        );
+        if id != ROOT {
+            self.open.lock().put(id, Arc::new(fd));
+        }
         id
     }
 
+    /// The inode `key`, if known, is now `name` in `parent` (a rename
+    /// through the mount).
+    pub fn moved(&self, key: InodeKey, parent: u64, name: &CStr) {
+        let table = self.table.read();
+        if let Some(id) = table.by_key.get(&key)
+            && *id != ROOT
+        {
+            set_place(&table.by_id[id], parent, name);
+        }
+    }
+
     /// Drops `count` kernel lookups of `id`; the root is never dropped.
-    /// Returns the node when this was its last lookup.
-    pub fn forget(&self, id: u64, count: u64) -> Option<Arc<Node>> {
+    /// When this was its last lookup, returns its key and the node as it is
+    /// now (`None` when its place no longer leads to it: deleted or replaced
+    /// behind the mount).
+    pub fn forget(&self, id: u64, count: u64) -> Option<(InodeKey, Option<Node>)> {
         if id == ROOT {
             return None;
         }
-        let mut table = self.table.write();
-        let slot = table.by_id.get_mut(&id)?;
-        let left = slot.lookups.get_mut();
-        *left = left.saturating_sub(count);
-        if *left > 0 {
-            return None;
-        }
-        let slot = table.by_id.remove(&id)?;
-        let key = slot.node.key;
-        table.by_key.remove(&key);
-        table.retired.insert(key, id);
-        Some(slot.node)
+        // Opened (if need be) before the slot goes, while its place is known.
+        let last = self
+            .table
+            .read()
+            .by_id
+            .get(&id)
+            .is_some_and(|slot| slot.lookups.load(Ordering::Relaxed) <= count);
+        let node = if last { self.get(id).ok() } else { None };
+        let key = {
+            let mut table = self.table.write();
+            let slot = table.by_id.get(&id)?;
+            let left = slot.lookups.load(Ordering::Relaxed).saturating_sub(count);
+            slot.lookups.store(left, Ordering::Relaxed);
+            if left > 0 {
+                return None;
+            }
+            let slot = table.by_id.remove(&id)?;
+            table.by_key.remove(&slot.key);
+            table.retired.insert(slot.key, id);
+            slot.key
+        };
+        self.open.lock().pop(&id);
+        Some((key, node))
+    }
+
+    /// The backing identity of node `id`, if known (no descriptor opened).
+    pub fn key_of(&self, id: u64) -> Option<InodeKey> {
+        self.table.read().by_id.get(&id).map(|slot| slot.key)
     }
 
     /// Number of nodes currently known (the root included).
     pub fn node_count(&self) -> usize {
         self.table.read().by_id.len()
     }
+
+    /// Node descriptors the table holds open now (the root's not counted).
+    pub fn open_count(&self) -> usize {
+        self.open.lock().len()
+    }
+}
+
+fn set_place(slot: &Slot, parent: u64, name: &CStr) {
+    let mut place = slot.place.lock();
+    if let Some(p) = place.as_mut()
+        && (p.parent != parent || p.name.as_c_str() != name)
+    {
+        *p = Place {
+            parent,
+            name: name.to_owned(),
+        };
+    }
+}
+
+/// A name that no longer leads anywhere is a stale node to the kernel.
+fn stale(e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
+            io::Error::from_raw_os_error(libc::ESTALE)
+        }
+        _ => e,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
+    use std::os::unix::fs::MetadataExt;
 
-    fn fd() -> OwnedFd {
-        File::open("/").unwrap().into()
+    fn open_dir(path: &std::path::Path) -> OwnedFd {
+        backing::open_root(path).unwrap()
+    }
+
+    fn key_of(path: &std::path::Path) -> InodeKey {
+        let m = std::fs::symlink_metadata(path).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    fn name(s: &str) -> CString {
+        CString::new(s).unwrap()
+    }
+
+    /// A table over a temp dir holding files a, b, c and folder d.
+    fn setup(max_open: usize) -> (tempfile::TempDir, InodeTable) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["a", "b", "c"] {
+            std::fs::write(dir.path().join(f), f).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/e"), "e").unwrap();
+        let table = InodeTable::new(open_dir(dir.path()), key_of(dir.path()), max_open);
+        (dir, table)
+    }
+
+    fn look_up(table: &InodeTable, dir: &std::path::Path, parent: u64, rel: &str) -> u64 {
+        let p = table.get(parent).unwrap();
+        let leaf = rel.rsplit('/').next().unwrap();
+        let fd = backing::open_path(p.fd(), &name(leaf)).unwrap();
+        table.remember(fd, key_of(&dir.join(rel)), parent, &name(leaf))
     }
 
     #[test]
     fn hard_links_share_a_node_and_forget_releases_it() {
-        let table = InodeTable::new(fd(), (1, 2));
-        let a = table.remember(fd(), (1, 10));
-        let b = table.remember(fd(), (1, 10));
-        assert_eq!(a, b, "same (dev, ino) must be one node");
-        let c = table.remember(fd(), (1, 11));
-        assert_ne!(a, c);
+        let (dir, table) = setup(8);
+        std::fs::hard_link(dir.path().join("a"), dir.path().join("a2")).unwrap();
+        let a = look_up(&table, dir.path(), ROOT, "a");
+        let a2 = look_up(&table, dir.path(), ROOT, "a2");
+        assert_eq!(a, a2, "same (dev, ino) must be one node");
+        let b = look_up(&table, dir.path(), ROOT, "b");
+        assert_ne!(a, b);
         assert_eq!(table.node_count(), 3);
         table.forget(a, 1);
         assert!(table.get(a).is_ok(), "one lookup still outstanding");
@@ -178,14 +351,49 @@ mod tests {
         assert_eq!(table.node_count(), 2);
         // A new lookup of the same inode gets its old id back (a stable
         // st_ino); another inode never does.
-        assert_eq!(table.remember(fd(), (1, 10)), a);
-        assert_ne!(table.remember(fd(), (1, 12)), a);
+        assert_eq!(look_up(&table, dir.path(), ROOT, "a"), a);
+        assert_ne!(look_up(&table, dir.path(), ROOT, "c"), a);
     }
 
     #[test]
     fn root_survives_forget() {
-        let table = InodeTable::new(fd(), (1, 2));
+        let (_dir, table) = setup(8);
         table.forget(ROOT, 100);
         assert!(table.get(ROOT).is_ok());
+    }
+
+    #[test]
+    fn descriptors_stay_bounded_and_nodes_reopen_at_their_place() {
+        let (dir, table) = setup(2);
+        let ids: Vec<u64> = ["a", "b", "c"]
+            .iter()
+            .map(|f| look_up(&table, dir.path(), ROOT, f))
+            .collect();
+        let d = look_up(&table, dir.path(), ROOT, "d");
+        let e = look_up(&table, dir.path(), d, "d/e");
+        assert!(table.open_count() <= 2, "{} open", table.open_count());
+        // Every node still answers, reopened as needed, parents first.
+        for (id, path) in ids.iter().zip(["a", "b", "c"]).chain([(&e, "d/e")]) {
+            let node = table.get(*id).unwrap();
+            assert_eq!(node.key, key_of(&dir.path().join(path)));
+            assert!(table.open_count() <= 2);
+        }
+    }
+
+    #[test]
+    fn a_name_replaced_behind_the_table_is_stale_and_a_move_is_followed() {
+        let (dir, table) = setup(1);
+        let a = look_up(&table, dir.path(), ROOT, "a");
+        let b = look_up(&table, dir.path(), ROOT, "b");
+        let d = look_up(&table, dir.path(), ROOT, "d");
+        // a is replaced behind the table (its descriptor was evicted).
+        std::fs::rename(dir.path().join("c"), dir.path().join("a")).unwrap();
+        assert_eq!(table.get(a).unwrap_err().raw_os_error(), Some(libc::ESTALE));
+        // b moves into d, and the table is told.
+        let b_key = key_of(&dir.path().join("b"));
+        std::fs::rename(dir.path().join("b"), dir.path().join("d/b")).unwrap();
+        table.moved(b_key, d, &name("b"));
+        let _ = table.get(d).unwrap();
+        assert_eq!(table.get(b).unwrap().key, b_key);
     }
 }

@@ -69,14 +69,27 @@ impl DirItem<'_> {
 struct Handles<T> {
     map: RwLock<HashMap<u64, Arc<T>>>,
     next: AtomicU64,
+    /// The most handles open at once (descriptors::Budget).
+    limit: usize,
 }
 
 impl<T> Handles<T> {
-    fn new() -> Self {
+    fn new(limit: usize) -> Self {
         Self {
             map: RwLock::new(HashMap::new()),
             next: AtomicU64::new(1),
+            limit,
         }
+    }
+
+    /// EMFILE, for the process opening, when the table is full: the
+    /// daemon's own descriptors are never spent on one more open. (Checked
+    /// before the open; concurrent opens may pass it by a few.)
+    fn check_room(&self) -> io::Result<()> {
+        if self.map.read().len() >= self.limit {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        Ok(())
     }
 
     fn insert(&self, value: T) -> u64 {
@@ -103,7 +116,7 @@ impl<T> Handles<T> {
 /// added or removed between readdir calls.
 struct DirStream {
     id: u64,
-    node: Arc<Node>,
+    node: Node,
     dir: File,
     entries: Mutex<Vec<backing::DirEntry>>,
 }
@@ -184,10 +197,11 @@ impl Overlay {
             return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
         }
         let root_path = backing::path_name(root.as_fd())?;
+        let budget = crate::descriptors::Budget::current();
         Ok(Self {
-            inodes: InodeTable::new(root, key(&st)),
-            files: Handles::new(),
-            dirs: Handles::new(),
+            inodes: InodeTable::new(root, key(&st), budget.node_fds),
+            files: Handles::new(budget.open_files),
+            dirs: Handles::new(budget.open_dirs),
             cache,
             root_path,
             on_cacheable_open: std::sync::OnceLock::new(),
@@ -268,33 +282,38 @@ impl Overlay {
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<Entry> {
-        let parent = self.inodes.get(parent)?;
-        self.lookup_in(&parent, &backing::component(name)?)
+        let parent_node = self.inodes.get(parent)?;
+        self.lookup_in(parent, &parent_node, &backing::component(name)?)
     }
 
-    /// One kernel lookup of `name` in `parent`. A known inode costs one
-    /// `fstatat`; only a new one is opened (`O_PATH`).
-    fn lookup_in(&self, parent: &Node, name: &std::ffi::CStr) -> io::Result<Entry> {
+    /// One kernel lookup of `name` in `parent` (node `parent_id`). A known
+    /// inode costs one `fstatat`; only a new one is opened (`O_PATH`).
+    fn lookup_in(&self, parent_id: u64, parent: &Node, name: &std::ffi::CStr) -> io::Result<Entry> {
         let stat = backing::stat_at(parent.fd(), name)?;
-        if let Some(id) = self.inodes.acquire(key(&stat)) {
+        if let Some(id) = self.inodes.acquire(key(&stat), parent_id, name) {
             return Ok(Entry { id, stat });
         }
-        self.remember(backing::open_path(parent.fd(), name)?)
+        self.remember(backing::open_path(parent.fd(), name)?, parent_id, name)
     }
 
-    fn remember(&self, fd: OwnedFd) -> io::Result<Entry> {
+    /// Records the inode `fd` holds, found as `name` in `parent`.
+    fn remember(&self, fd: OwnedFd, parent: u64, name: &std::ffi::CStr) -> io::Result<Entry> {
         let stat = backing::stat(fd.as_fd())?;
-        let id = self.inodes.remember(fd, key(&stat));
+        let id = self.inodes.remember(fd, key(&stat), parent, name);
         Ok(Entry { id, stat })
     }
 
     /// When the kernel lets go of a file that no name leads to any more
-    /// (deleted behind the mount), its cached copy goes too.
+    /// (deleted or replaced behind the mount), its cached copy goes too.
     pub fn forget(&self, id: u64, count: u64) {
-        if let Some(node) = self.inodes.forget(id, count)
-            && backing::stat(node.fd()).is_ok_and(|st| st.st_nlink == 0)
-        {
-            self.cache.invalidate(node.key);
+        if let Some((key, node)) = self.inodes.forget(id, count) {
+            let gone = match node {
+                Some(node) => backing::stat(node.fd()).is_ok_and(|st| st.st_nlink == 0),
+                None => true,
+            };
+            if gone {
+                self.cache.invalidate(key);
+            }
         }
     }
 
@@ -352,7 +371,7 @@ impl Overlay {
             make(&parent_node, &cname)?;
         }
         let fd = backing::open_path(parent_node.fd(), &cname)?;
-        self.remember(fd)
+        self.remember(fd, parent, &cname)
     }
 
     pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> io::Result<Entry> {
@@ -392,7 +411,7 @@ impl Overlay {
         let name = backing::component(new_name)?;
         backing::link(node.fd(), parent.fd(), &name)?;
         let fd = backing::open_path(parent.fd(), &name)?;
-        self.remember(fd)
+        self.remember(fd, new_parent, &name)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> io::Result<()> {
@@ -433,11 +452,22 @@ impl Overlay {
         for st in moved.iter().flatten() {
             self.cache.invalidate(key(st));
         }
+        // Nodes are reopened by their place: follow the move (and, for an
+        // exchange, the other file's move the other way).
+        if let Ok(st) = &moved[0] {
+            self.inodes.moved(key(st), new_parent, &new_name);
+        }
+        if flags & libc::RENAME_EXCHANGE != 0
+            && let Ok(st) = &moved[1]
+        {
+            self.inodes.moved(key(st), parent, &name);
+        }
         Ok(())
     }
 
     /// Opens node `id` for process `pid` (counted by reader class).
     pub fn open(&self, id: u64, flags: i32, pid: u32) -> io::Result<Opened> {
+        self.files.check_room()?;
         let node = self.inodes.get(id)?;
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             // Out of the cache before the open (which may truncate), so no
@@ -538,7 +568,7 @@ impl Overlay {
 
     /// Whether node `id` is (still) the backing file `key` names.
     pub fn is_node_of(&self, id: u64, key: inodes::InodeKey) -> bool {
-        self.inodes.get(id).is_ok_and(|node| node.key == key)
+        self.inodes.key_of(id) == Some(key)
     }
 
     pub fn create(
@@ -549,6 +579,8 @@ impl Overlay {
         mode: u32,
         flags: i32,
     ) -> io::Result<(Entry, u64)> {
+        self.files.check_room()?;
+        let parent_id = parent;
         let parent = self.inodes.get(parent)?;
         let name = backing::component(name)?;
         let file = {
@@ -557,7 +589,7 @@ impl Overlay {
         };
         // The node comes from the open file itself, not from the name, which
         // another process could already have replaced.
-        let entry = self.remember(backing::path_of_open(file.as_fd())?)?;
+        let entry = self.remember(backing::path_of_open(file.as_fd())?, parent_id, &name)?;
         let writing = Some(self.cache.open_for_write(key(&entry.stat)));
         let fh = self.files.insert(OpenFile {
             file,
@@ -633,6 +665,7 @@ impl Overlay {
     }
 
     pub fn opendir(&self, id: u64) -> io::Result<u64> {
+        self.dirs.check_room()?;
         let node = self.inodes.get(id)?;
         let dir = backing::open_dir(node.fd())?;
         // The listing is read by the first readdir (offset 0).
@@ -696,8 +729,8 @@ impl Overlay {
             if item.is_dot() {
                 return emit(item, &own);
             }
-            let Ok(entry) =
-                backing::component(item.name).and_then(|name| self.lookup_in(&dir.node, &name))
+            let Ok(entry) = backing::component(item.name)
+                .and_then(|name| self.lookup_in(dir.id, &dir.node, &name))
             else {
                 return false;
             };
@@ -721,7 +754,7 @@ impl Overlay {
         backing::statfs(self.inodes.get(id)?.fd())
     }
 
-    fn xattr_node(&self, id: u64) -> io::Result<Arc<Node>> {
+    fn xattr_node(&self, id: u64) -> io::Result<Node> {
         let node = self.inodes.get(id)?;
         if backing::stat(node.fd())?.st_mode & libc::S_IFMT == libc::S_IFLNK {
             return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
