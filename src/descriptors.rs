@@ -35,10 +35,11 @@ pub const RESERVED: u64 = 128;
 impl Budget {
     /// The shares of an open-file limit of `limit`.
     pub fn of(limit: u64) -> Budget {
-        let usable = limit.saturating_sub(RESERVED).max(64) as usize;
-        let node_fds = (usable / 4).clamp(16, 16384);
-        let open_dirs = (usable / 8).max(8);
-        let open_files = usable.saturating_sub(node_fds + open_dirs).max(16);
+        // A tiny limit keeps half for the daemon rather than all of it.
+        let usable = (limit - RESERVED.min(limit / 2)) as usize;
+        let node_fds = (usable / 4).clamp(8, 16384);
+        let open_dirs = (usable / 8).max(4);
+        let open_files = usable.saturating_sub(node_fds + open_dirs).max(8);
         Budget {
             node_fds,
             open_files,
@@ -81,12 +82,13 @@ mod tests {
 
     #[test]
     fn the_limit_is_shared_and_never_overspent() {
-        for limit in [64, 1024, 20_000, 1 << 20] {
+        for limit in [64, 128, 1024, 20_000, 1 << 20] {
             let b = Budget::of(limit);
-            let spent = (b.node_fds + b.open_files + b.open_dirs) as u64 + RESERVED;
-            assert!(spent <= limit.max(64 + RESERVED + 16), "{limit}: {b:?}");
+            let kept = RESERVED.min(limit / 2);
+            let spent = (b.node_fds + b.open_files + b.open_dirs) as u64 + kept;
+            assert!(spent <= limit, "{limit}: {b:?}");
             assert!(
-                b.node_fds >= 16 && b.open_files >= 16 && b.open_dirs >= 8,
+                b.node_fds >= 8 && b.open_files >= 8 && b.open_dirs >= 4,
                 "{b:?}"
             );
         }

@@ -334,83 +334,6 @@ fn a_fifo_in_a_model_files_place_never_hangs_the_daemon() {
     stops_within_5s(m, "after FIFOs");
 }
 
-/// A daemon that runs out of file descriptors (a directory of more files
-/// than its limit, listed through the mount) keeps its cache: an unreadable
-/// mount table is never taken for "the mount was detached", and the
-/// shortage is logged with the limit and the fix.
-#[test]
-fn running_out_of_descriptors_never_empties_the_cache() {
-    let (_tmp, backing, mnt) = dirs();
-    write_model(&backing.join("m.safetensors"), 4 * MIB, 9);
-    let many = backing.join("many");
-    fs::create_dir(&many).unwrap();
-    const NAMES: usize = 5000;
-    for i in 0..NAMES {
-        fs::write(many.join(format!("f{i}")), b"x").unwrap();
-    }
-    let mut cmd = Command::new("prlimit");
-    cmd.arg("--nofile=128:128")
-        .arg("--")
-        .arg(bin())
-        .args(["mount", "--passthrough", "off", "--backing"])
-        .arg(&backing)
-        .arg(&mnt);
-    let m = Mounted::start(cmd, &mnt);
-    let _ = fs::read(m.path("m.safetensors")).unwrap();
-    let cached = || {
-        cached_files(m.pid(), &backing, &m.mountpoint)
-            .iter()
-            .any(|f| f.name == "m.safetensors" && f.complete)
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cached() {
-        assert!(Instant::now() < deadline, "never cached:\n{}", m.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // Every name looked up holds a descriptor in the daemon. Whichever of
-    // its periodic reads of /proc (the mount table, memory state) meets the
-    // shortage first logs it, with the limit and the fix.
-    // Names not yet looked up, one after another without a pause, take
-    // every slot that frees.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let walker = {
-        let (stop, dir) = (stop.clone(), m.path("many"));
-        std::thread::spawn(move || {
-            for i in (0..NAMES).cycle() {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let _ = fs::symlink_metadata(dir.join(format!("f{i}")));
-            }
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !m.log_text().contains("all 128 file descriptors") {
-        if Instant::now() > deadline {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let _ = walker.join();
-            panic!("the shortage was not logged:\n{}", m.log_text());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    walker.join().unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    let log = m.log_text();
-    assert!(!log.contains("was detached"), "{log}");
-    assert!(cached(), "the cache emptied itself:\n{log}");
-    for what in [
-        "cannot read /proc/self/mountinfo",
-        "cannot read memory state",
-    ] {
-        assert!(
-            log.matches(what).count() <= 1,
-            "logged more than once:\n{log}"
-        );
-    }
-    stops_within_5s(m, "out of descriptors");
-}
-
 /// Serves one canned answer line on a Unix socket at `path`, as `uid`
 /// (python3, part of Debian's base system), until killed.
 struct FakeSocket(std::process::Child);
@@ -421,7 +344,10 @@ impl FakeSocket {
             s=socket.socket(socket.AF_UNIX)\n\
             s.bind(sys.argv[1]); s.listen(8)\n\
             while True:\n\
-            \x20   c,_=s.accept(); c.recv(65536); c.sendall(sys.argv[2].encode()+b'\\n'); c.close()\n";
+            \x20   c,_=s.accept()\n\
+            \x20   try: c.recv(65536); c.sendall(sys.argv[2].encode()+b'\\n')\n\
+            \x20   except OSError: pass\n\
+            \x20   c.close()\n";
         let child = as_user(uid, uid, "/usr/bin/python3")
             .args(["-c", script])
             .arg(path)
