@@ -633,3 +633,60 @@ fn descriptors_are_bounded_by_design() {
     assert!(cached(), "the cache emptied itself:\n{log}");
     stops_within_5s(m, "after 120,000 files");
 }
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(path: &Path, size: &str) -> Tmpfs {
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+                .arg("tmpfs")
+                .arg(path),
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// On a full backing filesystem every byte a writer is told was written is
+/// in the file, and nothing more: writes of 3,000 bytes (not a page
+/// multiple) until ENOSPC, in both modes.
+#[test]
+fn a_full_disk_reports_partial_writes_exactly() {
+    use std::io::Write;
+    let (_tmp, backing, mnt) = dirs();
+    let _fs = Tmpfs::new(&backing, "1m");
+    for mode in [Mode::Copy, Mode::Passthrough] {
+        let m = Mounted::separate(&backing, &mnt, &mode.args());
+        let name = format!("fill-{mode:?}");
+        let mut f = fs::File::create(m.path(&name)).unwrap();
+        let chunk: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let mut told = 0usize;
+        let err = loop {
+            match f.write(&chunk) {
+                Ok(0) => panic!("{mode:?}: a write of 0 bytes"),
+                Ok(n) => told += n,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{mode:?}: {err}");
+        drop(f);
+        let written = fs::read(backing.join(&name)).unwrap();
+        assert_eq!(
+            written.len(),
+            told,
+            "{mode:?}: the file and the writer disagree"
+        );
+        let want: Vec<u8> = chunk.iter().copied().cycle().take(told).collect();
+        assert!(written == want, "{mode:?}: the bytes differ");
+        fs::remove_file(m.path(&name)).unwrap();
+        m.unmount();
+    }
+}

@@ -330,9 +330,23 @@ pub fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(done)
 }
 
+/// Writes `data` at `offset`, as much as the backing file takes: when an
+/// error (ENOSPC, a quota) stops it after some bytes were written, those
+/// bytes are the answer (a short write, which the writer sees and retries),
+/// never an error that would hide data already in the file.
 pub fn pwrite(file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
     use std::os::unix::fs::FileExt;
-    file.write_all_at(data, offset).map(|()| data.len())
+    let mut done = 0;
+    while done < data.len() {
+        match file.write_at(&data[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
 }
 
 pub fn fallocate(file: &File, offset: u64, length: u64, mode: i32) -> io::Result<()> {
