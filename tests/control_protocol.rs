@@ -456,6 +456,40 @@ fn drop_closes_connections_and_silent_clients_time_out() {
     assert!(!socket.exists());
 }
 
+/// A client that trickles its request a byte at a time (each read in time,
+/// the whole far too slow) is hung up on once the request's deadline
+/// passes, not kept for ever.
+#[test]
+fn a_request_trickled_byte_by_byte_is_cut_off_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let options = ServerOptions {
+        idle_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(1),
+        ..ServerOptions::default()
+    };
+    let _server = serve_with(&socket, FakeDaemon::new("/m"), options).unwrap();
+    let mut slow = UnixStream::connect(&socket).unwrap();
+    let start = Instant::now();
+    let request = br#"{"version":1,"verb":"status"}"#;
+    let mut cut_off = None;
+    for (i, byte) in request.iter().cycle().enumerate().take(100) {
+        if slow.write_all(&[*byte]).is_err() {
+            cut_off = Some(i);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let elapsed = start.elapsed();
+    assert!(cut_off.is_some(), "a trickled request was never cut off");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "cut off after {elapsed:?}"
+    );
+    // Others are served as ever.
+    assert!(Client::connect(&socket).unwrap().status().is_ok());
+}
+
 #[test]
 fn too_many_connections_get_an_error() {
     let dir = tempfile::tempdir().unwrap();

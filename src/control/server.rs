@@ -24,6 +24,10 @@ pub struct ServerOptions {
     /// A connection that sends nothing for this long is closed, so a silent
     /// client cannot hold a thread forever.
     pub idle_timeout: Duration,
+    /// A request, once its first byte arrived, must be whole within this,
+    /// however slowly the client trickles it (a read timeout alone restarts
+    /// at every byte).
+    pub request_timeout: Duration,
     /// A client that does not read its answer for this long is dropped.
     pub write_timeout: Duration,
     /// Connections served at once; more are answered with an error.
@@ -34,6 +38,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_connections: 64,
         }
@@ -353,11 +358,12 @@ impl Acceptor {
             active: self.active.clone(),
         };
         let daemon = self.daemon.clone();
+        let timeouts = (self.options.idle_timeout, self.options.request_timeout);
         let spawned = std::thread::Builder::new()
             .name("modelcache-control-conn".into())
             .spawn(move || {
                 let _guard = guard;
-                serve_connection(stream, &*daemon);
+                serve_connection(stream, &*daemon, timeouts);
             });
         if let Err(e) = spawned {
             // The closure (and its guard) was dropped: the slot is released.
@@ -380,17 +386,55 @@ impl Drop for ConnectionGuard {
     }
 }
 
-fn serve_connection(stream: UnixStream, daemon: &dyn Daemon) {
+/// The reading half of a connection, with a deadline per request: the
+/// first byte may take up to the idle timeout, the rest of the line must
+/// follow within the request timeout.
+struct RequestReader {
+    stream: UnixStream,
+    idle: Duration,
+    per_request: Duration,
+    /// Set by a request's first byte, cleared when its line is complete.
+    deadline: Option<std::time::Instant>,
+}
+
+impl io::Read for RequestReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let wait = match self.deadline {
+            None => self.idle,
+            Some(deadline) => deadline
+                .checked_duration_since(std::time::Instant::now())
+                .filter(|left| !left.is_zero())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))?,
+        };
+        self.stream.set_read_timeout(Some(wait))?;
+        let n = self.stream.read(buf)?;
+        if n > 0 && self.deadline.is_none() {
+            self.deadline = Some(std::time::Instant::now() + self.per_request);
+        }
+        Ok(n)
+    }
+}
+
+fn serve_connection(
+    stream: UnixStream,
+    daemon: &dyn Daemon,
+    (idle, per_request): (Duration, Duration),
+) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(read_half);
+    let mut reader = BufReader::new(RequestReader {
+        stream: read_half,
+        idle,
+        per_request,
+        deadline: None,
+    });
     let mut writer = stream;
     let mut line = Vec::new();
     loop {
         let response = match read_line_limited(&mut reader, &mut line, MAX_REQUEST_LINE) {
             Ok(Line::Eof) => return,
-            // Idle too long, reset, or shut down by the handle.
+            // Idle too long, too slow, reset, or shut down by the handle.
             Err(_) => return,
             Ok(Line::TooLong) => Response::error(format!(
                 "request line longer than {} bytes: refused",
@@ -401,6 +445,9 @@ fn serve_connection(stream: UnixStream, daemon: &dyn Daemon) {
                 Err(_) => Response::error("malformed request: not UTF-8"),
             },
         };
+        // The next request's clock starts at its own first byte (one that
+        // is already buffered restarts it here, a little generously).
+        reader.get_mut().deadline = None;
         let mut out = response.to_line();
         out.push('\n');
         if writer.write_all(out.as_bytes()).is_err() {
