@@ -13,6 +13,7 @@ pub mod gpu;
 pub mod manifest;
 pub mod mount;
 pub mod mountinfo;
+pub mod names;
 pub mod notify;
 pub mod rules;
 pub mod service;

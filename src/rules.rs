@@ -172,7 +172,7 @@ fn apply(
                 for m in &members {
                     let others = members.iter().filter(|o| *o != m).cloned();
                     by_member
-                        .entry(m.to_string_lossy().into_owned())
+                        .entry(crate::names::shown(m))
                         .or_default()
                         .extend(others);
                 }
@@ -185,7 +185,7 @@ fn apply(
     overlay.cache().set_pins(
         pinned
             .iter()
-            .map(|p| p.to_string_lossy().into_owned())
+            .map(|p| crate::names::shown(p))
             .collect::<HashSet<_>>(),
     );
     *groups.lock() = by_member;

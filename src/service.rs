@@ -2,7 +2,7 @@
 //! the counters, which open files the kernel serves directly) and the verbs
 //! (warm, evict, pin, unpin, reload) applied to it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -32,7 +32,9 @@ impl MountService {
     fn expand(&self, paths: &[String]) -> Result<Vec<PathBuf>, String> {
         let mut out = Vec::new();
         for p in paths {
-            let through = self.mountpoint.join(p);
+            // Requests carry names as names::shown writes them.
+            let rel = crate::names::path_of(p);
+            let through = self.mountpoint.join(&rel);
             // Where it really leads: a symlink out of the mount (to `/`,
             // say) is refused at once, and what it points at is not named.
             let real = std::fs::canonicalize(&through)
@@ -46,9 +48,9 @@ impl MountService {
                 std::fs::metadata(&real).map_err(|e| format!("{}: {e}", through.display()))?;
             if meta.is_dir() {
                 let tree = Tree::walk(&through).map_err(|e| e.0)?;
-                out.extend(tree.files.iter().map(|f| Path::new(p).join(&f.path)));
+                out.extend(tree.files.iter().map(|f| rel.join(&f.path)));
             } else {
-                out.push(PathBuf::from(p));
+                out.push(rel);
             }
         }
         Ok(out)
@@ -180,7 +182,7 @@ impl Daemon for MountService {
         let missing: Vec<String> = self
             .expand(paths)?
             .iter()
-            .map(|f| f.to_string_lossy().into_owned())
+            .map(|f| crate::names::shown(f))
             .filter(|name| !self.overlay.cache().evict_by_name(name))
             .collect();
         if missing.is_empty() {
@@ -193,14 +195,18 @@ impl Daemon for MountService {
     fn pin(&self, paths: &[String]) -> Result<(), String> {
         let files = self.expand(paths)?;
         for f in &files {
-            self.overlay.cache().set_pinned(&f.to_string_lossy(), true);
+            self.overlay
+                .cache()
+                .set_pinned(&crate::names::shown(f), true);
         }
         self.warm_files(&files).map(|_| ())
     }
 
     fn unpin(&self, paths: &[String]) -> Result<(), String> {
         for f in self.expand(paths)? {
-            self.overlay.cache().set_pinned(&f.to_string_lossy(), false);
+            self.overlay
+                .cache()
+                .set_pinned(&crate::names::shown(&f), false);
         }
         Ok(())
     }

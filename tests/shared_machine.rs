@@ -690,3 +690,65 @@ fn a_full_disk_reports_partial_writes_exactly() {
         m.unmount();
     }
 }
+
+/// Names that are not UTF-8 are cached (copy mode reopens them by name) and
+/// never taken for one another, though a lossy conversion makes them one;
+/// the command line reaches them too.
+#[test]
+fn names_that_are_not_utf8_are_cached_and_kept_apart() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_tmp, backing, mnt) = dirs();
+    let names: Vec<PathBuf> = [&b"m\xef.safetensors"[..], &b"m\xee.safetensors"[..]]
+        .iter()
+        .map(|b| PathBuf::from(std::ffi::OsStr::from_bytes(b)))
+        .collect();
+    for (i, n) in names.iter().enumerate() {
+        write_model(&backing.join(n), 2 * MIB, 20 + i as u64);
+    }
+    let m = Mounted::separate(&backing, &mnt, &Mode::Copy.args());
+    for n in &names {
+        assert!(fs::read(m.mountpoint.join(n)).unwrap() == fs::read(backing.join(n)).unwrap());
+    }
+    let want = ["m\\x{ee}.safetensors", "m\\x{ef}.safetensors"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = mount_status(&m.mountpoint);
+        let cached: Vec<&str> = s["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["state"] == "cached")
+            .filter_map(|f| f["path"].as_str())
+            .collect();
+        if cached == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s:#}\n{}", m.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!m.log_text().contains("failed"), "{}", m.log_text());
+    // evict and warm by the real (byte) path.
+    let path = m.mountpoint.join(&names[0]);
+    let out = Command::new(bin())
+        .arg("evict")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = mount_status(&m.mountpoint);
+    assert!(
+        status_file(&s, want[1]).is_none_or(|f| f["state"] != "cached"),
+        "{s:#}"
+    );
+    let out = Command::new(bin()).arg("warm").arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m.unmount();
+}

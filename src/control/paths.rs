@@ -49,13 +49,9 @@ pub fn locate<'a>(path: &Path, mounts: &'a [MountEntry]) -> Option<(&'a MountEnt
     Some((m, rel))
 }
 
-fn relative_string(rel: &Path, shown: &Path) -> Result<String, Error> {
-    rel.to_str().map(str::to_string).ok_or_else(|| {
-        Error(format!(
-            "{}: the path is not valid UTF-8, which the control socket cannot carry",
-            shown.display()
-        ))
-    })
+/// The path as requests carry it: every byte kept (crate::names).
+fn relative_string(rel: &Path) -> String {
+    crate::names::shown(rel)
 }
 
 /// Groups paths by the modelcache mount they lie in (mounts in the order
@@ -76,7 +72,7 @@ pub fn group_paths(
                 p.display()
             )));
         };
-        let rel = relative_string(&rel, p)?;
+        let rel = relative_string(&rel);
         match groups.iter_mut().find(|g| g.mountpoint == mount.mountpoint) {
             Some(g) if g.paths.contains(&rel) => {}
             Some(g) => g.paths.push(rel),

@@ -250,7 +250,7 @@ impl Overlay {
         let root = self.inodes.get(inodes::ROOT)?;
         let file = backing::open_beneath(root.fd(), rel)?;
         let st = backing::stat(file.as_fd())?;
-        let name = rel.to_string_lossy();
+        let name = crate::names::shown(rel);
         if st.st_mode & libc::S_IFMT != libc::S_IFREG
             || !self.cache.is_cacheable(rel.as_os_str(), st.st_size as u64)
         {
@@ -271,7 +271,7 @@ impl Overlay {
             .and_then(|p| {
                 p.strip_prefix(&self.root_path)
                     .ok()
-                    .map(|r| r.display().to_string())
+                    .map(crate::names::shown)
             })
             .unwrap_or_default()
     }

@@ -38,7 +38,7 @@ impl MountView for MountedFiles {
         let file = File::options()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(self.mountpoint.join(name))?;
+            .open(self.mountpoint.join(crate::names::path_of(name)))?;
         let file = super::backing::regular_file(file)?;
         let node = file.metadata()?.ino();
         let overlay = self
