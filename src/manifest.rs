@@ -1351,7 +1351,18 @@ impl Walk<'_> {
             } else {
                 fs::symlink_metadata(&path)
             };
-            let Ok(meta) = meta else { continue };
+            let meta = match meta {
+                Ok(meta) => meta,
+                // Gone since the listing: nothing to report.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // A name too long for PATH_MAX, a folder it may not enter.
+                Err(e) => {
+                    self.tree
+                        .warnings
+                        .push(format!("cannot read {}: {e}", path.display()));
+                    continue;
+                }
+            };
             let id = (meta.dev(), meta.ino());
             if meta.is_dir() && kind.is_symlink() {
                 self.linked_dirs.push((path, rel, id));

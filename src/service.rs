@@ -48,6 +48,15 @@ impl MountService {
                 std::fs::metadata(&real).map_err(|e| format!("{}: {e}", through.display()))?;
             if meta.is_dir() {
                 let tree = Tree::walk(&through).map_err(|e| e.0)?;
+                // A folder read in part (a name too long for PATH_MAX, a
+                // folder it may not read, the walk's limits) is reported,
+                // never answered "ok" for what was left out.
+                if !tree.warnings.is_empty() {
+                    return Err(format!(
+                        "{p}: {}; nothing was done",
+                        tree.warnings.join("; ")
+                    ));
+                }
                 out.extend(tree.files.iter().map(|f| rel.join(&f.path)));
             } else {
                 out.push(rel);
@@ -63,14 +72,15 @@ impl MountService {
         for f in files {
             match self.overlay.warm(f) {
                 Ok(Warmed::Queued(key)) => keys.push(key),
-                Ok(Warmed::NotCacheable) => {
-                    refused.push(format!("{}: not a model file the cache takes", f.display()))
-                }
+                Ok(Warmed::NotCacheable) => refused.push(format!(
+                    "{}: not a model file the cache takes",
+                    crate::names::shown(f)
+                )),
                 Ok(Warmed::Refused) => refused.push(format!(
                     "{}: no room under the cap or the memory floor, or open for writing",
-                    f.display()
+                    crate::names::shown(f)
                 )),
-                Err(e) => refused.push(format!("{}: {e}", f.display())),
+                Err(e) => refused.push(format!("{}: {e}", crate::names::shown(f))),
             }
         }
         if refused.is_empty() {

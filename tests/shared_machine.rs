@@ -752,3 +752,48 @@ fn names_that_are_not_utf8_are_cached_and_kept_apart() {
     );
     m.unmount();
 }
+
+/// `warm` of a folder deeper than PATH_MAX says what it could not read
+/// instead of answering "ok" and warming nothing.
+#[test]
+fn warm_of_a_tree_deeper_than_path_max_says_so() {
+    let (_tmp, backing, mnt) = dirs();
+    // 25 levels of 200-byte names: 5,000 bytes, past PATH_MAX (4,096).
+    // Made with mkdirat from a descriptor, as no path could name them.
+    let component = "d".repeat(200);
+    let c = std::ffi::CString::new(component.as_str()).unwrap();
+    fs::create_dir(backing.join("deep")).unwrap();
+    let mut dir = fs::File::open(backing.join("deep")).unwrap();
+    for _ in 0..25 {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: valid descriptors and NUL-terminated names.
+        unsafe {
+            assert_eq!(libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755), 0);
+            let fd = libc::openat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            );
+            assert!(fd >= 0);
+            dir = fs::File::from_raw_fd(fd);
+        }
+    }
+    let m = Mounted::separate(&backing, &mnt, &[]);
+    let out = Command::new(bin())
+        .arg("warm")
+        .arg(m.path("deep"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "answered ok: {err}");
+    assert!(
+        err.contains("too long") && err.contains("nothing was done"),
+        "{err}"
+    );
+    m.unmount();
+    // The tree is too deep for remove_dir_all by path: let rm do it.
+    let _ = Command::new("rm")
+        .arg("-rf")
+        .arg(backing.join("deep"))
+        .status();
+}
