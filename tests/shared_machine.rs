@@ -797,3 +797,37 @@ fn warm_of_a_tree_deeper_than_path_max_says_so() {
         .arg(backing.join("deep"))
         .status();
 }
+
+/// A control socket directory another user made first is not used, and
+/// the daemon says whose it is and what to do.
+#[test]
+fn a_socket_directory_made_by_another_user_is_reported_with_the_fix() {
+    let (tmp, backing, mnt) = dirs();
+    let runtime = tmp.path().join("runtime");
+    fs::create_dir(&runtime).unwrap();
+    chown(&runtime, NOBODY, NOGROUP);
+    let planted = runtime.join("modelcache");
+    fs::create_dir(&planted).unwrap();
+    chown(&planted, 4242, 4242);
+    set_mode(&planted, 0o777);
+    for p in [&backing, &mnt] {
+        chown(p, NOBODY, NOGROUP);
+    }
+    let mut cmd = as_user(NOBODY, NOGROUP, bin());
+    cmd.args(["mount", "--backing"])
+        .arg(&backing)
+        .arg(&mnt)
+        .env("XDG_RUNTIME_DIR", &runtime);
+    let m = Mounted::start(cmd, &mnt);
+    let log = m.log_text();
+    assert!(
+        log.contains("belongs to uid 4242") && log.contains("remove it"),
+        "{log}"
+    );
+    assert_eq!(
+        fs::read_dir(&planted).unwrap().count(),
+        0,
+        "a socket was made in it"
+    );
+    m.unmount();
+}

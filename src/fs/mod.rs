@@ -71,24 +71,41 @@ struct Handles<T> {
     next: AtomicU64,
     /// The most handles open at once (descriptors::Budget).
     limit: usize,
+    /// What the handles are, for the log line when the table is full.
+    what: &'static str,
+    /// Whether that line was logged since the table last had room.
+    full_logged: std::sync::atomic::AtomicBool,
 }
 
 impl<T> Handles<T> {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, what: &'static str) -> Self {
         Self {
             map: RwLock::new(HashMap::new()),
             next: AtomicU64::new(1),
             limit,
+            what,
+            full_logged: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// EMFILE, for the process opening, when the table is full: the
-    /// daemon's own descriptors are never spent on one more open. (Checked
-    /// before the open; concurrent opens may pass it by a few.)
+    /// daemon's own descriptors are never spent on one more open. Logged
+    /// once per time it fills. (Checked before the open; concurrent opens
+    /// may pass it by a few.)
     fn check_room(&self) -> io::Result<()> {
         if self.map.read().len() >= self.limit {
+            if !self.full_logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "{} {} are open through the mount, this daemon's share of its open-file \
+                     limit: further opens get EMFILE until some close. Raise the limit \
+                     (`LimitNOFILE=` in the service, `ulimit -n` in a shell)",
+                    self.limit,
+                    self.what
+                );
+            }
             return Err(io::Error::from_raw_os_error(libc::EMFILE));
         }
+        self.full_logged.store(false, Ordering::Relaxed);
         Ok(())
     }
 
@@ -200,8 +217,8 @@ impl Overlay {
         let budget = crate::descriptors::Budget::current();
         Ok(Self {
             inodes: InodeTable::new(root, key(&st), budget.node_fds),
-            files: Handles::new(budget.open_files),
-            dirs: Handles::new(budget.open_dirs),
+            files: Handles::new(budget.open_files, "files"),
+            dirs: Handles::new(budget.open_dirs, "directories"),
             cache,
             root_path,
             on_cacheable_open: std::sync::OnceLock::new(),
