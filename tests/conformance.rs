@@ -1650,8 +1650,24 @@ fn table() -> Vec<(&'static str, Op)> {
             let s = setxattr(&r.join("link_to_hello"), "user.x", b"1", 0, false);
             out(s, ok)
         }),
-        // A symlink's xattrs cannot be read through an O_PATH handle; Linux
-        // lists none for it here, and neither must the mount.
+        // trusted.* is allowed on a symlink itself (root): set, read back,
+        // listed, on the link and not on what it points at.
+        row(
+            "lsetxattr/lgetxattr/llistxattr trusted.* on a symlink",
+            |r| {
+                std::os::unix::fs::symlink("hello.txt", r.join("xa_tlink")).unwrap();
+                let p = r.join("xa_tlink");
+                let set = out(setxattr(&p, "trusted.l", b"on the link", 0, false), ok);
+                let got = out(getxattr(&p, "trusted.l", 64, false), |v| {
+                    format!("ok {}", show_bytes(&v))
+                });
+                let listed = out(listxattr(&p, false), |v| format!("ok {v:?}"));
+                let target = out(getxattr(&p, "trusted.l", 64, true), |v| {
+                    format!("ok {}", show_bytes(&v))
+                });
+                format!("{set} / {got} / {listed} / target {target}")
+            },
+        ),
         row("llistxattr of a symlink", |r| {
             out(listxattr(&r.join("link_to_hello"), false), |v| {
                 format!("ok {v:?}")

@@ -380,17 +380,45 @@ pub fn fsync(file: &File, datasync: bool) -> io::Result<()> {
     }
 }
 
-/// Extended attributes. They are reached through the /proc magic link, which
-/// resolves to the inode itself; a symlink's own xattrs are not reachable
-/// that way, so symlinks report ENOTSUP (user xattrs on symlinks are refused
-/// by Linux anyway).
+/// Where an extended-attribute call goes. A file or directory is reached
+/// through the /proc magic link of its `O_PATH` handle, which resolves to
+/// the inode itself. A symlink cannot be (the magic link would be
+/// followed), so it is reached by its name in its parent's handle, with the
+/// `l*` calls that act on the link itself.
+pub struct XattrTarget {
+    path: CString,
+    on_link: bool,
+}
+
+impl XattrTarget {
+    pub fn inode(fd: BorrowedFd<'_>) -> Self {
+        XattrTarget {
+            path: proc_path(fd),
+            on_link: false,
+        }
+    }
+
+    pub fn link(parent: BorrowedFd<'_>, name: &CStr) -> Self {
+        let mut path = format!("/proc/self/fd/{}/", parent.as_raw_fd()).into_bytes();
+        path.extend_from_slice(name.to_bytes());
+        XattrTarget {
+            path: CString::new(path).expect("no NUL in a name"),
+            on_link: true,
+        }
+    }
+}
+
 /// Reads an xattr into `buf`; an empty `buf` asks only for the value's size.
-pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
-    let p = proc_path(fd);
+pub fn getxattr(t: &XattrTarget, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    let call = if t.on_link {
+        libc::lgetxattr
+    } else {
+        libc::getxattr
+    };
     // SAFETY: buffer valid for its length.
     cvt_size(unsafe {
-        libc::getxattr(
-            p.as_ptr(),
+        call(
+            t.path.as_ptr(),
             name.as_ptr(),
             buf.as_mut_ptr().cast(),
             buf.len(),
@@ -399,18 +427,26 @@ pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<u
 }
 
 /// Lists xattr names into `buf`; an empty `buf` asks only for the size.
-pub fn listxattr(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    let p = proc_path(fd);
+pub fn listxattr(t: &XattrTarget, buf: &mut [u8]) -> io::Result<usize> {
+    let call = if t.on_link {
+        libc::llistxattr
+    } else {
+        libc::listxattr
+    };
     // SAFETY: buffer valid for its length.
-    cvt_size(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+    cvt_size(unsafe { call(t.path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
 }
 
-pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
-    let p = proc_path(fd);
+pub fn setxattr(t: &XattrTarget, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let call = if t.on_link {
+        libc::lsetxattr
+    } else {
+        libc::setxattr
+    };
     // SAFETY: valid strings and buffer.
     cvt(unsafe {
-        libc::setxattr(
-            p.as_ptr(),
+        call(
+            t.path.as_ptr(),
             name.as_ptr(),
             value.as_ptr().cast(),
             value.len(),
@@ -420,10 +456,14 @@ pub fn setxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io
     .map(drop)
 }
 
-pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    let p = proc_path(fd);
+pub fn removexattr(t: &XattrTarget, name: &CStr) -> io::Result<()> {
+    let call = if t.on_link {
+        libc::lremovexattr
+    } else {
+        libc::removexattr
+    };
     // SAFETY: valid strings.
-    cvt(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
+    cvt(unsafe { call(t.path.as_ptr(), name.as_ptr()) }).map(drop)
 }
 
 /// One entry of a directory listing.

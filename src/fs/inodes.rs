@@ -259,6 +259,14 @@ impl InodeTable {
         Some((key, node))
     }
 
+    /// Where node `id` was last seen: its parent node and its name there
+    /// (`None` for the root or an unknown node).
+    pub fn place_of(&self, id: u64) -> Option<(u64, CString)> {
+        let slot = self.table.read().by_id.get(&id)?.clone();
+        let place = slot.place.lock();
+        place.as_ref().map(|p| (p.parent, p.name.clone()))
+    }
+
     /// The backing identity of node `id`, if known (no descriptor opened).
     pub fn key_of(&self, id: u64) -> Option<InodeKey> {
         self.table.read().by_id.get(&id).map(|slot| slot.key)

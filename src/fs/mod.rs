@@ -771,12 +771,27 @@ impl Overlay {
         backing::statfs(self.inodes.get(id)?.fd())
     }
 
-    fn xattr_node(&self, id: u64) -> io::Result<Node> {
+    /// Where xattr calls on node `id` go (see `backing::XattrTarget`); the
+    /// handles are held in `keep` while the call runs. A symlink is reached
+    /// by its name in its parent, checked to still be that symlink.
+    fn xattr_target(&self, id: u64, keep: &mut Vec<Node>) -> io::Result<backing::XattrTarget> {
         let node = self.inodes.get(id)?;
-        if backing::stat(node.fd())?.st_mode & libc::S_IFMT == libc::S_IFLNK {
-            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        if backing::stat(node.fd())?.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            let target = backing::XattrTarget::inode(node.fd());
+            keep.push(node);
+            return Ok(target);
         }
-        Ok(node)
+        let (parent_id, name) = self
+            .inodes
+            .place_of(id)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        let parent = self.inodes.get(parent_id)?;
+        if key(&backing::stat_at(parent.fd(), &name)?) != node.key {
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        let target = backing::XattrTarget::link(parent.fd(), &name);
+        keep.push(parent);
+        Ok(target)
     }
 
     fn xattr_name(name: &OsStr) -> io::Result<std::ffi::CString> {
@@ -787,30 +802,28 @@ impl Overlay {
 
     /// `size == 0` asks for the value's size only.
     pub fn getxattr(&self, id: u64, name: &OsStr, size: u32) -> io::Result<XattrReply> {
-        let node = self.xattr_node(id)?;
+        let mut keep = Vec::new();
+        let target = self.xattr_target(id, &mut keep)?;
         let name = Self::xattr_name(name)?;
-        xattr_query(size, |buf| backing::getxattr(node.fd(), &name, buf))
+        xattr_query(size, |buf| backing::getxattr(&target, &name, buf))
     }
 
-    /// A symlink's own list cannot be read through its `O_PATH` handle; it
-    /// is reported empty, which is what Linux shows for a symlink without
-    /// security labels.
     pub fn listxattr(&self, id: u64, size: u32) -> io::Result<XattrReply> {
-        match self.xattr_node(id) {
-            Ok(node) => xattr_query(size, |buf| backing::listxattr(node.fd(), buf)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => xattr_query(size, |_| Ok(0)),
-            Err(e) => Err(e),
-        }
+        let mut keep = Vec::new();
+        let target = self.xattr_target(id, &mut keep)?;
+        xattr_query(size, |buf| backing::listxattr(&target, buf))
     }
 
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
-        let node = self.xattr_node(id)?;
-        backing::setxattr(node.fd(), &Self::xattr_name(name)?, value, flags)
+        let mut keep = Vec::new();
+        let target = self.xattr_target(id, &mut keep)?;
+        backing::setxattr(&target, &Self::xattr_name(name)?, value, flags)
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> io::Result<()> {
-        let node = self.xattr_node(id)?;
-        backing::removexattr(node.fd(), &Self::xattr_name(name)?)
+        let mut keep = Vec::new();
+        let target = self.xattr_target(id, &mut keep)?;
+        backing::removexattr(&target, &Self::xattr_name(name)?)
     }
 }
 
