@@ -37,6 +37,16 @@ pub enum Command {
         /// `user_allow_other` in /etc/fuse.conf.
         #[arg(long)]
         allow_other: bool,
+        /// A read-only mount (mount's `ro`): every change gets "Read-only
+        /// file system"; reads and the cache work as ever.
+        #[arg(long)]
+        read_only: bool,
+        /// When reads update access times (mount's options of these names).
+        #[arg(long, value_enum, default_value = "relatime")]
+        atime: crate::mount::Atime,
+        /// No access-time updates on directories (mount's `nodiratime`).
+        #[arg(long)]
+        nodiratime: bool,
         /// FUSE worker threads (default 8, whatever the core count: workers
         /// mostly wait on the disk or on the kernel's copy of a reply).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]

@@ -37,6 +37,8 @@ pub struct MountConfig {
     pub backing: Option<PathBuf>,
     pub mountpoint: PathBuf,
     pub allow_other: bool,
+    /// Flags of the mount itself, which the kernel's VFS applies.
+    pub vfs: VfsOptions,
     pub threads: usize,
     /// How long the kernel may cache metadata; `None` = the mode's default.
     pub metadata_ttl: Option<Duration>,
@@ -45,6 +47,72 @@ pub struct MountConfig {
     pub passthrough: Passthrough,
     /// Where to write Prometheus metrics, if anywhere.
     pub metrics_file: Option<PathBuf>,
+}
+
+/// When reads update a file's access time (the mount(8) options of the
+/// same names); the kernel applies them to the mount, as on any filesystem.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Atime {
+    /// Only when the access time is older than the last change or a day
+    /// old: the default of every Linux filesystem.
+    #[default]
+    Relatime,
+    /// Never.
+    Noatime,
+    /// At every access.
+    Strictatime,
+}
+
+/// Flags of the mount that the VFS enforces, whichever daemon serves it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VfsOptions {
+    /// Every change gets EROFS from the kernel; reads and the cache work
+    /// as ever.
+    pub read_only: bool,
+    pub atime: Atime,
+    /// No access-time updates on directories.
+    pub nodiratime: bool,
+}
+
+impl VfsOptions {
+    /// mount(2) flags (nosuid and nodev always).
+    fn flags(self) -> libc::c_ulong {
+        let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+        if self.read_only {
+            flags |= libc::MS_RDONLY;
+        }
+        flags |= match self.atime {
+            Atime::Relatime => libc::MS_RELATIME,
+            Atime::Noatime => libc::MS_NOATIME,
+            Atime::Strictatime => libc::MS_STRICTATIME,
+        };
+        if self.nodiratime {
+            flags |= libc::MS_NODIRATIME;
+        }
+        flags
+    }
+
+    /// The same as fusermount3 options (it mounts nosuid,nodev itself, and
+    /// relatime is the kernel's default). fusermount3 offers `ro` and
+    /// `noatime` but neither `strictatime` nor `nodiratime`: those are
+    /// refused with the reason rather than dropped.
+    fn fusermount_options(self) -> Result<String, Error> {
+        if self.atime == Atime::Strictatime || self.nodiratime {
+            return Err(Error(
+                "--atime strictatime and --nodiratime need a root mount: fusermount3, \
+                 through which a normal user mounts, does not offer them"
+                    .into(),
+            ));
+        }
+        let mut out = String::new();
+        if self.read_only {
+            out.push_str(",ro");
+        }
+        if self.atime == Atime::Noatime {
+            out.push_str(",noatime");
+        }
+        Ok(out)
+    }
 }
 
 /// The machine's RAM in bytes.
@@ -531,7 +599,12 @@ fn users_warning(mountpoint: &Path, in_place: bool, scan: &mountinfo::Scan) -> O
 }
 
 /// Mounts a FUSE filesystem at `mountpoint` and returns the /dev/fuse fd.
-fn fuse_mount(mountpoint: &Path, backing: &Path, allow_other: bool) -> Result<OwnedFd, Error> {
+fn fuse_mount(
+    mountpoint: &Path,
+    backing: &Path,
+    allow_other: bool,
+    vfs: VfsOptions,
+) -> Result<OwnedFd, Error> {
     let mp = mountpoint.display();
     if is_root() {
         let dev = File::options()
@@ -556,7 +629,7 @@ fn fuse_mount(mountpoint: &Path, backing: &Path, allow_other: bool) -> Result<Ow
                 source.as_ptr(),
                 target.as_ptr(),
                 fstype.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV,
+                vfs.flags(),
                 data.as_ptr().cast(),
             )
         };
@@ -568,12 +641,17 @@ fn fuse_mount(mountpoint: &Path, backing: &Path, allow_other: bool) -> Result<Ow
         }
         return Ok(dev.into());
     }
-    fusermount(mountpoint, backing, allow_other)
+    fusermount(mountpoint, backing, allow_other, vfs)
 }
 
 /// The unprivileged path: the setuid `fusermount3` mounts and hands us the
 /// /dev/fuse fd over a socket (`_FUSE_COMMFD`).
-fn fusermount(mountpoint: &Path, backing: &Path, allow_other: bool) -> Result<OwnedFd, Error> {
+fn fusermount(
+    mountpoint: &Path,
+    backing: &Path,
+    allow_other: bool,
+    vfs: VfsOptions,
+) -> Result<OwnedFd, Error> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors.
     if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) } != 0 {
@@ -587,6 +665,7 @@ fn fusermount(mountpoint: &Path, backing: &Path, allow_other: bool) -> Result<Ow
     if allow_other {
         opts.push_str(",allow_other");
     }
+    opts.push_str(&vfs.fusermount_options()?);
     let their_fd = theirs.as_raw_fd();
     let mut cmd = Command::new(find_fusermount().unwrap_or_else(|| "fusermount3".into()));
     cmd.arg("-o")
@@ -965,7 +1044,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let backing_files = Arc::new(BackingFiles::new(passthrough_wanted));
     let cache = Arc::new(Cache::new(settings.cache.clone()));
     let overlay = Arc::new(
-        Overlay::new(root, cache.clone())
+        Overlay::new(root, cache.clone(), config.vfs.atime == Atime::Noatime)
             .map_err(|e| Error(format!("{}: {e}", backing.display())))?,
     );
     // Before the first open: a reader's class acts from its first request.
@@ -980,7 +1059,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let _ = std::env::set_current_dir("/");
 
     warn_of_users_before_mount(&mountpoint, backing == mountpoint);
-    let fuse_fd = fuse_mount(&mountpoint, &backing, config.allow_other)?;
+    let fuse_fd = fuse_mount(&mountpoint, &backing, config.allow_other, config.vfs)?;
     // Kept to probe passthrough on the live session.
     let fuse_dev = fuse_fd
         .try_clone()
@@ -1081,10 +1160,11 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         config.threads,
         ttl.as_secs(),
         Bytes(cap),
-        if config.allow_other {
-            ", allow_other"
-        } else {
-            ""
+        match (config.allow_other, config.vfs.read_only) {
+            (true, true) => ", allow_other, read-only",
+            (true, false) => ", allow_other",
+            (false, true) => ", read-only",
+            (false, false) => "",
         }
     );
     notify_ready();

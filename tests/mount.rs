@@ -695,3 +695,192 @@ fn changes_behind_a_separate_mount_show_within_its_one_second_ttl() {
     assert_eq!(fs::read(m.path("a.bin")).unwrap(), b"aaaa");
     m.unmount();
 }
+
+/// The error number of an I/O result, for the read-only checks.
+fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+/// `--read-only` (mount's `ro`): every change gets EROFS from the kernel,
+/// nothing reaches the backing directory, and reads and the cache work as
+/// ever, in both modes.
+#[test]
+fn a_read_only_mount_refuses_every_change_and_still_caches() {
+    let (_tmp, backing, mnt) = dirs();
+    let model = pseudo_random(4 << 20, 3);
+    fs::write(backing.join("m.safetensors"), &model).unwrap();
+    fs::create_dir(backing.join("dir")).unwrap();
+    for mode in [Mode::Copy, Mode::Passthrough] {
+        let mut args = vec!["--read-only"];
+        args.extend(mode.args());
+        let m = Mounted::separate(&backing, &mnt, &args);
+        let line = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let ours = line
+            .lines()
+            .find(|l| l.contains(&format!(" {} ", m.mountpoint.display())))
+            .unwrap();
+        assert!(
+            ours.split(' ')
+                .nth(5)
+                .unwrap()
+                .split(',')
+                .any(|o| o == "ro"),
+            "{ours}"
+        );
+        assert!(fs::read(m.path("m.safetensors")).unwrap() == model);
+        let p = |rel: &str| m.path(rel);
+        let erofs = Some(libc::EROFS);
+        assert_eq!(
+            errno_of(fs::OpenOptions::new().write(true).open(p("m.safetensors"))),
+            erofs
+        );
+        assert_eq!(errno_of(fs::File::create(p("new.bin"))), erofs);
+        assert_eq!(errno_of(fs::create_dir(p("newdir"))), erofs);
+        assert_eq!(errno_of(fs::remove_file(p("m.safetensors"))), erofs);
+        assert_eq!(errno_of(fs::remove_dir(p("dir"))), erofs);
+        assert_eq!(
+            errno_of(fs::rename(p("m.safetensors"), p("x.safetensors"))),
+            erofs
+        );
+        assert_eq!(
+            errno_of(std::os::unix::fs::symlink("m.safetensors", p("l"))),
+            erofs
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            errno_of(fs::set_permissions(
+                p("m.safetensors"),
+                fs::Permissions::from_mode(0o600)
+            )),
+            erofs
+        );
+        assert_eq!(fs::read(backing.join("m.safetensors")).unwrap(), model);
+        assert!(!backing.join("new.bin").exists() && !backing.join("newdir").exists());
+        // The cache works as ever.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !status_file(&mount_status(&m.mountpoint), "m.safetensors")
+            .is_some_and(|f| f["state"] == "cached")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{mode:?}: never cached"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m.unmount();
+    }
+    // A normal user's read-only mount, through fusermount3.
+    for p in [
+        &backing,
+        &mnt,
+        &backing.join("m.safetensors"),
+        &backing.join("dir"),
+    ] {
+        chown(p, NOBODY, NOGROUP);
+    }
+    let mut daemon = as_user(NOBODY, NOGROUP, bin());
+    daemon
+        .args(["mount", "--read-only", "--backing"])
+        .arg(&backing)
+        .arg(&mnt);
+    let m = Mounted::start(daemon, &mnt);
+    let out = as_user(NOBODY, NOGROUP, "/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "cat {0}/m.safetensors >/dev/null && : > {0}/new.bin",
+            m.mountpoint.display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Read-only file system"),
+        "{err}"
+    );
+    m.unmount();
+}
+
+/// The access time of `path` on the backing filesystem, in seconds.
+fn atime(path: &Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().atime()
+}
+
+/// Sets `path`'s access time a day before its modification time, so that
+/// relatime updates it at the next read.
+fn age_atime(path: &Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    let mtime = fs::metadata(path).unwrap().mtime();
+    let old = mtime - 86_400;
+    let times = [
+        libc::timespec {
+            tv_sec: old,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    ];
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid path and two timespecs.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
+        0
+    );
+    old
+}
+
+/// `--atime noatime` keeps reads through the mount from touching access
+/// times in copy mode (the daemon reads with O_NOATIME); the default
+/// (relatime) updates an access time older than the last change, as the
+/// backing filesystem does, in both modes. In passthrough mode the kernel
+/// reads the backing file itself, under the backing filesystem's own atime
+/// rule: the flag is on the mount, and README says the rest.
+#[test]
+fn noatime_keeps_access_times_and_relatime_is_the_default() {
+    let (_tmp, backing, mnt) = dirs();
+    for name in ["a.bin", "m.safetensors"] {
+        fs::write(backing.join(name), pseudo_random(2 << 20, 9)).unwrap();
+    }
+    let cases = [
+        (Mode::Copy, Some("noatime"), true),
+        (Mode::Copy, None, false),
+        (Mode::Passthrough, None, false),
+    ];
+    for (mode, atime_flag, kept) in cases {
+        let mut args: Vec<&str> = mode.args().to_vec();
+        if let Some(a) = atime_flag {
+            args.extend(["--atime", a]);
+        }
+        let m = Mounted::separate(&backing, &mnt, &args);
+        for name in ["a.bin", "m.safetensors"] {
+            let old = age_atime(&backing.join(name));
+            let _ = fs::read(m.path(name)).unwrap();
+            let now = atime(&backing.join(name));
+            assert_eq!(
+                now == old,
+                kept,
+                "{mode:?} {atime_flag:?} {name}: atime {old} -> {now}"
+            );
+        }
+        m.unmount();
+    }
+    // The flags reach the mount itself, in both modes.
+    for mode in [Mode::Copy, Mode::Passthrough] {
+        let mut args: Vec<&str> = mode.args().to_vec();
+        args.extend(["--atime", "noatime", "--nodiratime"]);
+        let m = Mounted::separate(&backing, &mnt, &args);
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.contains(&format!(" {} ", m.mountpoint.display())))
+            .unwrap();
+        let options: Vec<&str> = line.split(' ').nth(5).unwrap().split(',').collect();
+        assert!(
+            options.contains(&"noatime") && options.contains(&"nodiratime"),
+            "{line}"
+        );
+        m.unmount();
+    }
+}

@@ -105,7 +105,7 @@ fn mount_options_become_modelcache_flags() {
 fn generic_mount_and_fstab_options_are_ignored() {
     let generic = "rw,defaults,auto,noauto,user,users,nouser,nofail,_netdev,\
                    x-systemd.automount,x-systemd.requires-mounts-for=/data,comment=x,\
-                   suid,nosuid,dev,nodev,exec,noexec,atime,noatime,relatime";
+                   suid,nosuid,dev,nodev,exec,noexec,atime,diratime,lazytime";
     assert_eq!(flags_for(generic), expected(&[]));
     assert_eq!(
         flags_for(&format!("{generic},allow_other")),
@@ -170,13 +170,24 @@ fn sloppy_mode_skips_unknown_options_with_a_warning() {
 }
 
 #[test]
-fn read_only_is_refused() {
-    let r = run_helper(&["/src", "/mnt", "-o", "ro,allow_other"], 0);
+fn ro_and_the_atime_options_become_flags_and_remount_is_refused() {
+    assert_eq!(
+        flags_for("ro,noatime,nodiratime"),
+        expected(&["--read-only", "--atime", "noatime", "--nodiratime"])
+    );
+    assert_eq!(
+        flags_for("rw,strictatime"),
+        expected(&["--atime", "strictatime"])
+    );
+    assert_eq!(flags_for("relatime"), expected(&["--atime", "relatime"]));
+    let r = run_helper(&["/src", "/mnt", "-o", "remount,ro"], 0);
     assert_eq!(r.code, 1);
     assert!(r.args.is_empty(), "{:?}", r.args);
-    assert_eq!(
-        r.stderr,
-        "mount.fuse.modelcache: read-only mounts are not supported (option ro)\n"
+    assert!(
+        r.stderr.contains("remount is not supported")
+            && r.stderr.contains("unmount, then mount again"),
+        "{}",
+        r.stderr
     );
 }
 
@@ -513,7 +524,7 @@ fn mount_reports_bad_options_and_mounts_nothing() {
     let s = Scenario::new();
     let out = s.run(
         r#"
-for opts in allow_other,bogus ro threads=0; do
+for opts in allow_other,bogus remount threads=0; do
     if mount -t fuse.modelcache -o "$opts" "$SRC" "$MNT" 2>"$T/err"; then
         echo "$opts: mounted"
     else
@@ -527,7 +538,7 @@ done
     let stdout = String::from_utf8_lossy(&out.stdout);
     let all = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{all}");
-    for opts in ["allow_other,bogus", "ro", "threads=0"] {
+    for opts in ["allow_other,bogus", "remount", "threads=0"] {
         assert!(stdout.contains(&format!("{opts}: failed\n")), "{all}");
     }
     assert!(
@@ -535,7 +546,7 @@ done
         "{all}"
     );
     assert!(
-        stdout.contains("ro: mount.fuse.modelcache: read-only mounts are not supported"),
+        stdout.contains("remount: mount.fuse.modelcache: remount is not supported"),
         "{all}"
     );
     // modelcache's own refusal comes through.

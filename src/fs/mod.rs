@@ -179,6 +179,10 @@ pub struct Overlay {
     hooks: RwLock<Arc<Hooks>>,
     /// Runs `exec` hooks; none until `start_hooks`.
     commands: std::sync::OnceLock<CommandRunner>,
+    /// A `noatime` mount: backing files are opened with O_NOATIME, since
+    /// the reads that would touch their access times are the daemon's (or,
+    /// in passthrough, the kernel's on the daemon's open file).
+    noatime: bool,
 }
 
 /// Told the relative path of a cacheable file opened for reading.
@@ -208,7 +212,7 @@ fn key(st: &Stat) -> inodes::InodeKey {
 impl Overlay {
     /// `root` is the backing directory, opened `O_PATH|O_DIRECTORY` before
     /// anything is mounted over it.
-    pub fn new(root: OwnedFd, cache: Arc<Cache>) -> io::Result<Self> {
+    pub fn new(root: OwnedFd, cache: Arc<Cache>, noatime: bool) -> io::Result<Self> {
         let st = backing::stat(root.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
@@ -226,6 +230,7 @@ impl Overlay {
             classifier: Classifier::default(),
             hooks: RwLock::new(Arc::new(Hooks::default())),
             commands: std::sync::OnceLock::new(),
+            noatime,
         })
     }
 
@@ -482,6 +487,18 @@ impl Overlay {
         Ok(())
     }
 
+    /// Opens `node` for I/O; on a `noatime` mount with O_NOATIME where the
+    /// kernel allows it (the file's owner, or root), else without.
+    fn reopen(&self, node: &Node, flags: i32) -> io::Result<File> {
+        if self.noatime {
+            match backing::reopen(node.fd(), flags | libc::O_NOATIME) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                done => return done,
+            }
+        }
+        backing::reopen(node.fd(), flags)
+    }
+
     /// Opens node `id` for process `pid` (counted by reader class).
     pub fn open(&self, id: u64, flags: i32, pid: u32) -> io::Result<Opened> {
         self.files.check_room()?;
@@ -490,7 +507,7 @@ impl Overlay {
             // Out of the cache before the open (which may truncate), so no
             // reader is served the old bytes meanwhile.
             let writing = Some(self.cache.open_for_write(node.key));
-            let file = backing::reopen(node.fd(), io_flags(flags))?;
+            let file = self.reopen(&node, io_flags(flags))?;
             let fh = self.files.insert(OpenFile {
                 file,
                 counted: None,
@@ -503,7 +520,7 @@ impl Overlay {
                 keep_cache: false,
             });
         }
-        let file = backing::reopen(node.fd(), io_flags(flags))?;
+        let file = self.reopen(&node, io_flags(flags))?;
         // The identity check of every open: what the backing file is now.
         let st = backing::stat(file.as_fd())?;
         // The name costs a readlink: only regular files the cache could
@@ -549,7 +566,7 @@ impl Overlay {
                 protect: hook.protect.then_some(hook.grace),
                 lock: hook.mlock,
             };
-            let source = || backing::reopen(node.fd(), libc::O_RDONLY);
+            let source = || self.reopen(&node, libc::O_RDONLY);
             let cached = self
                 .cache
                 .open_for_read(Identity::of(&st), &name, source, hold);
@@ -868,7 +885,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = backing::open_root(dir.path()).unwrap();
         let cache = Cache::new(crate::cache::CacheConfig::with_cap(cap));
-        (dir, Overlay::new(root, Arc::new(cache)).unwrap())
+        (dir, Overlay::new(root, Arc::new(cache), false).unwrap())
     }
 
     pub(super) fn read_all(fs: &Overlay, fh: u64, offset: u64, size: u32) -> Vec<u8> {
@@ -1027,7 +1044,7 @@ mod cache_tests {
         }
         let root = backing::open_root(dir.path()).unwrap();
         let cache = Cache::new(crate::cache::CacheConfig::with_cap(cap));
-        (dir, Overlay::new(root, Arc::new(cache)).unwrap())
+        (dir, Overlay::new(root, Arc::new(cache), false).unwrap())
     }
 
     fn open(fs: &Overlay, name: &str, flags: i32) -> (Opened, u64) {
