@@ -884,3 +884,116 @@ fn noatime_keeps_access_times_and_relatime_is_the_default() {
         m.unmount();
     }
 }
+
+/// A write through a shared mapping shows in the file's mtime and ctime
+/// through the mount after msync, and after close, as on the backing
+/// filesystem (ComfyUI and backup tools go by mtime). Both modes, in place
+/// (attributes cached for 60 s) and with --backing.
+#[test]
+fn writes_through_a_shared_mapping_update_mtime() {
+    use std::os::unix::fs::MetadataExt;
+    for mode in [Mode::Copy, Mode::Passthrough] {
+        for in_place in [true, false] {
+            let (_tmp, backing, mnt) = dirs();
+            fs::write(backing.join("f.bin"), vec![0u8; 1 << 16]).unwrap();
+            let m = if in_place {
+                Mounted::in_place(&backing, &mode.args())
+            } else {
+                Mounted::separate(&backing, &mnt, &mode.args())
+            };
+            let path = m.path("f.bin");
+            let before = fs::metadata(&path).unwrap();
+            std::thread::sleep(Duration::from_millis(1100));
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            // SAFETY: a shared mapping of a file this test owns alone.
+            let mut map = unsafe { memmap2::MmapMut::map_mut(&file).unwrap() };
+            map[..5].copy_from_slice(b"hello");
+            map.flush().unwrap();
+            let synced = fs::metadata(&path).unwrap();
+            drop(map);
+            drop(file);
+            let closed = fs::metadata(&path).unwrap();
+            let what = format!("{mode:?}, in place {in_place}");
+            assert!(
+                synced.mtime_nsec() != before.mtime_nsec() || synced.mtime() != before.mtime(),
+                "{what}: mtime after msync"
+            );
+            assert!(
+                synced.ctime() * 1_000_000_000 + synced.ctime_nsec()
+                    > before.ctime() * 1_000_000_000 + before.ctime_nsec(),
+                "{what}: ctime after msync"
+            );
+            assert_eq!(
+                closed.mtime(),
+                fs::metadata(backing.join("f.bin")).unwrap().mtime(),
+                "{what}"
+            );
+            assert_eq!(&fs::read(&path).unwrap()[..5], b"hello", "{what}");
+            m.unmount();
+        }
+    }
+}
+
+/// After a write, truncate, fallocate, punch-hole or zero-range by its owner
+/// or by another user with write access, a setuid/setgid file has the mode
+/// it would have on the backing filesystem (which drops the bits as the
+/// kernel rules say). Both modes, compared with the backing directory.
+#[test]
+fn setuid_and_setgid_are_dropped_as_on_the_backing_filesystem() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (_tmp, backing, mnt) = dirs();
+    set_mode(&backing, 0o777);
+    let direct = backing.join("direct");
+    fs::create_dir(&direct).unwrap();
+    set_mode(&direct, 0o777);
+    let ops = [
+        ("write", "printf x | dd of=F conv=notrunc status=none"),
+        ("truncate", "truncate -s 0 F"),
+        ("fallocate", "fallocate -l 1M F"),
+        ("punch", "fallocate -p -o 0 -l 4096 F"),
+        ("zero", "fallocate -z -o 0 -l 4096 F"),
+    ];
+    let modes = [0o6666, 0o2666, 0o2676, 0o4666, 0o6676];
+    for mode in [Mode::Copy, Mode::Passthrough] {
+        let mut args = vec!["--allow-other"];
+        args.extend(mode.args());
+        let m = Mounted::separate(&backing, &mnt, &args);
+        let mut diffs = Vec::new();
+        for (op, script) in ops {
+            for bits in modes {
+                // Owned by root (nobody is another user) and by nobody.
+                for owner in [0, NOBODY] {
+                    let mut got = Vec::new();
+                    for base in [direct.clone(), m.path("")] {
+                        let name = format!("{op}-{bits:o}-{owner}-{mode:?}");
+                        let f = base.join(&name);
+                        fs::write(&f, vec![1u8; 8192]).unwrap();
+                        chown(&f, owner, 0);
+                        fs::set_permissions(&f, fs::Permissions::from_mode(bits)).unwrap();
+                        let cmd = script.replace('F', &format!("'{}'", f.display()));
+                        let out = as_user(NOBODY, NOGROUP, "/bin/sh")
+                            .args(["-c", &cmd])
+                            .output()
+                            .unwrap();
+                        got.push((
+                            out.status.success(),
+                            fs::metadata(&f).unwrap().mode() & 0o7777,
+                        ));
+                    }
+                    if got[0] != got[1] {
+                        diffs.push(format!(
+                            "{op} on {bits:o} owned by {owner}: backing {:?}, mount {:?}",
+                            got[0], got[1]
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(diffs.is_empty(), "{mode:?}:\n{}", diffs.join("\n"));
+        m.unmount();
+    }
+}

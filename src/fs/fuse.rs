@@ -88,9 +88,10 @@ impl FuseAdapter {
         &self,
         node: u64,
         fh: u64,
+        setid: bool,
         register: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
-        self.backing_files.open(node, fh, || {
+        self.backing_files.open(node, fh, setid, || {
             self.overlay.with_backing_file(fh, register).and_then(|r| r)
         })
     }
@@ -100,9 +101,9 @@ fn errno(err: io::Error) -> Errno {
     Errno::from_i32(err.raw_os_error().unwrap_or(libc::EIO))
 }
 
-/// The process behind a create-type request, with the umask the kernel
-/// left for us to apply (FUSE_DONT_MASK; 0 for a symlink, whose mode is
-/// always 0777).
+/// The process behind a request, with the umask the kernel left for us to
+/// apply to a create (FUSE_DONT_MASK; 0 for other requests and for a
+/// symlink, whose mode is always 0777).
 fn caller(req: &Request, umask: u32) -> Caller {
     Caller {
         uid: req.uid(),
@@ -277,7 +278,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -302,7 +303,7 @@ impl Filesystem for FuseAdapter {
             mtime: mtime.map(timespec),
             fh: fh.map(|f| f.0),
         };
-        match self.overlay.setattr(ino.0, change) {
+        match self.overlay.setattr(ino.0, change, caller(req, 0)) {
             Ok(st) => reply.attr(&self.ttl, &attr(ino.0, &st)),
             Err(e) => reply.error(errno(e)),
         }
@@ -406,7 +407,7 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(errno(e)),
         };
         let fh = FileHandle(opened.fh);
-        match self.backing_for(ino.0, opened.fh, |f| reply.open_backing(f)) {
+        match self.backing_for(ino.0, opened.fh, opened.setid, |f| reply.open_backing(f)) {
             Some(backing) => reply.opened_passthrough(fh, FopenFlags::empty(), &backing),
             None if opened.keep_cache => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
             None if opened.cacheable => reply.opened(fh, self.read_mode.open_flags()),
@@ -440,7 +441,7 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -450,7 +451,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.overlay.write(fh.0, offset, data) {
+        match self.overlay.write(fh.0, offset, data, caller(req, 0)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }
@@ -484,7 +485,7 @@ impl Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -492,7 +493,11 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.overlay.fallocate(fh.0, offset, length, mode));
+        reply_empty(
+            reply,
+            self.overlay
+                .fallocate(fh.0, offset, length, mode, caller(req, 0)),
+        );
     }
 
     fn lseek(
@@ -674,7 +679,8 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(errno(e)),
         };
         let attr = attr(entry.id, &entry.stat);
-        match self.backing_for(entry.id, fh, |f| reply.open_backing(f)) {
+        let setid = entry.stat.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0;
+        match self.backing_for(entry.id, fh, setid, |f| reply.open_backing(f)) {
             Some(backing) => reply.created_passthrough(
                 &self.ttl,
                 &attr,

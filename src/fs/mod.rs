@@ -148,6 +148,9 @@ struct OpenFile {
     _cached: Option<CacheRef>,
     /// For a file opened for writing: keeps it out of the cache.
     _writing: Option<WriteGuard>,
+    /// Setuid or setgid when opened: writes run as the caller, so the
+    /// backing filesystem drops the bits by its own rule.
+    setid: bool,
 }
 
 /// What `open` decided.
@@ -159,6 +162,8 @@ pub struct Opened {
     /// the kernel keeps that across opens (FOPEN_KEEP_CACHE) and serves
     /// reads from it, sending only what is not there.
     pub keep_cache: bool,
+    /// Setuid or setgid: served through the daemon (see `OpenFile::setid`).
+    pub setid: bool,
 }
 
 /// The overlay of one backing directory.
@@ -343,7 +348,9 @@ impl Overlay {
         backing::stat(self.inodes.get(id)?.fd())
     }
 
-    pub fn setattr(&self, id: u64, change: SetAttr) -> io::Result<Stat> {
+    /// A truncate of a setuid/setgid file runs as `caller`, so the backing
+    /// filesystem drops the bits by its own rule.
+    pub fn setattr(&self, id: u64, change: SetAttr, caller: Caller) -> io::Result<Stat> {
         let node = self.inodes.get(id)?;
         let fd = node.fd();
         if let Some(mode) = change.mode {
@@ -357,6 +364,11 @@ impl Overlay {
             )?;
         }
         if let Some(size) = change.size {
+            let _as_caller = if is_setid(&backing::stat(fd)?) {
+                Some(ActingAs::caller(caller)?)
+            } else {
+                None
+            };
             match change.fh {
                 Some(fh) => self.files.get(fh)?.file.set_len(size)?,
                 None => backing::truncate(fd, size)?,
@@ -508,16 +520,19 @@ impl Overlay {
             // reader is served the old bytes meanwhile.
             let writing = Some(self.cache.open_for_write(node.key));
             let file = self.reopen(&node, io_flags(flags))?;
+            let setid = is_setid(&backing::stat(file.as_fd())?);
             let fh = self.files.insert(OpenFile {
                 file,
                 counted: None,
                 _cached: None,
                 _writing: writing,
+                setid,
             });
             return Ok(Opened {
                 fh,
                 cacheable: false,
                 keep_cache: false,
+                setid,
             });
         }
         let file = self.reopen(&node, io_flags(flags))?;
@@ -544,11 +559,13 @@ impl Overlay {
                 counted: None,
                 _cached: None,
                 _writing: None,
+                setid: is_setid(&st),
             });
             return Ok(Opened {
                 fh,
                 cacheable,
                 keep_cache: true,
+                setid: is_setid(&st),
             });
         }
         let (cached, counted) = if cacheable {
@@ -592,11 +609,13 @@ impl Overlay {
             counted,
             _cached: cached,
             _writing: None,
+            setid: is_setid(&st),
         });
         Ok(Opened {
             fh,
             cacheable,
             keep_cache,
+            setid: is_setid(&st),
         })
     }
 
@@ -630,6 +649,7 @@ impl Overlay {
             counted: None,
             _cached: None,
             _writing: writing,
+            setid: is_setid(&entry.stat),
         });
         Ok((entry, fh))
     }
@@ -659,8 +679,18 @@ impl Overlay {
         Ok(f(&self.files.get(fh)?.file))
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<usize> {
-        backing::pwrite(&self.files.get(fh)?.file, data, offset)
+    /// A write by `caller`. To a setuid/setgid file it runs as the caller,
+    /// so the backing filesystem drops the bits by its own rule (ext4 drops
+    /// setgid for a writer outside the file's group, which the kernel's
+    /// FUSE layer does not).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], caller: Caller) -> io::Result<usize> {
+        let open = self.files.get(fh)?;
+        let _as_caller = if open.setid {
+            Some(ActingAs::caller(caller)?)
+        } else {
+            None
+        };
+        backing::pwrite(&open.file, data, offset)
     }
 
     /// Called at every close(2) of a descriptor: reports a deferred write
@@ -679,9 +709,20 @@ impl Overlay {
         Ok(())
     }
 
-    /// `fallocate(2)` on the backing file (preallocation, punching holes).
-    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> io::Result<()> {
-        backing::fallocate(&self.files.get(fh)?.file, offset, length, mode)
+    /// `fallocate(2)` on the backing file (preallocation, punching holes),
+    /// as the caller: the backing filesystem then drops setuid/setgid as it
+    /// would for the caller itself.
+    pub fn fallocate(
+        &self,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        caller: Caller,
+    ) -> io::Result<()> {
+        let open = self.files.get(fh)?;
+        let _as_caller = ActingAs::caller(caller)?;
+        backing::fallocate(&open.file, offset, length, mode)
     }
 
     /// `lseek(2)` on the backing file, for `SEEK_DATA` and `SEEK_HOLE`; the
@@ -868,6 +909,11 @@ fn xattr_query(
 /// Open flags for the backing file. `O_DIRECT` is dropped: the backing
 /// filesystem's alignment rules would then apply to the kernel's FUSE
 /// requests, and the data is the same either way.
+/// Setuid or setgid.
+fn is_setid(st: &Stat) -> bool {
+    st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+}
+
 fn io_flags(flags: i32) -> i32 {
     flags & !libc::O_DIRECT
 }
@@ -892,7 +938,7 @@ mod tests {
         fs.read(fh, offset, size, |d| d.to_vec()).unwrap()
     }
 
-    fn me() -> Caller {
+    pub(super) fn me() -> Caller {
         // SAFETY: plain getters.
         unsafe {
             Caller {
@@ -962,7 +1008,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(e.stat.st_mode & 0o777, 0o640);
-        assert_eq!(fs.write(fh, 3, b"abc").unwrap(), 3);
+        assert_eq!(fs.write(fh, 3, b"abc", me()).unwrap(), 3);
         assert_eq!(read_all(&fs, fh, 0, 100), b"\0\0\0abc");
         fs.flush(fh).unwrap();
         fs.release(fh);
@@ -1119,7 +1165,8 @@ mod cache_tests {
         let (r, _) = open(&fs, "m.safetensors", libc::O_RDONLY);
         wait_loaded(&fs, 2 << 20);
         let (w, _) = open(&fs, "m.safetensors", libc::O_WRONLY);
-        fs.write(w.fh, 100, b"new bytes").unwrap();
+        fs.write(w.fh, 100, b"new bytes", super::tests::me())
+            .unwrap();
         assert_eq!(read_all(&fs, r.fh, 100, 9), b"new bytes");
         fs.release(w.fh);
         fs.release(r.fh);

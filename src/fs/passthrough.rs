@@ -115,6 +115,12 @@ struct State {
     by_node: HashMap<u64, (Arc<BackingId>, usize)>,
     /// file handle -> node id, for the opens that use passthrough
     by_handle: HashMap<u64, u64>,
+    /// node id -> open files served through the daemon by choice (setuid
+    /// and setgid files); a node is never served both ways at once (the
+    /// kernel would refuse such an open with ETXTBSY)
+    through_daemon: HashMap<u64, usize>,
+    /// file handle -> node id, for those opens
+    daemon_handles: HashMap<u64, u64>,
 }
 
 impl BackingFiles {
@@ -140,16 +146,30 @@ impl BackingFiles {
     /// caller's flags). `None` when passthrough is off or the kernel refused this
     /// file (e.g. a backing file on a stacked filesystem): the open then
     /// goes through the daemon.
+    ///
+    /// `setid` (a setuid or setgid file) asks for the daemon when the node
+    /// has no backing file yet: its writes, truncates and fallocates then
+    /// reach the daemon, which drops the bits as the backing filesystem
+    /// would (the kernel's passthrough write does not). A node stays served
+    /// the way its open files are, until they are closed.
     pub fn open(
         &self,
         node: u64,
         fh: u64,
+        setid: bool,
         register: impl FnOnce() -> io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
         if !self.is_enabled() {
             return None;
         }
         let mut state = self.state.lock();
+        let by_daemon = state.through_daemon.contains_key(&node)
+            || (setid && !state.by_node.contains_key(&node));
+        if by_daemon {
+            *state.through_daemon.entry(node).or_insert(0) += 1;
+            state.daemon_handles.insert(fh, node);
+            return None;
+        }
         let backing = match state.by_node.get_mut(&node) {
             Some((backing, users)) => {
                 *users += 1;
@@ -180,6 +200,15 @@ impl BackingFiles {
     /// its registration.
     pub fn release(&self, fh: u64) {
         let mut state = self.state.lock();
+        if let Some(node) = state.daemon_handles.remove(&fh) {
+            if let Some(users) = state.through_daemon.get_mut(&node) {
+                *users -= 1;
+                if *users == 0 {
+                    state.through_daemon.remove(&node);
+                }
+            }
+            return;
+        }
         let Some(node) = state.by_handle.remove(&fh) else {
             return;
         };
