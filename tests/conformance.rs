@@ -386,6 +386,12 @@ fn removexattr(p: &Path, name: &str) -> io::Result<()> {
     check(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) }).map(drop)
 }
 
+fn lremovexattr(p: &Path, name: &str) -> io::Result<()> {
+    let (c, n) = (cpath(p), xattr_name(name));
+    // SAFETY: valid strings.
+    check(unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) }).map(drop)
+}
+
 fn xattrs_of(p: &Path) -> String {
     out(listxattr(p, true), |names| {
         let all: Vec<String> = names
