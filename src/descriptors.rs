@@ -33,13 +33,15 @@ pub struct Budget {
 pub const RESERVED: u64 = 128;
 
 impl Budget {
-    /// The shares of an open-file limit of `limit`.
+    /// The shares of an open-file limit of `limit`. An open file or
+    /// directory costs two descriptors: its own, and its node's, which it
+    /// holds while open.
     pub fn of(limit: u64) -> Budget {
         // A tiny limit keeps half for the daemon rather than all of it.
         let usable = (limit - RESERVED.min(limit / 2)) as usize;
         let node_fds = (usable / 4).clamp(8, 16384);
-        let open_dirs = (usable / 8).max(4);
-        let open_files = usable.saturating_sub(node_fds + open_dirs).max(8);
+        let open_dirs = (usable / 16).max(2);
+        let open_files = (usable.saturating_sub(node_fds + 2 * open_dirs) / 2).max(4);
         Budget {
             node_fds,
             open_files,
@@ -70,9 +72,8 @@ pub fn shortage_hint(e: &io::Error) -> Option<String> {
     }
     let limit = soft_limit();
     Some(format!(
-        "this daemon has used all {limit} file descriptors it may open (one per file or \
-         folder the kernel has looked up through the mount); raise the limit (`LimitNOFILE=` \
-         in the service, `ulimit -n` in a shell)"
+        "this daemon has used all {limit} file descriptors it may open; raise the limit \
+         (`LimitNOFILE=` in the service, `ulimit -n` in a shell)"
     ))
 }
 
@@ -85,10 +86,10 @@ mod tests {
         for limit in [64, 128, 1024, 20_000, 1 << 20] {
             let b = Budget::of(limit);
             let kept = RESERVED.min(limit / 2);
-            let spent = (b.node_fds + b.open_files + b.open_dirs) as u64 + kept;
+            let spent = (b.node_fds + 2 * b.open_files + 2 * b.open_dirs) as u64 + kept;
             assert!(spent <= limit, "{limit}: {b:?}");
             assert!(
-                b.node_fds >= 8 && b.open_files >= 8 && b.open_dirs >= 4,
+                b.node_fds >= 8 && b.open_files >= 4 && b.open_dirs >= 2,
                 "{b:?}"
             );
         }

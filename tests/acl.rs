@@ -231,3 +231,46 @@ fn new_files_take_default_acls_umask_and_setgid_as_on_the_backing_filesystem() {
         m.unmount();
     }
 }
+
+/// A ramfs, mounted for one test (a filesystem without xattrs, hence
+/// without ACLs), unmounted on drop.
+struct Ramfs(std::path::PathBuf);
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Over a backing filesystem without ACLs (NFS, an object-store FUSE,
+/// ramfs here) another user reads and lists by the mode bits, in both
+/// modes: the kernel's ACL checks find "no ACL", not an error.
+#[test]
+fn a_backing_without_acls_is_read_by_mode_bits() {
+    let (_tmp, backing, mnt) = dirs();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(&backing),
+    );
+    let _ramfs = Ramfs(backing.clone());
+    set_mode(&backing, 0o755);
+    fs::create_dir(backing.join("dir")).unwrap();
+    set_mode(&backing.join("dir"), 0o755);
+    fs::write(backing.join("dir/f.txt"), b"readable\n").unwrap();
+    set_mode(&backing.join("dir/f.txt"), 0o644);
+    for mode in [Mode::Copy, Mode::Passthrough] {
+        let mut args = vec!["--allow-other"];
+        args.extend(mode.args());
+        let m = Mounted::separate(&backing, &mnt, &args);
+        assert!(
+            nobody_may(&m.mountpoint, "ls dir && cat dir/f.txt"),
+            "{mode:?}"
+        );
+        assert!(
+            !nobody_may(&m.mountpoint, "echo x >> dir/f.txt"),
+            "{mode:?}"
+        );
+        m.unmount();
+    }
+}

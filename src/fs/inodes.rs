@@ -17,8 +17,8 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
@@ -27,6 +27,10 @@ use super::backing;
 
 /// The FUSE root node id.
 pub const ROOT: u64 = 1;
+
+/// The deepest chain of places reopened at once (folders below the nearest
+/// one with a descriptor).
+pub const MAX_DEPTH: usize = 4096;
 
 /// Backing identity of an inode.
 pub type InodeKey = (u64, u64);
@@ -54,6 +58,11 @@ struct Place {
 
 struct Slot {
     key: InodeKey,
+    /// The descriptor last handed out, while anyone (an open file, an open
+    /// directory, a call in flight) still holds it: found again even after
+    /// the LRU let go of it, so a node whose name is gone (unlinked while
+    /// open) keeps working for its holders.
+    held: Mutex<Weak<OwnedFd>>,
     /// `None` for the root, whose descriptor is held for good.
     place: Mutex<Option<Place>>,
     /// Outstanding kernel lookups; the node goes when this reaches zero.
@@ -98,6 +107,7 @@ impl InodeTable {
         let max_open = max_open.max(1);
         let root_slot = Arc::new(Slot {
             key: root_key,
+            held: Mutex::new(Weak::new()),
             place: Mutex::new(None),
             lookups: AtomicU64::new(1),
         });
@@ -131,38 +141,73 @@ impl InodeTable {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
     }
 
-    /// Node `id` with an open descriptor: from the LRU, or opened again at
-    /// its place (its parent first, as far up as needed) and checked to be
-    /// the same inode. ESTALE when the node is unknown or its place now
-    /// leads elsewhere.
+    /// Node `id` with an open descriptor: from the LRU or a holder, or
+    /// opened again at its place (from the nearest ancestor that has a
+    /// descriptor, downward) and checked to be the same inode. ESTALE when
+    /// the node is unknown, its place now leads elsewhere, or its places
+    /// form a loop (renames behind the mount) or a chain deeper than
+    /// [`MAX_DEPTH`].
     pub fn get(&self, id: u64) -> io::Result<Node> {
         let slot = self.slot(id)?;
+        if let Some(node) = self.live(id, &slot) {
+            return Ok(node);
+        }
+        // Up to the first ancestor with a descriptor; iterative, so a deep
+        // tree or a loop of places cannot exhaust a FUSE thread's stack.
+        let mut chain = vec![(id, slot)];
+        let mut seen = std::collections::HashSet::from([id]);
+        let mut parent = loop {
+            let (_, last) = chain.last().expect("not empty");
+            let up = place_of(last)?.parent;
+            if !seen.insert(up) || chain.len() > MAX_DEPTH {
+                return Err(io::Error::from_raw_os_error(libc::ESTALE));
+            }
+            let up_slot = self.slot(up)?;
+            if let Some(node) = self.live(up, &up_slot) {
+                break node;
+            }
+            chain.push((up, up_slot));
+        };
+        for (nid, nslot) in chain.into_iter().rev() {
+            let place = place_of(&nslot)?;
+            let fd = backing::open_path(parent.fd(), &place.name).map_err(stale)?;
+            let st = backing::stat(fd.as_fd())?;
+            if (st.st_dev, st.st_ino) != nslot.key {
+                return Err(io::Error::from_raw_os_error(libc::ESTALE));
+            }
+            let fd = Arc::new(fd);
+            self.keep(nid, &nslot, &fd);
+            parent = Node { fd, key: nslot.key };
+        }
+        Ok(parent)
+    }
+
+    /// Node `id` if its descriptor is open: the root's, the LRU's, or one a
+    /// holder still has (put back in the LRU).
+    fn live(&self, id: u64, slot: &Slot) -> Option<Node> {
         if id == ROOT {
-            return Ok(Node {
+            return Some(Node {
                 fd: self.root.clone(),
                 key: slot.key,
             });
         }
         if let Some(fd) = self.open.lock().get(&id) {
-            return Ok(Node {
+            return Some(Node {
                 fd: fd.clone(),
                 key: slot.key,
             });
         }
-        let place = slot
-            .place
-            .lock()
-            .clone()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
-        let parent = self.get(place.parent)?;
-        let fd = backing::open_path(parent.fd(), &place.name).map_err(stale)?;
-        let st = backing::stat(fd.as_fd())?;
-        if (st.st_dev, st.st_ino) != slot.key {
-            return Err(io::Error::from_raw_os_error(libc::ESTALE));
-        }
-        let fd = Arc::new(fd);
+        let fd = slot.held.lock().upgrade()?;
         self.open.lock().put(id, fd.clone());
-        Ok(Node { fd, key: slot.key })
+        Some(Node { fd, key: slot.key })
+    }
+
+    /// Makes `fd` node `id`'s descriptor: in the LRU, and found by holders.
+    fn keep(&self, id: u64, slot: &Slot, fd: &Arc<OwnedFd>) {
+        *slot.held.lock() = Arc::downgrade(fd);
+        if id != ROOT {
+            self.open.lock().put(id, fd.clone());
+        }
     }
 
     /// Records one kernel lookup of an inode already known by its key, seen
@@ -198,6 +243,7 @@ impl InodeTable {
                         id,
                         Arc::new(Slot {
                             key,
+                            held: Mutex::new(Weak::new()),
                             place: Mutex::new(Some(Place {
                                 parent,
                                 name: name.to_owned(),
@@ -210,7 +256,8 @@ impl InodeTable {
             }
         };
         if id != ROOT {
-            self.open.lock().put(id, Arc::new(fd));
+            let slot = self.slot(id).expect("just recorded");
+            self.keep(id, &slot, &Arc::new(fd));
         }
         id
     }
@@ -281,6 +328,13 @@ impl InodeTable {
     pub fn open_count(&self) -> usize {
         self.open.lock().len()
     }
+}
+
+fn place_of(slot: &Slot) -> io::Result<Place> {
+    slot.place
+        .lock()
+        .clone()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
 }
 
 fn set_place(slot: &Slot, parent: u64, name: &CStr) {
@@ -403,5 +457,47 @@ mod tests {
         table.moved(b_key, d, &name("b"));
         let _ = table.get(d).unwrap();
         assert_eq!(table.get(b).unwrap().key, b_key);
+    }
+
+    #[test]
+    fn a_held_node_outlives_its_name_and_the_lru() {
+        let (dir, table) = setup(1);
+        let a = look_up(&table, dir.path(), ROOT, "a");
+        let held = table.get(a).unwrap();
+        std::fs::remove_file(dir.path().join("a")).unwrap();
+        let _b = look_up(&table, dir.path(), ROOT, "b");
+        // Evicted from the LRU, its name gone: its holder keeps it alive.
+        assert_eq!(table.get(a).unwrap().key, held.key);
+        drop(held);
+        let _c = look_up(&table, dir.path(), ROOT, "c");
+        assert_eq!(table.get(a).unwrap_err().raw_os_error(), Some(libc::ESTALE));
+    }
+
+    #[test]
+    fn deep_chains_reopen_without_recursion_and_loops_are_stale() {
+        let (dir, table) = setup(1);
+        let mut path = dir.path().to_path_buf();
+        let mut parent = ROOT;
+        let mut rel = String::new();
+        for _ in 0..300 {
+            path.push("n");
+            std::fs::create_dir(&path).unwrap();
+            rel = if rel.is_empty() {
+                "n".into()
+            } else {
+                format!("{rel}/n")
+            };
+            parent = look_up(&table, dir.path(), parent, &rel);
+        }
+        let deepest = parent;
+        let _evict = look_up(&table, dir.path(), ROOT, "a");
+        assert_eq!(table.get(deepest).unwrap().key, key_of(&path));
+        // Two nodes whose places name each other (renames behind the mount).
+        let d = look_up(&table, dir.path(), ROOT, "d");
+        let e = look_up(&table, dir.path(), d, "d/e");
+        table.moved(key_of(&dir.path().join("d")), e, &name("d"));
+        let _evict = look_up(&table, dir.path(), ROOT, "b");
+        let _evict = look_up(&table, dir.path(), ROOT, "c");
+        assert_eq!(table.get(e).unwrap_err().raw_os_error(), Some(libc::ESTALE));
     }
 }

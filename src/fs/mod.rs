@@ -151,6 +151,9 @@ struct OpenFile {
     /// Setuid or setgid when opened: writes run as the caller, so the
     /// backing filesystem drops the bits by its own rule.
     setid: bool,
+    /// The node, held while the file is open: calls on an open file
+    /// (fstat, fchmod, fgetxattr) reach it even once no name leads to it.
+    _node: Node,
 }
 
 /// What `open` decided.
@@ -527,6 +530,7 @@ impl Overlay {
                 _cached: None,
                 _writing: writing,
                 setid,
+                _node: node,
             });
             return Ok(Opened {
                 fh,
@@ -560,6 +564,7 @@ impl Overlay {
                 _cached: None,
                 _writing: None,
                 setid: is_setid(&st),
+                _node: node,
             });
             return Ok(Opened {
                 fh,
@@ -610,6 +615,7 @@ impl Overlay {
             _cached: cached,
             _writing: None,
             setid: is_setid(&st),
+            _node: node,
         });
         Ok(Opened {
             fh,
@@ -650,6 +656,7 @@ impl Overlay {
             _cached: None,
             _writing: writing,
             setid: is_setid(&entry.stat),
+            _node: self.inodes.get(entry.id)?,
         });
         Ok((entry, fh))
     }
@@ -862,8 +869,23 @@ impl Overlay {
     pub fn getxattr(&self, id: u64, name: &OsStr, size: u32) -> io::Result<XattrReply> {
         let mut keep = Vec::new();
         let target = self.xattr_target(id, &mut keep)?;
-        let name = Self::xattr_name(name)?;
-        xattr_query(size, |buf| backing::getxattr(&target, &name, buf))
+        let cname = Self::xattr_name(name)?;
+        match xattr_query(size, |buf| backing::getxattr(&target, &cname, buf)) {
+            // The kernel asks for ACLs at every permission check (the mount
+            // enforces them): on a backing filesystem without ACLs (NFS, an
+            // object-store FUSE, `noacl`) the answer must be "no ACL", not
+            // "not supported", which the kernel would turn into a refusal.
+            Err(e)
+                if name.as_encoded_bytes().starts_with(b"system.posix_acl_")
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                    ) =>
+            {
+                Err(io::Error::from_raw_os_error(libc::ENODATA))
+            }
+            answer => answer,
+        }
     }
 
     pub fn listxattr(&self, id: u64, size: u32) -> io::Result<XattrReply> {
