@@ -91,7 +91,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("modelcache: {e}");
+            // Messages may carry names another user chose (a socket path,
+            // a file name): control characters are escaped.
+            eprintln!(
+                "modelcache: {}",
+                modelcache::control::render::escape_controls(&e.to_string())
+            );
             ExitCode::FAILURE
         }
     }

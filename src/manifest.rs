@@ -1447,6 +1447,10 @@ pub fn check_command(manifest: Option<PathBuf>, root: &Path) -> Result<(), Error
         Error("no manifest given, and neither XDG_CONFIG_HOME nor HOME is set: give the manifest's path".into())
     })?;
     let manifest = Manifest::load(&path, Reader::Report)?;
+    // What a daemon of this user would say of the same file.
+    if let Err(e) = read_manifest_file(&path, Reader::Daemon) {
+        eprintln!("warning: a daemon run by this user would refuse it: {e}");
+    }
     let ram = crate::mount::total_ram();
     let limits = manifest.limits(ram)?;
     let matches = manifest.matches(root)?;

@@ -998,7 +998,6 @@ pub fn run_in_background(args: Vec<std::ffi::OsString>) -> Result<(), Error> {
     )))
 }
 
-/// Raises the open-file limit to its hard maximum: one fd per known inode.
 /// `modelcache mount`: mounts, serves until unmounted or signalled, and
 /// unmounts. Returns once the mount is gone.
 pub fn run(config: MountConfig) -> Result<(), Error> {

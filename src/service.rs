@@ -47,7 +47,9 @@ impl MountService {
             let meta =
                 std::fs::metadata(&real).map_err(|e| format!("{}: {e}", through.display()))?;
             if meta.is_dir() {
-                let tree = Tree::walk(&through).map_err(|e| e.0)?;
+                // The path checked above, not the name again (it could be
+                // swapped for a link meanwhile).
+                let tree = Tree::walk(&real).map_err(|e| e.0)?;
                 // A folder read in part (a name too long for PATH_MAX, a
                 // folder it may not read, the walk's limits) is reported,
                 // never answered "ok" for what was left out.

@@ -185,8 +185,11 @@ fn a_slow_backing_serves_reloads_from_ram_in_both_modes() {
     const SIZE: u64 = 128 * MIB;
     let (_tmp, backing, mnt) = dirs();
     let dev = device_of(&backing);
+    // This machine kind (and CI) has both; elsewhere (cgroup v2 only, a
+    // backing on tmpfs or overlayfs) there is nothing to throttle with.
     let (Some(_), Some(throttle)) = (device_read_bytes(&dev), Throttle::new(&dev, RATE)) else {
-        panic!("{dev}: no /sys/dev/block stat or no blkio cgroup v1 to throttle it");
+        eprintln!("skipped: {dev} has no /sys/dev/block stat, or there is no blkio cgroup v1");
+        return;
     };
     let file = backing.join("m.safetensors");
     fs::write(&file, pseudo_random(SIZE as usize, 11)).unwrap();

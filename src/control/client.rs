@@ -186,6 +186,21 @@ impl Context {
         let mut quiet: Option<String> = None;
         let mut failed: Option<String> = None;
         for socket in &candidates {
+            // A socket file another user made is not even connected to: a
+            // full listen backlog there would block the connect.
+            if let Ok(meta) = std::fs::symlink_metadata(socket) {
+                use std::os::unix::fs::MetadataExt;
+                let uid = meta.uid();
+                if uid != 0 && uid != my_uid && Some(uid) != owner {
+                    failed.get_or_insert(format!(
+                        "{mp}: the control socket {} belongs to uid {uid}, not to the mount's owner{}: \
+                         ignored (another user may have put it there)",
+                        socket.display(),
+                        owner.map(|o| format!(" (uid {o})")).unwrap_or_default()
+                    ));
+                    continue;
+                }
+            }
             let mut client = match Client::connect(socket) {
                 Ok(c) => c,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -297,7 +312,7 @@ impl Context {
             match self.connect(mp) {
                 Ok((_, status)) => found.push(status),
                 Err(Unreachable::Quiet(_)) => {}
-                Err(Unreachable::Failed(e)) => eprintln!("modelcache: {e}"),
+                Err(Unreachable::Failed(e)) => eprintln!("modelcache: {}", escape_controls(&e)),
             }
         }
         if found.is_empty() {
@@ -358,10 +373,10 @@ pub fn status_command(mountpoint: Option<&Path>, json: bool, watch: bool) -> Res
             (Ok(s), true) => serde_json::to_string(&report(s)).unwrap_or_default() + "\n",
             (Ok(s), false) => render_all(&s, now_unix()),
             (Err(e), true) => {
-                eprintln!("modelcache: {e}");
+                eprintln!("modelcache: {}", escape_controls(&e.to_string()));
                 String::new()
             }
-            (Err(e), false) => format!("modelcache: {e}\n"),
+            (Err(e), false) => format!("modelcache: {}\n", escape_controls(&e.to_string())),
         };
         let mut lock = out.lock();
         let written = if terminal && !json {

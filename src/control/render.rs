@@ -7,7 +7,7 @@ use super::protocol::{EVICTION_REASONS, FileState, FileStatus, MountStatus};
 use crate::size::Bytes;
 
 /// `text` with control characters written as escapes (`\n`, `\t`,
-/// `\x1b`…): file names and daemon messages may hold anything a user put in
+/// `\u{1b}`…): file names and daemon messages may hold anything a user put in
 /// a name, and a terminal must not act on it. JSON output stays exact.
 pub fn escape_controls(text: &str) -> String {
     if !text.chars().any(char::is_control) {
@@ -20,7 +20,9 @@ pub fn escape_controls(text: &str) -> String {
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
             c if c.is_control() => {
-                let _ = write!(out, "\\x{{{:x}}}", c as u32);
+                // `\u{..}`, not the `\x{..}` that names::shown gives a
+                // byte: U+0085 and the byte 0x85 stay distinct.
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
             }
             c => out.push(c),
         }
@@ -78,8 +80,8 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
     let _ = writeln!(
         out,
         "{}  (backing {}, {} mode)",
-        s.mountpoint,
-        s.backing,
+        escape_controls(&s.mountpoint),
+        escape_controls(&s.backing),
         s.mode.as_str()
     );
     // Shown only when in use: most mounts protect nothing and lock nothing.
@@ -232,9 +234,9 @@ mod tests {
         assert_eq!(escape_controls("vae/a.safetensors"), "vae/a.safetensors");
         assert_eq!(
             escape_controls("a\u{1b}[31mred\nx\t.sft"),
-            "a\\x{1b}[31mred\\nx\\t.sft"
+            "a\\u{1b}[31mred\\nx\\t.sft"
         );
-        assert_eq!(escape_controls("\u{9b}2J"), "\\x{9b}2J");
+        assert_eq!(escape_controls("\u{9b}2J"), "\\u{9b}2J");
     }
     use crate::control::protocol::{Counters, Mode};
 

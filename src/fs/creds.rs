@@ -42,28 +42,59 @@ pub struct ActingAs {
 }
 
 thread_local! {
-    /// Whether this thread has its own umask (unshare(CLONE_FS) done).
-    static OWN_UMASK: Cell<bool> = const { Cell::new(false) };
+    /// Whether this thread has a umask of its own: `None` until tried.
+    static OWN_UMASK: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
-/// Gives the calling thread a umask of its own, once.
-fn own_umask() -> io::Result<()> {
-    if OWN_UMASK.get() {
-        return Ok(());
+/// Gives the calling thread a umask of its own, once; false where the
+/// system refuses (a seccomp profile that blocks unshare), and then
+/// [`masked`] applies the umask to the mode instead.
+fn own_umask() -> bool {
+    if let Some(own) = OWN_UMASK.get() {
+        return own;
     }
     // SAFETY: no pointers; affects this thread's cwd, root and umask only.
-    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-        return Err(io::Error::last_os_error());
+    let own = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+    if !own {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "cannot give a FUSE thread its own umask ({}): new files get the caller's \
+                 umask applied to their mode, and a folder's default ACL cannot replace it",
+                io::Error::last_os_error()
+            );
+        }
     }
-    OWN_UMASK.set(true);
-    Ok(())
+    OWN_UMASK.set(Some(own));
+    own
+}
+
+/// The mode to create with: as given where this thread applies the caller's
+/// umask itself (the backing filesystem then lets a default ACL replace
+/// it), else with the umask applied here.
+pub fn masked(caller: Caller, mode: u32) -> u32 {
+    if OWN_UMASK.get() == Some(true) {
+        mode
+    } else {
+        mode & !(caller.umask & 0o777)
+    }
 }
 
 impl ActingAs {
     pub fn caller(caller: Caller) -> io::Result<Self> {
-        own_umask()?;
-        // SAFETY: umask cannot fail; this thread's own since own_umask().
-        let saved_umask = unsafe { libc::umask((caller.umask & 0o777) as libc::mode_t) };
+        // Without a umask of its own the thread leaves the process's (0)
+        // alone, and `masked` applies the caller's to the mode.
+        let saved_umask = if own_umask() {
+            // SAFETY: umask cannot fail; this thread's own.
+            unsafe { libc::umask((caller.umask & 0o777) as libc::mode_t) }
+        } else {
+            // SAFETY: umask cannot fail; reads and restores the same value.
+            unsafe {
+                let current = libc::umask(0);
+                libc::umask(current);
+                current
+            }
+        };
         let mut guard = Self {
             saved_groups: None,
             saved_umask,

@@ -275,9 +275,9 @@ impl InodeTable {
 
     /// Drops `count` kernel lookups of `id`; the root is never dropped.
     /// When this was its last lookup, returns its key and the node as it is
-    /// now (`None` when its place no longer leads to it: deleted or replaced
-    /// behind the mount).
-    pub fn forget(&self, id: u64, count: u64) -> Option<(InodeKey, Option<Node>)> {
+    /// now, or why it could not be reached (ESTALE: its place no longer
+    /// leads to it, deleted or replaced behind the mount).
+    pub fn forget(&self, id: u64, count: u64) -> Option<(InodeKey, io::Result<Node>)> {
         if id == ROOT {
             return None;
         }
@@ -288,7 +288,7 @@ impl InodeTable {
             .by_id
             .get(&id)
             .is_some_and(|slot| slot.lookups.load(Ordering::Relaxed) <= count);
-        let node = if last { self.get(id).ok() } else { None };
+        let node = if last { Some(self.get(id)) } else { None };
         let key = {
             let mut table = self.table.write();
             let slot = table.by_id.get(&id)?;
@@ -303,6 +303,8 @@ impl InodeTable {
             slot.key
         };
         self.open.lock().pop(&id);
+        // Forgotten between the two locks: not checked, so not "gone".
+        let node = node.unwrap_or_else(|| Err(io::Error::other("not checked")));
         Some((key, node))
     }
 

@@ -337,9 +337,11 @@ impl Overlay {
     /// (deleted or replaced behind the mount), its cached copy goes too.
     pub fn forget(&self, id: u64, count: u64) {
         if let Some((key, node)) = self.inodes.forget(id, count) {
+            // Gone: no links left, or no name leads to it any more. Any
+            // other failure (out of descriptors, say) keeps the cache.
             let gone = match node {
-                Some(node) => backing::stat(node.fd()).is_ok_and(|st| st.st_nlink == 0),
-                None => true,
+                Ok(node) => backing::stat(node.fd()).is_ok_and(|st| st.st_nlink == 0),
+                Err(e) => e.raw_os_error() == Some(libc::ESTALE),
             };
             if gone {
                 self.cache.invalidate(key);
@@ -413,7 +415,7 @@ impl Overlay {
 
     pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> io::Result<Entry> {
         self.make_entry(caller, parent, name, |dir, name| {
-            backing::mkdir(dir.fd(), name, mode)
+            backing::mkdir(dir.fd(), name, creds::masked(caller, mode))
         })
     }
 
@@ -426,7 +428,7 @@ impl Overlay {
         rdev: u64,
     ) -> io::Result<Entry> {
         self.make_entry(caller, parent, name, |dir, name| {
-            backing::mknod(dir.fd(), name, mode, rdev)
+            backing::mknod(dir.fd(), name, creds::masked(caller, mode), rdev)
         })
     }
 
@@ -644,7 +646,12 @@ impl Overlay {
         let name = backing::component(name)?;
         let file = {
             let _as_caller = ActingAs::caller(caller)?;
-            backing::create(parent.fd(), &name, io_flags(flags), mode)?
+            backing::create(
+                parent.fd(),
+                &name,
+                io_flags(flags),
+                creds::masked(caller, mode),
+            )?
         };
         // The node comes from the open file itself, not from the name, which
         // another process could already have replaced.

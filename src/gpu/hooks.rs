@@ -56,6 +56,9 @@ impl Job {
 /// Runs the `exec` hooks of one mount.
 pub struct CommandRunner {
     jobs: Option<Sender<Job>>,
+    /// Set when the mount ends: queued commands are dropped, running ones
+    /// killed.
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Commands dropped because the queue was full, since the last warning.
     dropped: std::sync::atomic::AtomicU64,
     /// (file, class) pairs whose first open already ran the command.
@@ -67,12 +70,15 @@ impl CommandRunner {
     /// A runner whose commands see `MODELCACHE_MOUNT=mountpoint`.
     pub fn start(mountpoint: PathBuf) -> CommandRunner {
         let (tx, rx) = crossbeam_channel::bounded(MAX_QUEUED);
+        let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = stopping.clone();
         let worker = std::thread::Builder::new()
             .name("hook-commands".into())
-            .spawn(move || run(rx, &mountpoint))
+            .spawn(move || run(rx, &mountpoint, &stop))
             .expect("spawn the hook command runner");
         CommandRunner {
             jobs: Some(tx),
+            stopping,
             dropped: Default::default(),
             ran: Mutex::new(HashSet::new()),
             worker: Some(worker),
@@ -113,6 +119,8 @@ impl CommandRunner {
 impl Drop for CommandRunner {
     /// Kills the commands still running.
     fn drop(&mut self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.jobs = None;
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
@@ -126,10 +134,19 @@ struct Running {
     deadline: Instant,
 }
 
-fn run(jobs: Receiver<Job>, mountpoint: &std::path::Path) {
+fn run(
+    jobs: Receiver<Job>,
+    mountpoint: &std::path::Path,
+    stopping: &std::sync::atomic::AtomicBool,
+) {
     let mut running: Vec<Running> = Vec::new();
     let mut open = true;
     while open || !running.is_empty() {
+        if open && stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            // The mount is ending: what waits is dropped, not run.
+            while jobs.try_recv().is_ok() {}
+            open = false;
+        }
         let next = if !open || running.len() >= MAX_RUNNING {
             // Full (or closing): only reap, the queue waits.
             std::thread::sleep(POLL);
