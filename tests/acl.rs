@@ -232,28 +232,13 @@ fn new_files_take_default_acls_umask_and_setgid_as_on_the_backing_filesystem() {
     }
 }
 
-/// A ramfs, mounted for one test (a filesystem without xattrs, hence
-/// without ACLs), unmounted on drop.
-struct Ramfs(std::path::PathBuf);
-
-impl Drop for Ramfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// Over a backing filesystem without ACLs (NFS, an object-store FUSE,
 /// ramfs here) another user reads and lists by the mode bits, in both
 /// modes: the kernel's ACL checks find "no ACL", not an error.
 #[test]
 fn a_backing_without_acls_is_read_by_mode_bits() {
     let (_tmp, backing, mnt) = dirs();
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "ramfs", "ramfs"])
-            .arg(&backing),
-    );
-    let _ramfs = Ramfs(backing.clone());
+    let _ramfs = TempMount::new("ramfs", "", &backing);
     set_mode(&backing, 0o755);
     fs::create_dir(backing.join("dir")).unwrap();
     set_mode(&backing.join("dir"), 0o755);

@@ -334,6 +334,16 @@ fn a_fifo_in_a_model_files_place_never_hangs_the_daemon() {
     stops_within_5s(m, "after FIFOs");
 }
 
+/// A mount by nobody's daemon, its control socket under `runtime`.
+fn nobodys_mount(backing: &Path, mnt: &Path, runtime: &Path) -> Mounted {
+    let mut cmd = as_user(NOBODY, NOGROUP, bin());
+    cmd.args(["mount", "--backing"])
+        .arg(backing)
+        .arg(mnt)
+        .env("XDG_RUNTIME_DIR", runtime);
+    Mounted::start(cmd, mnt)
+}
+
 /// Serves one canned answer line on a Unix socket at `path`, as `uid`
 /// (python3, part of Debian's base system), until killed.
 struct FakeSocket(std::process::Child);
@@ -386,12 +396,7 @@ fn the_client_trusts_only_the_mounts_own_daemon_and_escapes_names() {
     let runtime = tmp.path().join("runtime");
     fs::create_dir(&runtime).unwrap();
     chown(&runtime, NOBODY, NOGROUP);
-    let mut cmd = as_user(NOBODY, NOGROUP, bin());
-    cmd.args(["mount", "--backing"])
-        .arg(&backing)
-        .arg(&mnt)
-        .env("XDG_RUNTIME_DIR", &runtime);
-    let m = Mounted::start(cmd, &mnt);
+    let m = nobodys_mount(&backing, &mnt, &runtime);
     run_ok(
         as_user(NOBODY, NOGROUP, "cat")
             .arg(m.path(evil))
@@ -644,27 +649,6 @@ fn descriptors_are_bounded_by_design() {
     stops_within_5s(m, "after 120,000 files");
 }
 
-/// A tmpfs mounted for one test, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn new(path: &Path, size: &str) -> Tmpfs {
-        run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
-                .arg("tmpfs")
-                .arg(path),
-        );
-        Tmpfs(path.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// On a full backing filesystem every byte a writer is told was written is
 /// in the file, and nothing more: writes of 3,000 bytes (not a page
 /// multiple) until ENOSPC, in both modes.
@@ -672,7 +656,7 @@ impl Drop for Tmpfs {
 fn a_full_disk_reports_partial_writes_exactly() {
     use std::io::Write;
     let (_tmp, backing, mnt) = dirs();
-    let _fs = Tmpfs::new(&backing, "1m");
+    let _fs = TempMount::new("tmpfs", "size=1m,mode=0755", &backing);
     for mode in [Mode::Copy, Mode::Passthrough] {
         let m = Mounted::separate(&backing, &mnt, &mode.args());
         let name = format!("fill-{mode:?}");
@@ -823,12 +807,7 @@ fn a_socket_directory_made_by_another_user_is_reported_with_the_fix() {
     for p in [&backing, &mnt] {
         chown(p, NOBODY, NOGROUP);
     }
-    let mut cmd = as_user(NOBODY, NOGROUP, bin());
-    cmd.args(["mount", "--backing"])
-        .arg(&backing)
-        .arg(&mnt)
-        .env("XDG_RUNTIME_DIR", &runtime);
-    let m = Mounted::start(cmd, &mnt);
+    let m = nobodys_mount(&backing, &mnt, &runtime);
     let log = m.log_text();
     assert!(
         log.contains("belongs to uid 4242") && log.contains("remove it"),

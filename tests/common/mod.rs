@@ -624,3 +624,26 @@ pub fn status_file<'a>(status: &'a serde_json::Value, path: &str) -> Option<&'a 
         .iter()
         .find(|f| f["path"] == path)
 }
+
+/// A filesystem mounted for one test (`mount -t FSTYPE -o OPTIONS`), at a
+/// path in the test's temporary directory; unmounted on drop, also when the
+/// test fails.
+pub struct TempMount(PathBuf);
+
+impl TempMount {
+    pub fn new(fstype: &str, options: &str, path: &Path) -> TempMount {
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", fstype]);
+        if !options.is_empty() {
+            cmd.args(["-o", options]);
+        }
+        run_ok(cmd.arg(fstype).arg(path));
+        TempMount(path.to_path_buf())
+    }
+}
+
+impl Drop for TempMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
