@@ -723,27 +723,13 @@ fn names_that_are_not_utf8_are_cached_and_kept_apart() {
     assert!(!m.log_text().contains("failed"), "{}", m.log_text());
     // evict and warm by the real (byte) path.
     let path = m.mountpoint.join(&names[0]);
-    let out = Command::new(bin())
-        .arg("evict")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new(bin()).arg("evict").arg(&path));
     let s = mount_status(&m.mountpoint);
     assert!(
         status_file(&s, want[1]).is_none_or(|f| f["state"] != "cached"),
         "{s:#}"
     );
-    let out = Command::new(bin()).arg("warm").arg(&path).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new(bin()).arg("warm").arg(&path));
     m.unmount();
 }
 
