@@ -843,27 +843,32 @@ impl Overlay {
         backing::statfs(self.inodes.get(id)?.fd())
     }
 
-    /// Where xattr calls on node `id` go (see `backing::XattrTarget`); the
-    /// handles are held in `keep` while the call runs. A symlink is reached
-    /// by its name in its parent, checked to still be that symlink.
-    fn xattr_target(&self, id: u64, keep: &mut Vec<Node>) -> io::Result<backing::XattrTarget> {
+    /// Where xattr calls on node `id` go (see `backing::XattrTarget`). A
+    /// symlink is reached by its name in its parent, checked to still be
+    /// that symlink before the call, and by `XattrCall::still_there` after a
+    /// read: a name swapped in between must not hand out another file's
+    /// attributes.
+    fn xattr_call(&self, id: u64) -> io::Result<XattrCall> {
         let node = self.inodes.get(id)?;
         if backing::stat(node.fd())?.st_mode & libc::S_IFMT != libc::S_IFLNK {
-            let target = backing::XattrTarget::inode(node.fd());
-            keep.push(node);
-            return Ok(target);
+            return Ok(XattrCall {
+                target: backing::XattrTarget::inode(node.fd()),
+                link: None,
+                node,
+            });
         }
         let (parent_id, name) = self
             .inodes
             .place_of(id)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
         let parent = self.inodes.get(parent_id)?;
-        if key(&backing::stat_at(parent.fd(), &name)?) != node.key {
-            return Err(io::Error::from_raw_os_error(libc::ESTALE));
-        }
-        let target = backing::XattrTarget::link(parent.fd(), &name);
-        keep.push(parent);
-        Ok(target)
+        let call = XattrCall {
+            target: backing::XattrTarget::link(parent.fd(), &name),
+            link: Some((parent, name)),
+            node,
+        };
+        call.still_there()?;
+        Ok(call)
     }
 
     fn xattr_name(name: &OsStr) -> io::Result<std::ffi::CString> {
@@ -874,10 +879,11 @@ impl Overlay {
 
     /// `size == 0` asks for the value's size only.
     pub fn getxattr(&self, id: u64, name: &OsStr, size: u32) -> io::Result<XattrReply> {
-        let mut keep = Vec::new();
-        let target = self.xattr_target(id, &mut keep)?;
+        let call = self.xattr_call(id)?;
         let cname = Self::xattr_name(name)?;
-        match xattr_query(size, |buf| backing::getxattr(&target, &cname, buf)) {
+        let answer = xattr_query(size, |buf| backing::getxattr(&call.target, &cname, buf));
+        call.still_there()?;
+        match answer {
             // The kernel asks for ACLs at every permission check (the mount
             // enforces them): on a backing filesystem without ACLs (NFS, an
             // object-store FUSE, `noacl`) the answer must be "no ACL", not
@@ -896,21 +902,41 @@ impl Overlay {
     }
 
     pub fn listxattr(&self, id: u64, size: u32) -> io::Result<XattrReply> {
-        let mut keep = Vec::new();
-        let target = self.xattr_target(id, &mut keep)?;
-        xattr_query(size, |buf| backing::listxattr(&target, buf))
+        let call = self.xattr_call(id)?;
+        let answer = xattr_query(size, |buf| backing::listxattr(&call.target, buf));
+        call.still_there()?;
+        answer
     }
 
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
-        let mut keep = Vec::new();
-        let target = self.xattr_target(id, &mut keep)?;
-        backing::setxattr(&target, &Self::xattr_name(name)?, value, flags)
+        let call = self.xattr_call(id)?;
+        backing::setxattr(&call.target, &Self::xattr_name(name)?, value, flags)
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> io::Result<()> {
-        let mut keep = Vec::new();
-        let target = self.xattr_target(id, &mut keep)?;
-        backing::removexattr(&target, &Self::xattr_name(name)?)
+        let call = self.xattr_call(id)?;
+        backing::removexattr(&call.target, &Self::xattr_name(name)?)
+    }
+}
+
+/// One xattr call's target, with the handles it needs held while it runs.
+struct XattrCall {
+    target: backing::XattrTarget,
+    /// A symlink's parent and name, by which it is reached.
+    link: Option<(Node, std::ffi::CString)>,
+    node: Node,
+}
+
+impl XattrCall {
+    /// ESTALE unless the symlink's name still leads to the node.
+    fn still_there(&self) -> io::Result<()> {
+        let Some((parent, name)) = &self.link else {
+            return Ok(());
+        };
+        if key(&backing::stat_at(parent.fd(), name)?) != self.node.key {
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        Ok(())
     }
 }
 
