@@ -1243,6 +1243,12 @@ impl Tree {
     /// warning) after [`WALK_MAX_ENTRIES`] entries or [`WALK_MAX_TIME`]: a
     /// tree of links cannot keep it busy.
     pub fn walk(root: &Path) -> Result<Tree, Error> {
+        Self::walk_until(root, &|| false)
+    }
+
+    /// [`Tree::walk`], also stopped (with a warning saying so) once
+    /// `cancelled` says so: a control request whose client went away.
+    pub fn walk_until(root: &Path, cancelled: &dyn Fn() -> bool) -> Result<Tree, Error> {
         let meta = fs::metadata(root)
             .map_err(|e| Error(format!("cannot read the root {}: {e}", root.display())))?;
         if !meta.is_dir() {
@@ -1259,6 +1265,8 @@ impl Tree {
             entries: 0,
             deadline: std::time::Instant::now() + WALK_MAX_TIME,
             stopped: false,
+            cancelled,
+            was_cancelled: false,
             linked_dirs: Vec::new(),
             tree: Tree::default(),
         };
@@ -1269,7 +1277,13 @@ impl Tree {
                 walk.dir(&path, &rel);
             }
         }
-        if walk.stopped {
+        if walk.was_cancelled {
+            walk.tree.warnings.push(format!(
+                "the walk of {} was cancelled after {} entries",
+                root.display(),
+                walk.entries
+            ));
+        } else if walk.stopped {
             walk.tree.warnings.push(format!(
                 "the walk of {} stopped after {} entries or {} (its limits): files beyond \
                  it are not matched",
@@ -1281,6 +1295,9 @@ impl Tree {
         Ok(walk.tree)
     }
 }
+
+/// How often (in entries) a walk asks whether it was cancelled.
+const CANCEL_CHECK_EVERY: usize = 256;
 
 /// The most entries one walk reads.
 pub const WALK_MAX_ENTRIES: usize = 1_000_000;
@@ -1295,6 +1312,9 @@ struct Walk<'a> {
     entries: usize,
     deadline: std::time::Instant,
     stopped: bool,
+    /// Asked every [`CANCEL_CHECK_EVERY`] entries whether to stop.
+    cancelled: &'a dyn Fn() -> bool,
+    was_cancelled: bool,
     /// Folders reached through a symlink, walked after the real ones.
     linked_dirs: Vec<(PathBuf, PathBuf, (u64, u64))>,
     tree: Tree,
@@ -1306,6 +1326,10 @@ impl Walk<'_> {
             && (self.entries >= WALK_MAX_ENTRIES || std::time::Instant::now() >= self.deadline)
         {
             self.stopped = true;
+        }
+        if !self.stopped && self.entries.is_multiple_of(CANCEL_CHECK_EVERY) && (self.cancelled)() {
+            self.stopped = true;
+            self.was_cancelled = true;
         }
         self.stopped
     }

@@ -49,11 +49,15 @@ impl MountService {
             if meta.is_dir() {
                 // The path checked above, not the name again (it could be
                 // swapped for a link meanwhile).
-                let tree = Tree::walk(&real).map_err(|e| e.0)?;
+                let tree =
+                    Tree::walk_until(&real, &crate::control::client_gone).map_err(|e| e.0)?;
                 // A folder read in part (a name too long for PATH_MAX, a
                 // folder it may not read, the walk's limits) is reported,
                 // never answered "ok" for what was left out.
                 if !tree.warnings.is_empty() {
+                    if crate::control::client_gone() {
+                        tracing::info!("{p}: walk stopped, its client went away");
+                    }
                     return Err(format!(
                         "{p}: {}; nothing was done",
                         tree.warnings.join("; ")

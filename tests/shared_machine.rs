@@ -436,7 +436,7 @@ fn the_client_trusts_only_the_mounts_own_daemon_and_escapes_names() {
     assert!(!said.contains("1.1 TiB"), "{said}");
     assert!(
         said.contains(&format!(
-            "served by uid {ATTACKER}, not by the mount's owner (uid {NOBODY})"
+            "belongs to uid {ATTACKER}, not to the mount's owner (uid {NOBODY})"
         )),
         "{said}"
     );
@@ -825,4 +825,39 @@ fn check_warns_of_a_manifest_a_daemon_would_refuse() {
         err.contains("a daemon run by this user would refuse it") && err.contains("chmod go-w"),
         "{err}"
     );
+}
+
+/// A `warm` of a large folder whose client goes away stops its walk (the
+/// daemon says so) instead of walking on for nobody.
+#[test]
+fn a_walk_stops_when_its_client_goes_away() {
+    let (_tmp, backing, mnt) = dirs();
+    for d in 0..100 {
+        let dir = backing.join(format!("big/d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..1000 {
+            fs::write(dir.join(format!("f{i}.bin")), b"x").unwrap();
+        }
+    }
+    let m = Mounted::separate(&backing, &mnt, &[]);
+    let mut client = Command::new(bin())
+        .arg("warm")
+        .arg(m.path("big"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let gone = Instant::now();
+    while !m.log_text().contains("walk stopped, its client went away") {
+        assert!(
+            gone.elapsed() < Duration::from_secs(3),
+            "the walk went on:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.unmount();
 }

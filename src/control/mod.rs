@@ -26,7 +26,7 @@ pub use protocol::{
     Counters, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION, Request, Response,
     StatusReport,
 };
-pub use server::{ServerHandle, serve};
+pub use server::{ServerHandle, client_gone, serve};
 
 /// What a mount's daemon does for the control socket.
 ///

@@ -386,6 +386,29 @@ impl Drop for ConnectionGuard {
     }
 }
 
+thread_local! {
+    /// The connection whose request this thread is answering, for
+    /// [`client_gone`].
+    static CLIENT: std::cell::Cell<Option<std::os::fd::RawFd>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the client of the request this thread is answering has hung up:
+/// long work for it (a walk of a large folder) stops then. False outside a
+/// request.
+pub fn client_gone() -> bool {
+    let Some(fd) = CLIENT.get() else {
+        return false;
+    };
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// The reading half of a connection, with a deadline per request: the
 /// first byte may take up to the idle timeout, the rest of the line must
 /// follow within the request timeout.
@@ -441,7 +464,12 @@ fn serve_connection(
                 MAX_REQUEST_LINE
             )),
             Ok(Line::Complete) => match std::str::from_utf8(&line) {
-                Ok(text) => answer(text, daemon),
+                Ok(text) => {
+                    CLIENT.set(Some(writer.as_raw_fd()));
+                    let response = answer(text, daemon);
+                    CLIENT.set(None);
+                    response
+                }
                 Err(_) => Response::error("malformed request: not UTF-8"),
             },
         };
