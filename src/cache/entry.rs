@@ -440,6 +440,15 @@ impl Entry {
             done += want;
             self.loaded.store(done, Ordering::Release);
         }
+        // A chunk the kernel dropped after it was stored (its attributes
+        // refreshed with a new mtime while the load ran: AUTO_INVAL_DATA)
+        // is faulted back in through the mount, so the entry ends whole.
+        // Where every page is there, this only walks the page tables.
+        let ptr = pages.map.as_ptr() as *mut libc::c_void;
+        // SAFETY: the whole mapping, as above.
+        if unsafe { libc::madvise(ptr, size as usize, libc::MADV_POPULATE_READ) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(())
     }
 

@@ -186,20 +186,30 @@ impl Context {
         let mut quiet: Option<String> = None;
         let mut failed: Option<String> = None;
         for socket in &candidates {
-            // A socket file another user made is not even connected to: a
-            // full listen backlog there would block the connect.
-            if let Ok(meta) = std::fs::symlink_metadata(socket) {
+            // A socket file (or its directory) another user made is not
+            // even connected to: a full listen backlog there would block the
+            // connect.
+            let untrusted = |uid: u32| uid != 0 && uid != my_uid && Some(uid) != owner;
+            let owner_of = |p: &Path| {
                 use std::os::unix::fs::MetadataExt;
-                let uid = meta.uid();
-                if uid != 0 && uid != my_uid && Some(uid) != owner {
-                    failed.get_or_insert(format!(
-                        "{mp}: the control socket {} belongs to uid {uid}, not to the mount's owner{}: \
-                         ignored (another user may have put it there)",
-                        socket.display(),
-                        owner.map(|o| format!(" (uid {o})")).unwrap_or_default()
-                    ));
-                    continue;
+                std::fs::symlink_metadata(p).map(|m| m.uid()).ok()
+            };
+            let dir = socket.parent().unwrap_or(Path::new("/"));
+            let planted = match (owner_of(socket), owner_of(dir)) {
+                (Some(file), _) if untrusted(file) => {
+                    Some(("control socket", socket.as_path(), file))
                 }
+                (Some(_), Some(d)) if untrusted(d) => Some(("control socket's directory", dir, d)),
+                _ => None,
+            };
+            if let Some((what, path, uid)) = planted {
+                failed.get_or_insert(format!(
+                    "{mp}: the {what} {} belongs to uid {uid}, not to the mount's owner{}: \
+                     ignored (another user may have put it there)",
+                    path.display(),
+                    owner.map(|o| format!(" (uid {o})")).unwrap_or_default()
+                ));
+                continue;
             }
             let mut client = match Client::connect(socket) {
                 Ok(c) => c,
