@@ -6,9 +6,8 @@
 mod common;
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
@@ -69,38 +68,14 @@ impl Drop for Helper {
 /// returns it. Should it mount instead, the daemon is killed and the mount
 /// points in `unmount` are detached before the test fails.
 fn one_error_line(mut cmd: Command, unmount: &[&Path]) -> String {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let Some(status) = status else {
-        let _ = child.kill();
-        let _ = child.wait();
+    let Some(done) = run_within(&mut cmd, Duration::from_secs(20)) else {
         for p in unmount {
             force_unmount(&p.canonicalize().unwrap_or_else(|_| p.to_path_buf()));
         }
         panic!("{cmd:?} did not fail: it ran for 20 s");
     };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(!status.success(), "should fail: {err}");
+    let err = done.stderr;
+    assert!(!done.status.success(), "should fail: {err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "one clear line, got: {err}");
     assert!(lines[0].starts_with("modelcache: "), "{err}");

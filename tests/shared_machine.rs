@@ -18,30 +18,14 @@ const MIB: usize = 1 << 20;
 /// Runs `modelcache mount ARGS` expecting a refusal: it must exit (within
 /// 10 s, so never hang) with an error, mount nothing, and say `want`.
 fn expect_refusal(mut cmd: Command, mnt: &Path, want: &[&str]) -> String {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            force_unmount(mnt);
-            panic!("the daemon neither refused nor exited within 10 s (it mounted, or hung)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(done) = run_within(&mut cmd, Duration::from_secs(10)) else {
+        force_unmount(mnt);
+        panic!("the daemon neither refused nor exited within 10 s (it mounted, or hung)");
     };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let err = done.stderr;
     let mounted = our_mount_at(&mnt.canonicalize().unwrap());
     force_unmount(mnt);
-    assert!(!status.success(), "mounted with a bad manifest: {err}");
+    assert!(!done.status.success(), "mounted with a bad manifest: {err}");
     assert!(!mounted, "a refused mount is live: {err}");
     for w in want {
         assert!(err.contains(w), "missing {w:?} in: {err}");
@@ -230,27 +214,9 @@ fn stops_within_5s(mut m: Mounted, what: &str) {
 
 /// Runs `modelcache ARGS` and asserts it answers within 5 s.
 fn answers_within_5s(args: &[&str]) -> String {
-    let mut child = Command::new(bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`modelcache {}` hung", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    let done = run_within(Command::new(bin()).args(args), Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("`modelcache {}` hung", args.join(" ")));
+    format!("{}{}", done.stdout, done.stderr)
 }
 
 /// A FIFO where the daemon expects a model file (renamed over a file its
