@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::fs::fuse::{Passthrough, ReadMode};
-use crate::size::SizeSpec;
+use crate::units::SizeSpec;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -26,7 +26,7 @@ use crate::fs::passthrough;
 use crate::manifest::{DEFAULT_MAX_SIZE, Manifest};
 use crate::mount::{self, CacheFlags, Liveness, Settings};
 use crate::mountinfo;
-use crate::size::{Bytes, SizeSpec};
+use crate::units::{Bytes, SizeSpec};
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -944,7 +944,7 @@ pub fn findings(
         &fs::read_to_string(FUSE_CONF),
     ));
 
-    let ram = mount::total_ram();
+    let ram = crate::cache::pressure::total_ram();
     let flags = CacheFlags {
         max_size,
         min_file_size: None,

@@ -9,16 +9,15 @@ pub mod control;
 pub mod descriptors;
 pub mod doctor;
 pub mod fs;
-pub mod gpu;
 pub mod manifest;
 pub mod mount;
 pub mod mountinfo;
 pub mod names;
 pub mod notify;
+pub mod readers;
 pub mod rules;
 pub mod service;
-pub mod size;
-pub mod stats;
+pub mod units;
 
 /// A user-facing error: one line saying what is wrong and how to fix it.
 #[derive(Debug)]

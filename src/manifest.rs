@@ -23,8 +23,9 @@ use toml::Spanned;
 
 use crate::Error;
 use crate::cache::DEFAULT_EXTENSIONS;
-use crate::gpu::ReaderClass;
-use crate::size::{Bytes, SizeSpec};
+use crate::readers::ReaderClass;
+pub use crate::readers::hooks::{Hook, Hooks};
+use crate::units::{Bytes, SizeSpec, show_duration};
 
 /// `max_size` when unset: half the RAM leaves the other half to the
 /// programs that read the models (ComfyUI keeps its own copies).
@@ -150,88 +151,9 @@ pub struct Limits {
     pub pin_budget: Option<u64>,
 }
 
-/// What opens by one class of reader do: a `[hooks.CLASS]` table with
-/// the class's defaults for the keys it leaves out.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Hook {
-    /// Keep a file cached while such a reader has it open, and `grace`
-    /// after its last close.
-    pub protect: bool,
-    pub grace: Duration,
-    /// Lock the file's pages in RAM, within the pin budget.
-    pub mlock: bool,
-    /// Warm the rest of the file's `[[group]]`s.
-    pub warm_group: bool,
-    /// A command (program and arguments) run at the first open of each
-    /// file by such a reader, with the file, pid and class in its
-    /// environment.
-    pub exec: Option<Vec<String>>,
-    /// How long `exec` may run before it is killed.
-    pub timeout: Duration,
-}
-
-/// How long protection lasts after the last close, unless set.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
-/// How long a hook command may run, unless set.
-pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest `grace` and `timeout` a manifest may give.
 const MAX_GRACE: Duration = Duration::from_secs(24 * 3600);
 const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
-
-impl Hook {
-    /// The defaults of a class: GPU readers' files are protected for
-    /// `DEFAULT_GRACE`; every class's opens warm the file's groups.
-    pub fn default_for(class: ReaderClass) -> Hook {
-        Hook {
-            protect: class != ReaderClass::Cpu,
-            grace: DEFAULT_GRACE,
-            mlock: false,
-            warm_group: true,
-            exec: None,
-            timeout: DEFAULT_EXEC_TIMEOUT,
-        }
-    }
-}
-
-/// Hooks per class of reader (see DESIGN: GPU readers).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Hooks {
-    pub cuda: Hook,
-    pub rocm: Hook,
-    pub cpu: Hook,
-}
-
-impl Default for Hooks {
-    fn default() -> Self {
-        Hooks {
-            cuda: Hook::default_for(ReaderClass::Cuda),
-            rocm: Hook::default_for(ReaderClass::Rocm),
-            cpu: Hook::default_for(ReaderClass::Cpu),
-        }
-    }
-}
-
-impl Hooks {
-    pub fn get(&self, class: ReaderClass) -> &Hook {
-        match class {
-            ReaderClass::Cuda => &self.cuda,
-            ReaderClass::Rocm => &self.rocm,
-            ReaderClass::Cpu => &self.cpu,
-        }
-    }
-
-    fn get_mut(&mut self, class: ReaderClass) -> &mut Hook {
-        match class {
-            ReaderClass::Cuda => &mut self.cuda,
-            ReaderClass::Rocm => &mut self.rocm,
-            ReaderClass::Cpu => &mut self.cpu,
-        }
-    }
-
-    /// Whether some class locks pages.
-    pub fn any_mlock(&self) -> bool {
-        ReaderClass::ALL.iter().any(|c| self.get(*c).mlock)
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RuleKind {
@@ -472,22 +394,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         rest = after;
     }
     Ok(total)
-}
-
-/// A duration as a person writes it: `10m`, `2s`, `1h30m`, `250ms`.
-pub fn show_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if !ms.is_multiple_of(1000) {
-        return format!("{ms}ms");
-    }
-    let (h, m, s) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60);
-    let mut out = String::new();
-    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
-        if n > 0 {
-            out.push_str(&format!("{n}{unit}"));
-        }
-    }
-    if out.is_empty() { "0s".into() } else { out }
 }
 
 /// The text being parsed, to turn byte spans into messages.
@@ -1475,7 +1381,7 @@ pub fn check_command(manifest: Option<PathBuf>, root: &Path) -> Result<(), Error
     if let Err(e) = read_manifest_file(&path, Reader::Daemon) {
         eprintln!("warning: a daemon run by this user would refuse it: {e}");
     }
-    let ram = crate::mount::total_ram();
+    let ram = crate::cache::pressure::total_ram();
     let limits = manifest.limits(ram)?;
     let matches = manifest.matches(root)?;
     print!("{}", report(&manifest, root, &matches, &limits, ram));

@@ -17,12 +17,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use parking_lot::Mutex;
 use tracing::{info, warn};
 
-use crate::fs::{Overlay, Warmed};
+use crate::cache::Cache;
+use crate::fs::Overlay;
 use crate::manifest::{self, Manifest, RuleKind};
-use crate::size::{Bytes, Count, Rate};
+use crate::readers::opens::{Opens, Warmed};
+use crate::units::{Bytes, Count, Rate};
 
 /// How often prewarm progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -30,8 +31,6 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 enum Job {
     /// Apply a (new) manifest: pins, warm files, groups.
     Apply(Box<Manifest>),
-    /// Warm these files (a group member was opened).
-    Warm(Vec<PathBuf>),
 }
 
 pub struct Rules {
@@ -40,28 +39,33 @@ pub struct Rules {
     /// Where the manifest comes from: the --manifest file, else the default
     /// path (looked at again on every reload).
     manifest_path: Option<PathBuf>,
-    /// Group member -> the other members of its groups.
-    groups: Arc<Mutex<HashMap<String, Vec<PathBuf>>>>,
 }
 
+/// The live mount the rules act on.
+pub struct LiveMount {
+    pub overlay: Arc<Overlay>,
+    pub opens: Arc<Opens>,
+    pub mountpoint: PathBuf,
+}
+
+/// Group member -> the other members of its groups.
+type Groups = HashMap<String, Vec<PathBuf>>;
+
 impl Rules {
-    /// Starts the worker and applies `manifest` (if any) to the mount at
-    /// `mountpoint`, whose files `overlay` serves.
+    /// Starts the worker and applies `manifest` (if any) to `live`.
+    /// `group_opens` names the model files readers open whose groups should
+    /// be warmed (see `readers::opens`).
     pub fn start(
-        overlay: Arc<Overlay>,
-        mountpoint: PathBuf,
+        live: LiveMount,
         manifest: Option<Manifest>,
         manifest_path: Option<PathBuf>,
+        group_opens: Receiver<String>,
     ) -> Arc<Rules> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let groups = Arc::new(Mutex::new(HashMap::new()));
-        let worker = {
-            let groups = groups.clone();
-            std::thread::Builder::new()
-                .name("manifest".into())
-                .spawn(move || work(rx, &overlay, &mountpoint, &groups))
-                .expect("spawn the manifest worker")
-        };
+        let worker = std::thread::Builder::new()
+            .name("manifest".into())
+            .spawn(move || work(rx, group_opens, &live))
+            .expect("spawn the manifest worker");
         if let Some(m) = manifest {
             let _ = tx.send(Job::Apply(Box::new(m)));
         }
@@ -69,7 +73,6 @@ impl Rules {
             jobs: Some(tx),
             worker: Some(worker),
             manifest_path,
-            groups,
         })
     }
 
@@ -88,14 +91,6 @@ impl Rules {
         }
         Ok(summary)
     }
-
-    /// A cacheable file was opened for reading: warm the rest of its groups.
-    pub fn opened(&self, name: &str) {
-        let others = self.groups.lock().get(name).cloned();
-        if let (Some(others), Some(jobs)) = (others, &self.jobs) {
-            let _ = jobs.send(Job::Warm(others));
-        }
-    }
 }
 
 impl Drop for Rules {
@@ -107,45 +102,40 @@ impl Drop for Rules {
     }
 }
 
-fn work(
-    jobs: Receiver<Job>,
-    overlay: &Overlay,
-    mountpoint: &Path,
-    groups: &Mutex<HashMap<String, Vec<PathBuf>>>,
-) {
+fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
+    let mut groups = Groups::new();
     // Keys of the files whose load the last prewarm follows.
     let mut prewarm: Option<Prewarm> = None;
     loop {
-        let job = match jobs.recv_timeout(Duration::from_millis(200)) {
-            Ok(job) => Some(job),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-        };
-        match job {
-            Some(Job::Apply(manifest)) => {
-                prewarm = apply(&manifest, overlay, mountpoint, groups);
-            }
-            Some(Job::Warm(paths)) => {
-                for path in paths {
-                    warm(overlay, &path, "group");
+        crossbeam_channel::select! {
+            recv(jobs) -> job => match job {
+                Ok(Job::Apply(manifest)) => {
+                    prewarm = apply(&manifest, live, &mut groups);
                 }
-            }
-            None => {}
+                Err(_) => return,
+            },
+            recv(group_opens) -> name => {
+                // A member of a group was opened: warm the rest of it.
+                if let Some(others) = name.ok().and_then(|n| groups.get(&n)) {
+                    for path in others {
+                        warm(live, path, "group");
+                    }
+                }
+            },
+            default(Duration::from_millis(200)) => {}
         }
-        if prewarm.as_mut().is_some_and(|p| p.report(overlay)) {
+        if prewarm
+            .as_mut()
+            .is_some_and(|p| p.report(live.opens.cache()))
+        {
             prewarm = None;
         }
     }
 }
 
 /// Applies a manifest: pin set, groups, and the prewarm queue.
-fn apply(
-    manifest: &Manifest,
-    overlay: &Overlay,
-    mountpoint: &Path,
-    groups: &Mutex<HashMap<String, Vec<PathBuf>>>,
-) -> Option<Prewarm> {
-    let matches = match manifest.matches(mountpoint) {
+fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<Prewarm> {
+    let matches = match manifest.matches(&live.mountpoint) {
         Ok(m) => m,
         Err(e) => {
             warn!("manifest {}: {e}", manifest.origin.display());
@@ -182,14 +172,14 @@ fn apply(
     dedup(&mut pinned);
     warm_only.retain(|p| !pinned.contains(p));
     dedup(&mut warm_only);
-    overlay.cache().set_pins(
+    live.opens.cache().set_pins(
         pinned
             .iter()
             .map(|p| crate::names::shown(p))
             .collect::<HashSet<_>>(),
     );
-    *groups.lock() = by_member;
-    overlay.set_hooks(manifest.hooks.clone());
+    *groups = by_member;
+    live.opens.set_hooks(manifest.hooks.clone());
 
     let mut followed = Vec::new();
     for (path, kind) in pinned
@@ -197,13 +187,13 @@ fn apply(
         .map(|p| (p, "pinned"))
         .chain(warm_only.iter().map(|p| (p, "warm")))
     {
-        if let Some(key) = warm(overlay, path, kind) {
+        if let Some(key) = warm(live, path, kind) {
             followed.push((path.clone(), key));
         }
     }
     let progress: Vec<(u64, u64)> = followed
         .iter()
-        .filter_map(|(_, k)| overlay.cache().progress(*k))
+        .filter_map(|(_, k)| live.opens.cache().progress(*k))
         .collect();
     let total = progress.iter().map(|(_, size)| size).sum();
     if progress.iter().all(|(done, size)| done == size) {
@@ -247,8 +237,8 @@ fn dedup(paths: &mut Vec<PathBuf>) {
 }
 
 /// Queues one file's load; returns its key to follow, or `None` (logged).
-fn warm(overlay: &Overlay, path: &Path, kind: &str) -> Option<crate::cache::policy::Key> {
-    match overlay.warm(path) {
+fn warm(live: &LiveMount, path: &Path, kind: &str) -> Option<crate::cache::policy::Key> {
+    match live.opens.warm(&live.overlay, path) {
         Ok(Warmed::Queued(key)) => Some(key),
         Ok(Warmed::NotCacheable) => None,
         Ok(Warmed::Refused) => {
@@ -278,10 +268,10 @@ struct Prewarm {
 impl Prewarm {
     /// Logs progress now and then; returns true (after the final line)
     /// once every followed file is loaded or has left the cache.
-    fn report(&mut self, overlay: &Overlay) -> bool {
+    fn report(&mut self, cache: &Cache) -> bool {
         let (mut loaded, mut pending) = (0u64, 0usize);
         for (_, key) in &self.files {
-            if let Some((done, size)) = overlay.cache().progress(*key) {
+            if let Some((done, size)) = cache.progress(*key) {
                 loaded += done;
                 if done < size {
                     pending += 1;

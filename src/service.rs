@@ -10,16 +10,18 @@ use crate::cache::policy::Key;
 use crate::cache::pressure::Sample;
 use crate::control::Daemon;
 use crate::control::protocol::{self, FileState, FileStatus, Mode, MountStatus};
+use crate::fs::Overlay;
 use crate::fs::passthrough::BackingFiles;
-use crate::fs::{Overlay, Warmed};
-use crate::gpu::ReaderClass;
 use crate::manifest::Tree;
+use crate::readers::ReaderClass;
+use crate::readers::opens::{Opens, Warmed};
 use crate::rules::Rules;
 
 pub struct MountService {
     pub mountpoint: PathBuf,
     pub backing: PathBuf,
     pub overlay: Arc<Overlay>,
+    pub opens: Arc<Opens>,
     pub backing_files: Arc<BackingFiles>,
     pub rules: Arc<Rules>,
     /// The pressure monitor's latest sample.
@@ -76,7 +78,7 @@ impl MountService {
         let mut keys = Vec::new();
         let mut refused = Vec::new();
         for f in files {
-            match self.overlay.warm(f) {
+            match self.opens.warm(&self.overlay, f) {
                 Ok(Warmed::Queued(key)) => keys.push(key),
                 Ok(Warmed::NotCacheable) => refused.push(format!(
                     "{}: not a model file the cache takes",
@@ -99,8 +101,8 @@ impl MountService {
 
 impl Daemon for MountService {
     fn status(&self) -> MountStatus {
-        let cache = self.overlay.cache().status();
-        let stats = self.overlay.stats();
+        let cache = self.opens.cache().status();
+        let stats = self.opens.stats();
         let passthrough_by_name: std::collections::HashMap<String, usize> = self
             .backing_files
             .open_files()
@@ -199,7 +201,7 @@ impl Daemon for MountService {
             .expand(paths)?
             .iter()
             .map(|f| crate::names::shown(f))
-            .filter(|name| !self.overlay.cache().evict_by_name(name))
+            .filter(|name| !self.opens.cache().evict_by_name(name))
             .collect();
         if missing.is_empty() {
             Ok(())
@@ -211,16 +213,14 @@ impl Daemon for MountService {
     fn pin(&self, paths: &[String]) -> Result<(), String> {
         let files = self.expand(paths)?;
         for f in &files {
-            self.overlay
-                .cache()
-                .set_pinned(&crate::names::shown(f), true);
+            self.opens.cache().set_pinned(&crate::names::shown(f), true);
         }
         self.warm_files(&files).map(|_| ())
     }
 
     fn unpin(&self, paths: &[String]) -> Result<(), String> {
         for f in self.expand(paths)? {
-            self.overlay
+            self.opens
                 .cache()
                 .set_pinned(&crate::names::shown(&f), false);
         }

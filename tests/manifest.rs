@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use modelcache::manifest::{Manifest, Total};
-use modelcache::size::Bytes;
+use modelcache::units::Bytes;
 
 fn check(manifest: &Path, root: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_modelcache"))
@@ -130,7 +130,7 @@ paths = ["vae/*", "loras/*.safetensors"]
             "  warning: \"loras/*.safetensors\" matches no file",
         ]
     );
-    let ram = modelcache::mount::total_ram();
+    let ram = modelcache::cache::pressure::total_ram();
     assert_eq!(
         section(&stdout, "pinned"),
         [

@@ -22,8 +22,7 @@ use parking_lot::Mutex;
 
 use super::budget::{PinBudget, Settle};
 use super::policy::{EntryId, Key};
-use crate::fs::Stat;
-use crate::size::Bytes;
+use crate::units::Bytes;
 
 /// What a cached copy was made from. If the backing file no longer matches
 /// (edited behind the mount, replaced by a rename), the copy is stale.
@@ -37,15 +36,18 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn of(st: &Stat) -> Self {
+    /// What an open file is now (`fstat`).
+    pub fn of_file(file: &File) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
         let ns = |sec: i64, nsec: i64| sec as i128 * 1_000_000_000 + nsec as i128;
-        Self {
-            dev: st.st_dev,
-            ino: st.st_ino,
-            size: st.st_size as u64,
-            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
-            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
-        }
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
     }
 
     pub fn key(&self) -> Key {

@@ -26,7 +26,7 @@ use budget::PinBudget;
 pub use entry::{Entry, Identity, LockReason, MountView};
 use policy::{Admission, EntryId, EvictReason, Key, Policy};
 
-use crate::size::{Bytes, Rate};
+use crate::units::{Bytes, Rate};
 
 /// Model file extensions cached by default.
 pub const DEFAULT_EXTENSIONS: &[&str] = &[
@@ -900,8 +900,7 @@ fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
         let started = Instant::now();
         let result = entry.load(&source, LOAD_CHUNK).and_then(|()| {
             // A change during the load makes the copy stale.
-            let st = crate::fs::backing::stat(std::os::fd::AsFd::as_fd(&source))?;
-            if !entry.serves(&Identity::of(&st)) {
+            if !entry.serves(&Identity::of_file(&source)?) {
                 return Err(io::Error::other("the file changed while loading"));
             }
             Ok(())

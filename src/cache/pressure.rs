@@ -372,6 +372,18 @@ impl Drop for Monitor {
     }
 }
 
+/// The machine's RAM in bytes.
+pub fn total_ram() -> u64 {
+    // SAFETY: sysinfo fills the struct.
+    unsafe {
+        let mut info: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut info) != 0 {
+            return 0;
+        }
+        info.totalram as u64 * info.mem_unit as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -15,7 +15,7 @@ use super::protocol::{
 use super::render::{escape_controls, render_status};
 use crate::Error;
 use crate::mountinfo::{self, MountEntry};
-use crate::size::{Bytes, Count};
+use crate::units::{Bytes, Count};
 
 /// The longest answer a client reads (a status of many files is large).
 const MAX_RESPONSE_LINE: usize = 256 << 20;

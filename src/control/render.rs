@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::protocol::{EVICTION_REASONS, FileState, FileStatus, MountStatus};
-use crate::size::Bytes;
+use crate::units::Bytes;
 
 /// `text` with control characters written as escapes (`\n`, `\t`,
 /// `\u{1b}`…): file names and daemon messages may hold anything a user put in

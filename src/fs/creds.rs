@@ -32,6 +32,21 @@ pub struct Caller {
     pub umask: u32,
 }
 
+impl Caller {
+    /// This process, as a caller (for tests that drive the core directly).
+    pub fn this_process() -> Caller {
+        // SAFETY: plain getters.
+        unsafe {
+            Caller {
+                uid: libc::geteuid(),
+                gid: libc::getegid(),
+                pid: std::process::id(),
+                umask: 0o022,
+            }
+        }
+    }
+}
+
 /// While alive, the current thread creates files as the caller.
 pub struct ActingAs {
     /// The thread's own supplementary groups, restored on drop; `None` when

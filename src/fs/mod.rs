@@ -3,10 +3,10 @@
 //! kernel; tests can drive it directly.
 
 pub mod backing;
+pub mod caching;
 pub mod creds;
 pub mod fuse;
 pub mod inodes;
-pub mod mounted;
 pub mod passthrough;
 
 use std::collections::HashMap;
@@ -19,12 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::cache::{Cache, CacheRef, Identity, ReaderHold, WriteGuard};
-use crate::gpu::hooks::CommandRunner;
-use crate::gpu::{Classifier, ReaderClass};
-use crate::manifest::Hooks;
-use crate::stats::{FileCounters, Stats};
 pub use backing::{Stat, TimeSpec};
+pub use caching::{Caching, Hold, ReadOpen, ReadOpened};
 use creds::ActingAs;
 pub use creds::Caller;
 use inodes::{InodeTable, Node};
@@ -138,16 +134,12 @@ struct DirStream {
     entries: Mutex<Vec<backing::DirEntry>>,
 }
 
-/// An open file: the backing file, and the cache's hold on it.
+/// An open file: the backing file, and what caching keeps while it is open.
 struct OpenFile {
     file: File,
-    /// For a model file opened for reading: its counters and its reader.
-    counted: Option<(Arc<FileCounters>, ReaderClass)>,
-    /// For a cacheable file opened for reading: its hold on the entry
-    /// serving it (charged against the cap until the last close).
-    _cached: Option<CacheRef>,
-    /// For a file opened for writing: keeps it out of the cache.
-    _writing: Option<WriteGuard>,
+    /// Caching's hold: for a model file read, the entry serving it (and its
+    /// counters); for a file opened for writing, what keeps it uncached.
+    hold: Option<Box<dyn Hold>>,
     /// Setuid or setgid when opened: writes run as the caller, so the
     /// backing filesystem drops the bits by its own rule.
     setid: bool,
@@ -169,48 +161,19 @@ pub struct Opened {
     pub setid: bool,
 }
 
-/// The overlay of one backing directory.
+/// The overlay of one backing directory: the filesystem, and nothing else.
 pub struct Overlay {
     inodes: InodeTable,
     files: Handles<OpenFile>,
     dirs: Handles<DirStream>,
-    cache: Arc<Cache>,
+    /// Asked at every open, told of every change (see `caching.rs`).
+    caching: Arc<dyn Caching>,
     /// The backing directory's path, to name files relative to it.
     root_path: std::path::PathBuf,
-    /// Told the relative path of cacheable files opened for reading by a
-    /// class whose hook has `warm_group` (the manifest's groups warm the
-    /// rest of a group).
-    on_cacheable_open: std::sync::OnceLock<OpenHook>,
-    stats: Stats,
-    classifier: Classifier,
-    /// What opens by each class of reader do (the manifest's hooks).
-    hooks: RwLock<Arc<Hooks>>,
-    /// Runs `exec` hooks; none until `start_hooks`.
-    commands: std::sync::OnceLock<CommandRunner>,
     /// A `noatime` mount: backing files are opened with O_NOATIME, since
     /// the reads that would touch their access times are the daemon's (or,
     /// in passthrough, the kernel's on the daemon's open file).
     noatime: bool,
-}
-
-/// Told the relative path of a cacheable file opened for reading.
-type OpenHook = Box<dyn Fn(&str) + Send + Sync>;
-
-/// What `Overlay::warm` did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Warmed {
-    /// Cached or loading: the cache key, to follow the load.
-    Queued(inodes::InodeKey),
-    /// Not a model file the cache takes (extension, size).
-    NotCacheable,
-    /// Cacheable, but not now: open for writing, no room, or memory low.
-    Refused,
-}
-
-/// Whether thread `tid` (as a FUSE request names its caller) is one of
-/// this process's.
-fn is_own_thread(tid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
 }
 
 fn key(st: &Stat) -> inodes::InodeKey {
@@ -220,7 +183,7 @@ fn key(st: &Stat) -> inodes::InodeKey {
 impl Overlay {
     /// `root` is the backing directory, opened `O_PATH|O_DIRECTORY` before
     /// anything is mounted over it.
-    pub fn new(root: OwnedFd, cache: Arc<Cache>, noatime: bool) -> io::Result<Self> {
+    pub fn new(root: OwnedFd, caching: Arc<dyn Caching>, noatime: bool) -> io::Result<Self> {
         let st = backing::stat(root.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
@@ -231,37 +194,10 @@ impl Overlay {
             inodes: InodeTable::new(root, key(&st), budget.node_fds),
             files: Handles::new(budget.open_files, "files"),
             dirs: Handles::new(budget.open_dirs, "directories"),
-            cache,
+            caching,
             root_path,
-            on_cacheable_open: std::sync::OnceLock::new(),
-            stats: Stats::default(),
-            classifier: Classifier::default(),
-            hooks: RwLock::new(Arc::new(Hooks::default())),
-            commands: std::sync::OnceLock::new(),
             noatime,
         })
-    }
-
-    /// Applies `hooks` from now on and runs their `exec` commands, which
-    /// see the mount as `mountpoint` (once; `set_hooks` replaces the hooks
-    /// later).
-    pub fn start_hooks(&self, hooks: Hooks, mountpoint: std::path::PathBuf) {
-        self.set_hooks(hooks);
-        let _ = self.commands.set(CommandRunner::start(mountpoint));
-    }
-
-    /// Replaces the hooks (a reloaded manifest). Files already protected
-    /// stay so for the grace they were given.
-    pub fn set_hooks(&self, hooks: Hooks) {
-        *self.hooks.write() = Arc::new(hooks);
-    }
-
-    pub fn cache(&self) -> &Cache {
-        &self.cache
-    }
-
-    pub fn stats(&self) -> &Stats {
-        &self.stats
     }
 
     /// A node's path relative to the root (one of its names), if known.
@@ -269,28 +205,13 @@ impl Overlay {
         self.inodes.get(id).ok().map(|n| self.relative_name(&n))
     }
 
-    /// Sets the hook told of every cacheable file opened for reading (once).
-    pub fn on_cacheable_open(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        let _ = self.on_cacheable_open.set(Box::new(hook));
-    }
-
-    /// Loads the file at `rel` (relative to the root) into the cache
-    /// without a reader: for the manifest's pins, warm files and groups.
-    pub fn warm(&self, rel: &std::path::Path) -> io::Result<Warmed> {
+    /// Opens the file at `rel` (relative to the root, no symlink followed)
+    /// for reading, on the daemon's own behalf; with what it is now.
+    pub fn open_beneath(&self, rel: &std::path::Path) -> io::Result<(File, Stat)> {
         let root = self.inodes.get(inodes::ROOT)?;
         let file = backing::open_beneath(root.fd(), rel)?;
         let st = backing::stat(file.as_fd())?;
-        let name = crate::names::shown(rel);
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG
-            || !self.cache.is_cacheable(rel.as_os_str(), st.st_size as u64)
-        {
-            return Ok(Warmed::NotCacheable);
-        }
-        Ok(if self.cache.warm(Identity::of(&st), &name, || Ok(file)) {
-            Warmed::Queued(key(&st))
-        } else {
-            Warmed::Refused
-        })
+        Ok((file, st))
     }
 
     /// The path of a node relative to the backing root (one of its names,
@@ -344,7 +265,7 @@ impl Overlay {
                 Err(e) => e.raw_os_error() == Some(libc::ESTALE),
             };
             if gone {
-                self.cache.invalidate(key);
+                self.caching.invalidate(key);
             }
         }
     }
@@ -378,7 +299,7 @@ impl Overlay {
                 Some(fh) => self.files.get(fh)?.file.set_len(size)?,
                 None => backing::truncate(fd, size)?,
             }
-            self.cache.invalidate(node.key);
+            self.caching.invalidate(node.key);
         }
         if change.atime.is_some() || change.mtime.is_some() {
             backing::utimens(
@@ -459,7 +380,7 @@ impl Overlay {
         let gone = backing::stat_at(parent.fd(), &name).map(|st| key(&st));
         backing::unlink(parent.fd(), &name, false)?;
         if let Ok(gone) = gone {
-            self.cache.invalidate(gone);
+            self.caching.invalidate(gone);
         }
         Ok(())
     }
@@ -489,7 +410,7 @@ impl Overlay {
         ];
         backing::rename(from.fd(), &name, to.fd(), &new_name, flags)?;
         for st in moved.iter().flatten() {
-            self.cache.invalidate(key(st));
+            self.caching.invalidate(key(st));
         }
         // Nodes are reopened by their place: follow the move (and, for an
         // exchange, the other file's move the other way).
@@ -516,21 +437,19 @@ impl Overlay {
         backing::reopen(node.fd(), flags)
     }
 
-    /// Opens node `id` for process `pid` (counted by reader class).
+    /// Opens node `id` for process `pid`.
     pub fn open(&self, id: u64, flags: i32, pid: u32) -> io::Result<Opened> {
         self.files.check_room()?;
         let node = self.inodes.get(id)?;
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             // Out of the cache before the open (which may truncate), so no
             // reader is served the old bytes meanwhile.
-            let writing = Some(self.cache.open_for_write(node.key));
+            let writing = self.caching.open_for_write(node.key);
             let file = self.reopen(&node, io_flags(flags))?;
             let setid = is_setid(&backing::stat(file.as_fd())?);
             let fh = self.files.insert(OpenFile {
                 file,
-                counted: None,
-                _cached: None,
-                _writing: writing,
+                hold: Some(writing),
                 setid,
                 _node: node,
             });
@@ -544,85 +463,32 @@ impl Overlay {
         let file = self.reopen(&node, io_flags(flags))?;
         // The identity check of every open: what the backing file is now.
         let st = backing::stat(file.as_fd())?;
-        // The name costs a readlink: only regular files the cache could
-        // take by size need it.
-        let sized =
-            st.st_mode & libc::S_IFMT == libc::S_IFREG && self.cache.fits(st.st_size as u64);
-        let name = if sized {
-            self.relative_name(&node)
+        // The name costs a readlink: only regular files caching could take
+        // by size need it.
+        let opened = if st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && self.caching.may_cache(st.st_size as u64)
+        {
+            let name = self.relative_name(&node);
+            self.caching.open_for_read(ReadOpen {
+                node: id,
+                name: &name,
+                stat: &st,
+                pid,
+                reopen: &|| self.reopen(&node, libc::O_RDONLY),
+            })
         } else {
-            String::new()
+            ReadOpened::uncached()
         };
-        let cacheable = sized
-            && self
-                .cache
-                .is_cacheable(OsStr::new(&name), st.st_size as u64);
-        if cacheable && is_own_thread(pid) {
-            // A loader opening the file through the mount, to map its page
-            // cache: not a reader, and its open keeps that page cache.
-            let fh = self.files.insert(OpenFile {
-                file,
-                counted: None,
-                _cached: None,
-                _writing: None,
-                setid: is_setid(&st),
-                _node: node,
-            });
-            return Ok(Opened {
-                fh,
-                cacheable,
-                keep_cache: true,
-                setid: is_setid(&st),
-            });
-        }
-        let (cached, counted) = if cacheable {
-            // Classification reads /proc and never fails: an unreadable
-            // process is a CPU reader.
-            let reader = self.classifier.classify(pid);
-            let hooks = self.hooks.read().clone();
-            let hook = hooks.get(reader.class);
-            if hook.warm_group
-                && let Some(warm_group) = self.on_cacheable_open.get()
-            {
-                warm_group(&name);
-            }
-            let hold = ReaderHold {
-                protect: hook.protect.then_some(hook.grace),
-                lock: hook.mlock,
-            };
-            let source = || self.reopen(&node, libc::O_RDONLY);
-            let cached = self
-                .cache
-                .open_for_read(Identity::of(&st), &name, source, hold);
-            let hit = cached.as_ref().is_some_and(|c| c.hit());
-            let counters = self.stats.opened(&name, reader.class, hit);
-            if let (Some(argv), Some(commands)) = (&hook.exec, self.commands.get()) {
-                commands.first_open(&name, reader, argv, hook.timeout);
-            }
-            (cached, Some((counters, reader.class)))
-        } else {
-            (None, None)
-        };
-        let keep_cache = cached.as_ref().is_some_and(|c| c.entry().is_in_mount());
-        if let Some(cached) = &cached {
-            // Pages of the file the kernel kept from before this entry may
-            // be old bytes; the reply keeps the page cache, so they go now
-            // if its loader has not dropped them yet (an entry warmed by
-            // the manifest may still wait for a loader).
-            cached.entry().drop_old_pages(id);
-        }
         let fh = self.files.insert(OpenFile {
             file,
-            counted,
-            _cached: cached,
-            _writing: None,
+            hold: opened.hold,
             setid: is_setid(&st),
             _node: node,
         });
         Ok(Opened {
             fh,
-            cacheable,
-            keep_cache,
+            cacheable: opened.cacheable,
+            keep_cache: opened.keep_cache,
             setid: is_setid(&st),
         })
     }
@@ -656,12 +522,10 @@ impl Overlay {
         // The node comes from the open file itself, not from the name, which
         // another process could already have replaced.
         let entry = self.remember(backing::path_of_open(file.as_fd())?, parent_id, &name)?;
-        let writing = Some(self.cache.open_for_write(key(&entry.stat)));
+        let writing = self.caching.open_for_write(key(&entry.stat));
         let fh = self.files.insert(OpenFile {
             file,
-            counted: None,
-            _cached: None,
-            _writing: writing,
+            hold: Some(writing),
             setid: is_setid(&entry.stat),
             _node: self.inodes.get(entry.id)?,
         });
@@ -682,8 +546,8 @@ impl Overlay {
         let open = self.files.get(fh)?;
         let mut buf = vec![0u8; size as usize];
         let n = backing::pread(&open.file, &mut buf, offset)?;
-        if let Some((file, class)) = &open.counted {
-            self.stats.read(file, *class, n as u64);
+        if let Some(hold) = &open.hold {
+            hold.read(n as u64);
         }
         Ok(reply(&buf[..n]))
     }
@@ -979,30 +843,16 @@ mod tests {
     use std::ffi::OsStr;
 
     fn overlay() -> (tempfile::TempDir, Overlay) {
-        overlay_with_cache(0)
-    }
-
-    fn overlay_with_cache(cap: u64) -> (tempfile::TempDir, Overlay) {
         let dir = tempfile::tempdir().unwrap();
         let root = backing::open_root(dir.path()).unwrap();
-        let cache = Cache::new(crate::cache::CacheConfig::with_cap(cap));
-        (dir, Overlay::new(root, Arc::new(cache), false).unwrap())
+        (
+            dir,
+            Overlay::new(root, Arc::new(caching::NoCaching), false).unwrap(),
+        )
     }
 
-    pub(super) fn read_all(fs: &Overlay, fh: u64, offset: u64, size: u32) -> Vec<u8> {
+    fn read_all(fs: &Overlay, fh: u64, offset: u64, size: u32) -> Vec<u8> {
         fs.read(fh, offset, size, |d| d.to_vec()).unwrap()
-    }
-
-    pub(super) fn me() -> Caller {
-        // SAFETY: plain getters.
-        unsafe {
-            Caller {
-                uid: libc::geteuid(),
-                gid: libc::getegid(),
-                pid: std::process::id(),
-                umask: 0o022,
-            }
-        }
     }
 
     fn errno_of<T>(r: io::Result<T>) -> Option<i32> {
@@ -1055,7 +905,7 @@ mod tests {
         let (dir, fs) = overlay();
         let (e, fh) = fs
             .create(
-                me(),
+                Caller::this_process(),
                 inodes::ROOT,
                 OsStr::new("m.safetensors"),
                 0o640,
@@ -1063,7 +913,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(e.stat.st_mode & 0o777, 0o640);
-        assert_eq!(fs.write(fh, 3, b"abc", me()).unwrap(), 3);
+        assert_eq!(fs.write(fh, 3, b"abc", Caller::this_process()).unwrap(), 3);
         assert_eq!(read_all(&fs, fh, 0, 100), b"\0\0\0abc");
         fs.flush(fh).unwrap();
         fs.release(fh);
@@ -1127,126 +977,6 @@ mod tests {
         assert_eq!(
             errno_of(fs.getxattr(e.id, OsStr::new("user.k"), 2)),
             Some(libc::ERANGE)
-        );
-    }
-}
-
-#[cfg(test)]
-mod cache_tests {
-    use super::tests::read_all;
-    use super::*;
-    use std::time::{Duration, Instant};
-
-    fn setup(cap: u64, files: &[(&str, usize)]) -> (tempfile::TempDir, Overlay) {
-        let dir = tempfile::tempdir().unwrap();
-        for (i, (name, len)) in files.iter().enumerate() {
-            let data: Vec<u8> = (0..*len).map(|b| (b * 7 + i) as u8).collect();
-            std::fs::write(dir.path().join(name), data).unwrap();
-        }
-        let root = backing::open_root(dir.path()).unwrap();
-        let cache = Cache::new(crate::cache::CacheConfig::with_cap(cap));
-        (dir, Overlay::new(root, Arc::new(cache), false).unwrap())
-    }
-
-    fn open(fs: &Overlay, name: &str, flags: i32) -> (Opened, u64) {
-        let e = fs.lookup(inodes::ROOT, OsStr::new(name)).unwrap();
-        (fs.open(e.id, flags, 0).unwrap(), e.id)
-    }
-
-    fn wait_loaded(fs: &Overlay, bytes: u64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while fs.cache().loaded_bytes() != bytes {
-            assert!(
-                Instant::now() < deadline,
-                "loaded {} != {bytes}",
-                fs.cache().loaded_bytes()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    #[test]
-    fn model_files_are_cacheable_other_files_are_not() {
-        let (_d, fs) = setup(
-            64 << 20,
-            &[
-                ("a.safetensors", 2 << 20),
-                ("a.txt", 2 << 20),
-                ("tiny.ckpt", 1000),
-            ],
-        );
-        assert!(open(&fs, "a.safetensors", libc::O_RDONLY).0.cacheable);
-        assert!(!open(&fs, "a.txt", libc::O_RDONLY).0.cacheable);
-        assert!(
-            !open(&fs, "tiny.ckpt", libc::O_RDONLY).0.cacheable,
-            "under min_file_size"
-        );
-        assert!(
-            !open(&fs, "a.safetensors", libc::O_RDWR).0.cacheable,
-            "open for writing"
-        );
-    }
-
-    #[test]
-    fn opening_for_writing_drops_the_cached_copy() {
-        let (_d, fs) = setup(64 << 20, &[("m.gguf", 4 << 20)]);
-        let (r, _) = open(&fs, "m.gguf", libc::O_RDONLY);
-        wait_loaded(&fs, 4 << 20);
-        let (w, _) = open(&fs, "m.gguf", libc::O_WRONLY);
-        fs.release(r.fh);
-        assert_eq!(fs.cache().charged_bytes(), 0);
-        // While it is open for writing, a reader is not served from a cache.
-        let (r2, _) = open(&fs, "m.gguf", libc::O_RDONLY);
-        assert_eq!(fs.cache().charged_bytes(), 0);
-        fs.release(r2.fh);
-        fs.release(w.fh);
-    }
-
-    #[test]
-    fn a_file_deleted_behind_the_mount_leaves_the_cache_when_forgotten() {
-        let (dir, fs) = setup(64 << 20, &[("gone.ckpt", 2 << 20)]);
-        let (o, id) = open(&fs, "gone.ckpt", libc::O_RDONLY);
-        wait_loaded(&fs, 2 << 20);
-        fs.release(o.fh);
-        std::fs::remove_file(dir.path().join("gone.ckpt")).unwrap();
-        assert_eq!(fs.cache().charged_bytes(), 2 << 20);
-        fs.forget(id, 1);
-        assert_eq!(fs.cache().charged_bytes(), 0);
-    }
-
-    #[test]
-    fn a_reader_sees_writes_made_while_it_holds_the_cached_file() {
-        let (_d, fs) = setup(64 << 20, &[("m.safetensors", 2 << 20)]);
-        let (r, _) = open(&fs, "m.safetensors", libc::O_RDONLY);
-        wait_loaded(&fs, 2 << 20);
-        let (w, _) = open(&fs, "m.safetensors", libc::O_WRONLY);
-        fs.write(w.fh, 100, b"new bytes", super::tests::me())
-            .unwrap();
-        assert_eq!(read_all(&fs, r.fh, 100, 9), b"new bytes");
-        fs.release(w.fh);
-        fs.release(r.fh);
-    }
-
-    #[test]
-    fn reads_match_the_file_during_and_after_the_load() {
-        let (dir, fs) = setup(64 << 20, &[("big.safetensors", 24 << 20)]);
-        let want = std::fs::read(dir.path().join("big.safetensors")).unwrap();
-        let (o, _) = open(&fs, "big.safetensors", libc::O_RDONLY);
-        let check = || {
-            for (off, len) in [(0u64, 4096u32), (20 << 20, 1 << 20), ((24 << 20) - 10, 100)] {
-                let got = read_all(&fs, o.fh, off, len);
-                let end = (off as usize + len as usize).min(want.len());
-                assert_eq!(got, &want[off as usize..end]);
-            }
-        };
-        check();
-        wait_loaded(&fs, 24 << 20);
-        check();
-        fs.release(o.fh);
-        assert_eq!(
-            fs.cache().charged_bytes(),
-            24 << 20,
-            "stays cached after close"
         );
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-use crate::gpu::ReaderClass;
+use super::ReaderClass;
 
 /// Per file, keyed by its path relative to the mount root.
 #[derive(Clone, Debug, Default)]

@@ -10,8 +10,8 @@ use std::sync::Weak;
 
 use fuser::{INodeNo, Notifier};
 
-use super::Overlay;
 use crate::cache::{Identity, MountView};
+use crate::fs::Overlay;
 
 pub struct MountedFiles {
     mountpoint: PathBuf,
@@ -39,7 +39,7 @@ impl MountView for MountedFiles {
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(self.mountpoint.join(crate::names::path_of(name)))?;
-        let file = super::backing::regular_file(file)?;
+        let file = crate::fs::backing::regular_file(file)?;
         let node = file.metadata()?.ino();
         let overlay = self
             .overlay

@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use super::{Reader, ReaderClass};
-use crate::manifest::show_duration;
+use crate::units::show_duration;
 
 /// How often running commands are checked for their exit and time limit.
 const POLL: Duration = Duration::from_millis(50);

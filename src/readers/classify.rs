@@ -7,8 +7,6 @@
 //!
 //! `hooks` runs what the manifest's `[hooks.CLASS]` tables ask for.
 
-pub mod hooks;
-
 use std::collections::HashMap;
 
 use parking_lot::Mutex;

@@ -1,6 +1,8 @@
 //! The life of a mount: checks before mounting, mounting (mount(2) as root,
 //! `fusermount3` otherwise), serving, and unmounting on a signal.
 
+mod mounted;
+
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -27,9 +29,11 @@ use crate::fs::fuse::ReadMode;
 use crate::fs::passthrough::{self, BackingFiles, Passthrough};
 use crate::manifest::{self, Admit, Manifest};
 use crate::mountinfo::{self, FSTYPE};
-use crate::rules::Rules;
+use crate::readers::exec::CommandRunner;
+use crate::readers::opens::Opens;
+use crate::rules::{LiveMount, Rules};
 use crate::service::MountService;
-use crate::size::{Bytes, Count, SizeSpec};
+use crate::units::{Bytes, Count, SizeSpec};
 
 /// What `modelcache mount` was asked to do.
 pub struct MountConfig {
@@ -115,18 +119,6 @@ impl VfsOptions {
     }
 }
 
-/// The machine's RAM in bytes.
-pub fn total_ram() -> u64 {
-    // SAFETY: sysinfo fills the struct.
-    unsafe {
-        let mut info: libc::sysinfo = std::mem::zeroed();
-        if libc::sysinfo(&mut info) != 0 {
-            return 0;
-        }
-        info.totalram as u64 * info.mem_unit as u64
-    }
-}
-
 /// Cache flags given on the command line; each overrides the manifest.
 pub struct CacheFlags {
     pub max_size: Option<SizeSpec>,
@@ -168,7 +160,7 @@ impl Settings {
                 &defaults
             }
         };
-        let ram = total_ram();
+        let ram = crate::cache::pressure::total_ram();
         let limits = m.limits(ram)?;
         let cap = flags.max_size.map_or(limits.max_size, |s| s.resolve(ram));
         if ram > 0 && cap > ram {
@@ -1042,13 +1034,21 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     crate::descriptors::raise_limit();
     let backing_files = Arc::new(BackingFiles::new(passthrough_wanted));
     let cache = Arc::new(Cache::new(settings.cache.clone()));
-    let overlay = Arc::new(
-        Overlay::new(root, cache.clone(), config.vfs.atime == Atime::Noatime)
-            .map_err(|e| Error(format!("{}: {e}", backing.display())))?,
-    );
+    // Opens of a group's member reach the manifest's worker through this
+    // (bounded: warming a group is best effort).
+    let (group_opens, opened_members) = crossbeam_channel::bounded(GROUP_OPENS_QUEUED);
     // Before the first open: a reader's class acts from its first request.
     let hooks = settings.manifest.as_ref().map(|m| m.hooks.clone());
-    overlay.start_hooks(hooks.unwrap_or_default(), mountpoint.clone());
+    let opens = Arc::new(Opens::new(
+        cache.clone(),
+        hooks.unwrap_or_default(),
+        CommandRunner::start(mountpoint.clone()),
+        group_opens,
+    ));
+    let overlay = Arc::new(
+        Overlay::new(root, opens.clone(), config.vfs.atime == Atime::Noatime)
+            .map_err(|e| Error(format!("{}: {e}", backing.display())))?,
+    );
 
     // The caller's umask is applied per create (fs/creds.rs); the daemon's
     // own must not mask the mode a second time on threads that have none.
@@ -1083,12 +1083,11 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
             return Err(Error(format!("FUSE handshake failed: {e}")));
         }
     };
-    let mounted_files: Arc<dyn crate::cache::MountView> =
-        Arc::new(crate::fs::mounted::MountedFiles::new(
-            mountpoint.clone(),
-            session.notifier(),
-            Arc::downgrade(&overlay),
-        ));
+    let mounted_files: Arc<dyn crate::cache::MountView> = Arc::new(mounted::MountedFiles::new(
+        mountpoint.clone(),
+        session.notifier(),
+        Arc::downgrade(&overlay),
+    ));
     let session = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || session.run())
@@ -1118,22 +1117,21 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     };
     drop(fuse_dev);
     let rules = Rules::start(
-        overlay.clone(),
-        mountpoint.clone(),
+        LiveMount {
+            overlay: overlay.clone(),
+            opens: opens.clone(),
+            mountpoint: mountpoint.clone(),
+        },
         settings.manifest,
         settings.manifest_arg,
+        opened_members,
     );
-    let weak = Arc::downgrade(&rules);
-    overlay.on_cacheable_open(move |name| {
-        if let Some(rules) = weak.upgrade() {
-            rules.opened(name);
-        }
-    });
     let monitor = start_pressure_monitor(&cache, &settings_floor);
     let service = Arc::new(MountService {
         mountpoint: mountpoint.clone(),
         backing: backing.clone(),
         overlay: overlay.clone(),
+        opens,
         backing_files: backing_files.clone(),
         rules: rules.clone(),
         memory: Arc::new(move || monitor.as_ref().and_then(|m| m.latest())),
@@ -1184,6 +1182,9 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
 
 /// How often `--metrics-file` is rewritten.
 const METRICS_EVERY: Duration = Duration::from_secs(5);
+/// Opens of group members waiting for the manifest's worker; more are dropped
+/// (the group is warming already).
+const GROUP_OPENS_QUEUED: usize = 256;
 
 /// Starts the memory-pressure monitor: it keeps the cache's view of
 /// available memory current (admissions stay above the floor) and evicts

@@ -1,6 +1,8 @@
-//! Sizes as users write them: `48GiB`, `500M`, `1.5G`, `20%` (of RAM).
+//! Quantities as people write and read them: sizes (`48GiB`, `500M`, `1.5G`,
+//! `20%` of RAM), rates, counts and durations (`10m`, `1h30m`).
 
 use std::fmt;
+use std::time::Duration;
 
 /// A size given in bytes or as a share of the machine's RAM.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -121,6 +123,22 @@ impl fmt::Display for Count {
         };
         write!(f, "{n} {noun}{suffix}")
     }
+}
+
+/// A duration as a person writes it: `10m`, `2s`, `1h30m`, `250ms`.
+pub fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let (h, m, s) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    if out.is_empty() { "0s".into() } else { out }
 }
 
 #[cfg(test)]

@@ -1,0 +1,347 @@
+//! Where a read-open meets the cache: the filesystem's `Caching` interface,
+//! implemented with the cache, the reader's class, that class's hooks and
+//! the counters behind `status`. Also the daemon's own warming of a file
+//! (manifest pins, `modelcache warm`, groups), which asks the same cache.
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use parking_lot::RwLock;
+
+use super::exec::CommandRunner;
+use super::hooks::Hooks;
+use super::stats::{FileCounters, Stats};
+use super::{Classifier, ReaderClass};
+use crate::cache::{Cache, CacheRef, Identity, ReaderHold, WriteGuard};
+use crate::fs::inodes::InodeKey;
+use crate::fs::{Caching, Hold, Overlay, ReadOpen, ReadOpened, Stat};
+
+/// What the filesystem's opens do beyond the backing directory.
+pub struct Opens {
+    cache: Arc<Cache>,
+    classifier: Classifier,
+    /// What opens by each class of reader do (the manifest's hooks).
+    hooks: RwLock<Arc<Hooks>>,
+    /// Runs `exec` hooks.
+    commands: CommandRunner,
+    stats: Arc<Stats>,
+    /// Told the name of each model file opened by a class whose hook has
+    /// `warm_group`: the manifest's worker warms the rest of its groups.
+    group_opens: Sender<String>,
+}
+
+/// What `Opens::warm` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Warmed {
+    /// Cached or loading: the cache key, to follow the load.
+    Queued(InodeKey),
+    /// Not a model file the cache takes (extension, size).
+    NotCacheable,
+    /// Cacheable, but not now: open for writing, no room, or memory low.
+    Refused,
+}
+
+/// What the cache knows a backing file by.
+pub fn identity(st: &Stat) -> Identity {
+    let ns = |sec: i64, nsec: i64| sec as i128 * 1_000_000_000 + nsec as i128;
+    Identity {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: st.st_size as u64,
+        mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
+        ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
+    }
+}
+
+/// Whether thread `tid` (as a FUSE request names its caller) is one of
+/// this process's.
+fn is_own_thread(tid: u32) -> bool {
+    Path::new(&format!("/proc/self/task/{tid}")).exists()
+}
+
+impl Opens {
+    pub fn new(
+        cache: Arc<Cache>,
+        hooks: Hooks,
+        commands: CommandRunner,
+        group_opens: Sender<String>,
+    ) -> Self {
+        Self {
+            cache,
+            classifier: Classifier::default(),
+            hooks: RwLock::new(Arc::new(hooks)),
+            commands,
+            stats: Arc::default(),
+            group_opens,
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Replaces the hooks (a reloaded manifest). Files already protected
+    /// stay so for the grace they were given.
+    pub fn set_hooks(&self, hooks: Hooks) {
+        *self.hooks.write() = Arc::new(hooks);
+    }
+
+    /// Loads the file at `rel` (relative to the root of `overlay`) into the
+    /// cache without a reader: for the manifest's pins, warm files and
+    /// groups, and `modelcache warm`.
+    pub fn warm(&self, overlay: &Overlay, rel: &Path) -> io::Result<Warmed> {
+        let (file, st) = overlay.open_beneath(rel)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || !self.cache.is_cacheable(rel.as_os_str(), st.st_size as u64)
+        {
+            return Ok(Warmed::NotCacheable);
+        }
+        let name = crate::names::shown(rel);
+        Ok(if self.cache.warm(identity(&st), &name, || Ok(file)) {
+            Warmed::Queued((st.st_dev, st.st_ino))
+        } else {
+            Warmed::Refused
+        })
+    }
+}
+
+/// What a model file's open keeps: its hold on the cache entry, and its
+/// counters, which its reads through the daemon update.
+struct ReadHold {
+    _cached: Option<CacheRef>,
+    counters: Arc<FileCounters>,
+    class: ReaderClass,
+    stats: Arc<Stats>,
+}
+
+impl Hold for ReadHold {
+    fn read(&self, bytes: u64) {
+        self.stats.read(&self.counters, self.class, bytes);
+    }
+}
+
+impl Hold for WriteGuard {}
+
+impl Caching for Opens {
+    fn may_cache(&self, size: u64) -> bool {
+        self.cache.fits(size)
+    }
+
+    fn open_for_read(&self, open: ReadOpen<'_>) -> ReadOpened {
+        let size = open.stat.st_size as u64;
+        if !self.cache.is_cacheable(OsStr::new(open.name), size) {
+            return ReadOpened::uncached();
+        }
+        if is_own_thread(open.pid) {
+            // A loader opening the file through the mount, to map its page
+            // cache: not a reader, and its open keeps that page cache.
+            return ReadOpened {
+                cacheable: true,
+                keep_cache: true,
+                hold: None,
+            };
+        }
+        // Classification reads /proc and never fails: an unreadable
+        // process is a CPU reader.
+        let reader = self.classifier.classify(open.pid);
+        let hooks = self.hooks.read().clone();
+        let hook = hooks.get(reader.class);
+        if hook.warm_group {
+            let _ = self.group_opens.try_send(open.name.to_string());
+        }
+        let hold = ReaderHold {
+            protect: hook.protect.then_some(hook.grace),
+            lock: hook.mlock,
+        };
+        let cached = self
+            .cache
+            .open_for_read(identity(open.stat), open.name, open.reopen, hold);
+        let hit = cached.as_ref().is_some_and(|c| c.hit());
+        let counters = self.stats.opened(open.name, reader.class, hit);
+        if let Some(argv) = &hook.exec {
+            self.commands
+                .first_open(open.name, reader, argv, hook.timeout);
+        }
+        let keep_cache = cached.as_ref().is_some_and(|c| c.entry().is_in_mount());
+        if let Some(cached) = &cached {
+            // Pages of the file the kernel kept from before this entry may
+            // be old bytes; the reply keeps the page cache, so they go now
+            // if its loader has not dropped them yet (an entry warmed by
+            // the manifest may still wait for a loader).
+            cached.entry().drop_old_pages(open.node);
+        }
+        ReadOpened {
+            cacheable: true,
+            keep_cache,
+            hold: Some(Box::new(ReadHold {
+                _cached: cached,
+                counters,
+                class: reader.class,
+                stats: self.stats.clone(),
+            })),
+        }
+    }
+
+    fn open_for_write(&self, key: InodeKey) -> Box<dyn Hold> {
+        Box::new(self.cache.open_for_write(key))
+    }
+
+    fn invalidate(&self, key: InodeKey) {
+        self.cache.invalidate(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheConfig;
+    use crate::fs::{Opened, backing, inodes};
+    use std::time::{Duration, Instant};
+
+    fn setup(cap: u64, files: &[(&str, usize)]) -> (tempfile::TempDir, Mounted) {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (name, len)) in files.iter().enumerate() {
+            let data: Vec<u8> = (0..*len).map(|b| (b * 7 + i) as u8).collect();
+            std::fs::write(dir.path().join(name), data).unwrap();
+        }
+        let root = backing::open_root(dir.path()).unwrap();
+        let cache = Arc::new(Cache::new(CacheConfig::with_cap(cap)));
+        let (group_opens, _) = crossbeam_channel::bounded(1);
+        let commands = CommandRunner::start(dir.path().to_path_buf());
+        let opens = Opens::new(cache.clone(), Hooks::default(), commands, group_opens);
+        let overlay = Overlay::new(root, Arc::new(opens), false).unwrap();
+        (dir, Mounted { overlay, cache })
+    }
+
+    /// An overlay with caching, and its cache.
+    struct Mounted {
+        overlay: Overlay,
+        cache: Arc<Cache>,
+    }
+
+    impl std::ops::Deref for Mounted {
+        type Target = Overlay;
+        fn deref(&self) -> &Overlay {
+            &self.overlay
+        }
+    }
+
+    impl Mounted {
+        fn cache(&self) -> &Cache {
+            &self.cache
+        }
+    }
+
+    fn read_all(fs: &Overlay, fh: u64, offset: u64, size: u32) -> Vec<u8> {
+        fs.read(fh, offset, size, |b| b.to_vec()).unwrap()
+    }
+
+    fn open(fs: &Overlay, name: &str, flags: i32) -> (Opened, u64) {
+        let e = fs.lookup(inodes::ROOT, OsStr::new(name)).unwrap();
+        (fs.open(e.id, flags, 0).unwrap(), e.id)
+    }
+
+    fn wait_loaded(fs: &Mounted, bytes: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs.cache().loaded_bytes() != bytes {
+            assert!(
+                Instant::now() < deadline,
+                "loaded {} != {bytes}",
+                fs.cache().loaded_bytes()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn model_files_are_cacheable_other_files_are_not() {
+        let (_d, fs) = setup(
+            64 << 20,
+            &[
+                ("a.safetensors", 2 << 20),
+                ("a.txt", 2 << 20),
+                ("tiny.ckpt", 1000),
+            ],
+        );
+        assert!(open(&fs, "a.safetensors", libc::O_RDONLY).0.cacheable);
+        assert!(!open(&fs, "a.txt", libc::O_RDONLY).0.cacheable);
+        assert!(
+            !open(&fs, "tiny.ckpt", libc::O_RDONLY).0.cacheable,
+            "under min_file_size"
+        );
+        assert!(
+            !open(&fs, "a.safetensors", libc::O_RDWR).0.cacheable,
+            "open for writing"
+        );
+    }
+
+    #[test]
+    fn opening_for_writing_drops_the_cached_copy() {
+        let (_d, fs) = setup(64 << 20, &[("m.gguf", 4 << 20)]);
+        let (r, _) = open(&fs, "m.gguf", libc::O_RDONLY);
+        wait_loaded(&fs, 4 << 20);
+        let (w, _) = open(&fs, "m.gguf", libc::O_WRONLY);
+        fs.release(r.fh);
+        assert_eq!(fs.cache().charged_bytes(), 0);
+        // While it is open for writing, a reader is not served from a cache.
+        let (r2, _) = open(&fs, "m.gguf", libc::O_RDONLY);
+        assert_eq!(fs.cache().charged_bytes(), 0);
+        fs.release(r2.fh);
+        fs.release(w.fh);
+    }
+
+    #[test]
+    fn a_file_deleted_behind_the_mount_leaves_the_cache_when_forgotten() {
+        let (dir, fs) = setup(64 << 20, &[("gone.ckpt", 2 << 20)]);
+        let (o, id) = open(&fs, "gone.ckpt", libc::O_RDONLY);
+        wait_loaded(&fs, 2 << 20);
+        fs.release(o.fh);
+        std::fs::remove_file(dir.path().join("gone.ckpt")).unwrap();
+        assert_eq!(fs.cache().charged_bytes(), 2 << 20);
+        fs.forget(id, 1);
+        assert_eq!(fs.cache().charged_bytes(), 0);
+    }
+
+    #[test]
+    fn a_reader_sees_writes_made_while_it_holds_the_cached_file() {
+        let (_d, fs) = setup(64 << 20, &[("m.safetensors", 2 << 20)]);
+        let (r, _) = open(&fs, "m.safetensors", libc::O_RDONLY);
+        wait_loaded(&fs, 2 << 20);
+        let (w, _) = open(&fs, "m.safetensors", libc::O_WRONLY);
+        fs.write(w.fh, 100, b"new bytes", crate::fs::Caller::this_process())
+            .unwrap();
+        assert_eq!(read_all(&fs, r.fh, 100, 9), b"new bytes");
+        fs.release(w.fh);
+        fs.release(r.fh);
+    }
+
+    #[test]
+    fn reads_match_the_file_during_and_after_the_load() {
+        let (dir, fs) = setup(64 << 20, &[("big.safetensors", 24 << 20)]);
+        let want = std::fs::read(dir.path().join("big.safetensors")).unwrap();
+        let (o, _) = open(&fs, "big.safetensors", libc::O_RDONLY);
+        let check = || {
+            for (off, len) in [(0u64, 4096u32), (20 << 20, 1 << 20), ((24 << 20) - 10, 100)] {
+                let got = read_all(&fs, o.fh, off, len);
+                let end = (off as usize + len as usize).min(want.len());
+                assert_eq!(got, &want[off as usize..end]);
+            }
+        };
+        check();
+        wait_loaded(&fs, 24 << 20);
+        check();
+        fs.release(o.fh);
+        assert_eq!(
+            fs.cache().charged_bytes(),
+            24 << 20,
+            "stays cached after close"
+        );
+    }
+}
