@@ -20,9 +20,10 @@ use crossbeam_channel::{Receiver, Sender};
 use tracing::{info, warn};
 
 use crate::cache::Cache;
+use crate::cache::Refusal;
 use crate::fs::Overlay;
 use crate::manifest::{self, Manifest, RuleKind};
-use crate::readers::opens::{Opens, Warmed};
+use crate::readers::opens::Opens;
 use crate::units::{Bytes, Count, Rate};
 
 /// How often prewarm progress is logged.
@@ -239,18 +240,10 @@ fn dedup(paths: &mut Vec<PathBuf>) {
 /// Queues one file's load; returns its key to follow, or `None` (logged).
 fn warm(live: &LiveMount, path: &Path, kind: &str) -> Option<crate::cache::policy::Key> {
     match live.opens.warm(&live.overlay, path) {
-        Ok(Warmed::Queued(key)) => Some(key),
-        Ok(Warmed::NotCacheable) => None,
-        Ok(Warmed::Refused) => {
-            warn!(
-                "cannot cache {kind} file {} now: no room under the cap or the memory floor, or it \
-                 is open for writing",
-                path.display()
-            );
-            None
-        }
-        Err(e) => {
-            warn!("cannot warm {kind} file {}: {e}", path.display());
+        Ok(key) => Some(key),
+        Err(Refusal::NotModelFile(_)) => None,
+        Err(why) => {
+            warn!("cannot cache {kind} file {}: {why}", path.display());
             None
         }
     }

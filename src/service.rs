@@ -14,7 +14,7 @@ use crate::fs::Overlay;
 use crate::fs::passthrough::BackingFiles;
 use crate::manifest::Tree;
 use crate::readers::ReaderClass;
-use crate::readers::opens::{Opens, Warmed};
+use crate::readers::opens::Opens;
 use crate::rules::Rules;
 
 pub struct MountService {
@@ -79,16 +79,8 @@ impl MountService {
         let mut refused = Vec::new();
         for f in files {
             match self.opens.warm(&self.overlay, f) {
-                Ok(Warmed::Queued(key)) => keys.push(key),
-                Ok(Warmed::NotCacheable) => refused.push(format!(
-                    "{}: not a model file the cache takes",
-                    crate::names::shown(f)
-                )),
-                Ok(Warmed::Refused) => refused.push(format!(
-                    "{}: no room under the cap or the memory floor, or open for writing",
-                    crate::names::shown(f)
-                )),
-                Err(e) => refused.push(format!("{}: {e}", crate::names::shown(f))),
+                Ok(key) => keys.push(key),
+                Err(why) => refused.push(format!("{}: {why}", crate::names::shown(f))),
             }
         }
         if refused.is_empty() {

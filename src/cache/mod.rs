@@ -8,9 +8,9 @@ pub mod budget;
 pub mod entry;
 pub mod policy;
 pub mod pressure;
+pub mod refusal;
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use budget::PinBudget;
 pub use entry::{Entry, Identity, LockReason, MountView};
 use policy::{Admission, EntryId, EvictReason, Key, Policy};
+pub use refusal::{ModelFiles, NotModelFile, Refusal};
 
 use crate::units::{Bytes, Rate};
 
@@ -448,28 +449,22 @@ impl Cache {
         &self.shared.config
     }
 
-    /// A regular file whose extension is a model extension and whose size
-    /// is within `[min_file_size, max_size]`.
-    pub fn is_cacheable(&self, name: &OsStr, size: u64) -> bool {
+    /// Which files the cache takes: model extensions, sizes within
+    /// `[min_file_size, max_size]`.
+    pub fn model_files(&self) -> ModelFiles<'_> {
         let config = &self.shared.config;
-        let ext = std::path::Path::new(name)
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(|e| e.to_ascii_lowercase());
-        self.fits(size) && ext.is_some_and(|e| config.extensions.contains(&e))
-    }
-
-    /// A size within `[min_file_size, max_size]` (the cache on).
-    pub fn fits(&self, size: u64) -> bool {
-        let config = &self.shared.config;
-        config.max_size > 0 && size >= config.min_file_size && size <= config.max_size
+        ModelFiles {
+            extensions: &config.extensions,
+            min_size: config.min_file_size,
+            max_size: Some(config.max_size),
+        }
     }
 
     /// An open for reading of a cacheable file whose backing file is now
     /// `identity`. Returns the entry to serve it from: a cached one if it
     /// still matches the backing file, else (admission on open) a new one
     /// whose load is queued (`source` opens the backing file for the
-    /// loader). `None` when the file is open for writing, not admitted, or
+    /// loader). Refused when the file is open for writing, not admitted, or
     /// no room can be made. `hold` is what the reader's class asks for:
     /// protection from eviction, locked pages.
     pub fn open_for_read(
@@ -478,9 +473,9 @@ impl Cache {
         name: &str,
         source: impl FnOnce() -> io::Result<File>,
         hold: ReaderHold,
-    ) -> Option<CacheRef> {
+    ) -> Result<CacheRef, Refusal> {
         let mut state = self.shared.lock();
-        let (entry, hit) = match self.current(&mut state, identity) {
+        let (entry, hit) = match self.current(&mut state, identity)? {
             Some(entry) => {
                 let hit = entry.is_complete();
                 (entry, hit)
@@ -488,7 +483,7 @@ impl Cache {
             None if self.shared.config.admit_on_open => {
                 (self.admit(&mut state, identity, name, source)?, false)
             }
-            None => return None,
+            None => return Err(Refusal::ManualAdmission),
         };
         state.policy.open(entry.id);
         if hold.protect.is_some() {
@@ -498,7 +493,7 @@ impl Cache {
             // Settled again at every such open: the budget may have room now.
             self.want_lock(&entry, LockReason::Reader, true, true);
         }
-        Some(CacheRef {
+        Ok(CacheRef {
             shared: self.shared.clone(),
             entry: Some(entry),
             hit,
@@ -532,34 +527,43 @@ impl Cache {
     }
 
     /// Loads a file into the cache without a reader (manifest, `warm`,
-    /// groups). Returns false when it cannot be cached now (open for
-    /// writing, no room, memory too low).
+    /// groups). Refused when it cannot be cached now (open for writing, no
+    /// room, memory too low).
     pub fn warm(
         &self,
         identity: Identity,
         name: &str,
         source: impl FnOnce() -> io::Result<File>,
-    ) -> bool {
+    ) -> Result<(), Refusal> {
         let mut state = self.shared.lock();
-        self.current(&mut state, identity).is_some()
-            || self.admit(&mut state, identity, name, source).is_some()
+        if self.current(&mut state, identity)?.is_none() {
+            self.admit(&mut state, identity, name, source)?;
+        }
+        Ok(())
     }
 
     /// The resident entry of the file if it still matches `identity`, now
-    /// the most recently used; a stale one is dropped.
-    fn current(&self, state: &mut State, identity: Identity) -> Option<Arc<Entry>> {
+    /// the most recently used; a stale one is dropped. Refused while the
+    /// file is open for writing.
+    fn current(
+        &self,
+        state: &mut State,
+        identity: Identity,
+    ) -> Result<Option<Arc<Entry>>, Refusal> {
         let key = identity.key();
         if state.writers.contains_key(&key) {
-            return None;
+            return Err(Refusal::OpenForWriting);
         }
-        let id = state.policy.lookup(key)?;
+        let Some(id) = state.policy.lookup(key) else {
+            return Ok(None);
+        };
         let entry = state.resident[&id].clone();
         if entry.serves(&identity) {
-            return Some(entry);
+            return Ok(Some(entry));
         }
         let evicted = state.policy.evict(key, EvictReason::Invalidated);
         Shared::drop_resident(state, evicted, Why::Changed("changed behind the mount"));
-        None
+        Ok(None)
     }
 
     /// A new entry for the file, its load queued.
@@ -569,10 +573,10 @@ impl Cache {
         identity: Identity,
         name: &str,
         source: impl FnOnce() -> io::Result<File>,
-    ) -> Option<Arc<Entry>> {
+    ) -> Result<Arc<Entry>, Refusal> {
         let key = identity.key();
         if state.writers.contains_key(&key) {
-            return None;
+            return Err(Refusal::OpenForWriting);
         }
         // Room is made only from what no reader protects any more.
         state.policy.expire_protection(Instant::now());
@@ -589,19 +593,28 @@ impl Cache {
             Shared::drop_resident(state, evicted, Why::Changed("replaced behind the mount"));
         }
         let available = self.shared.mem_available.load(Ordering::Relaxed);
-        if available.saturating_sub(identity.size) < self.shared.config.min_available {
-            info!(
-                "not caching {name} ({}): it would take available memory under the floor",
-                Bytes(identity.size)
-            );
-            return None;
+        let floor = self.shared.config.min_available;
+        if available.saturating_sub(identity.size) < floor {
+            let refusal = Refusal::MemoryFloor {
+                size: identity.size,
+                available,
+                floor,
+            };
+            info!("not caching {name}: {refusal}");
+            return Err(refusal);
         }
         let id = match state.policy.admit(key, identity.size) {
             Admission::Admitted { id, evicted } => {
                 Shared::drop_resident(state, evicted, Why::Room("cap"));
                 id
             }
-            Admission::Declined => return None,
+            Admission::Declined { short_by } => {
+                return Err(Refusal::CapHeld {
+                    size: identity.size,
+                    short_by,
+                    pinned: state.policy.pinned_bytes(),
+                });
+            }
         };
         let mount = self.shared.mount.read().clone();
         let made = state.made.entry(key).or_default();
@@ -619,7 +632,7 @@ impl Cache {
             Err(e) => {
                 warn!("cannot cache {name}: {e}");
                 state.policy.evict(key, EvictReason::Invalidated);
-                return None;
+                return Err(Refusal::Io(e.to_string()));
             }
         };
         state.resident.insert(id, entry.clone());
@@ -639,7 +652,7 @@ impl Cache {
         if let Some(loads) = &self.loads {
             let _ = loads.send(job);
         }
-        Some(entry)
+        Ok(entry)
     }
 
     /// Makes `names` (relative paths) the pinned files: resident entries of
@@ -939,6 +952,138 @@ fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
                 }
                 entry.drop_stored_pages();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A backing file of `len` bytes in `dir`, with what the cache knows
+    /// it by.
+    fn file(dir: &std::path::Path, name: &str, len: usize) -> (std::path::PathBuf, Identity) {
+        let path = dir.join(name);
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::write(&path, data).unwrap();
+        let id = Identity::of_file(&File::open(&path).unwrap()).unwrap();
+        (path, id)
+    }
+
+    fn source(path: &std::path::Path) -> impl FnOnce() -> io::Result<File> + '_ {
+        move || File::open(path)
+    }
+
+    fn wait_loaded(cache: &Cache, bytes: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cache.loaded_bytes() != bytes {
+            assert!(Instant::now() < deadline, "loaded {}", cache.loaded_bytes());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn each_refusal_says_its_true_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = CacheConfig::with_cap(6 << 20);
+        config.min_available = 1 << 30;
+        let cache = Cache::new(config);
+        let (a, ida) = file(dir.path(), "a.safetensors", 4 << 20);
+        let (b, idb) = file(dir.path(), "b.safetensors", 4 << 20);
+
+        cache.note_available(u64::MAX);
+        cache.warm(ida, "a.safetensors", source(&a)).unwrap();
+        cache.set_pins(["a.safetensors".to_string()].into());
+        assert_eq!(
+            cache.warm(idb, "b.safetensors", source(&b)),
+            Err(Refusal::CapHeld {
+                size: 4 << 20,
+                short_by: 2 << 20,
+                pinned: 4 << 20,
+            }),
+            "the pinned file holds the cap"
+        );
+
+        cache.note_available(1 << 30);
+        cache.set_pins(HashSet::new());
+        assert_eq!(
+            cache.warm(idb, "b.safetensors", source(&b)),
+            Err(Refusal::MemoryFloor {
+                size: 4 << 20,
+                available: 1 << 30,
+                floor: 1 << 30,
+            })
+        );
+
+        cache.note_available(u64::MAX);
+        let writing = cache.open_for_write(idb.key());
+        assert_eq!(
+            cache.warm(idb, "b.safetensors", source(&b)),
+            Err(Refusal::OpenForWriting)
+        );
+        drop(writing);
+        cache.warm(idb, "b.safetensors", source(&b)).unwrap();
+        assert_eq!(cache.charged_bytes(), 4 << 20, "a made room for b");
+    }
+
+    #[test]
+    fn manual_admission_takes_only_warmed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = CacheConfig::with_cap(64 << 20);
+        config.admit_on_open = false;
+        let cache = Cache::new(config);
+        let (a, ida) = file(dir.path(), "a.gguf", 2 << 20);
+        let refused = cache.open_for_read(ida, "a.gguf", source(&a), ReaderHold::default());
+        assert_eq!(refused.err(), Some(Refusal::ManualAdmission));
+        cache.warm(ida, "a.gguf", source(&a)).unwrap();
+        wait_loaded(&cache, 2 << 20);
+        let held = cache
+            .open_for_read(ida, "a.gguf", source(&a), ReaderHold::default())
+            .unwrap();
+        assert!(held.hit());
+    }
+
+    #[test]
+    fn a_file_changed_behind_the_cache_is_never_served_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(CacheConfig::with_cap(64 << 20));
+        let (a, old) = file(dir.path(), "a.ckpt", 2 << 20);
+        let first = cache
+            .open_for_read(old, "a.ckpt", source(&a), ReaderHold::default())
+            .unwrap();
+        wait_loaded(&cache, 2 << 20);
+        // Rewritten in place: same inode, new size and times.
+        std::thread::sleep(Duration::from_millis(10));
+        let mut f = std::fs::OpenOptions::new().append(true).open(&a).unwrap();
+        f.write_all(&[7u8; 4096]).unwrap();
+        drop(f);
+        let new = Identity::of_file(&File::open(&a).unwrap()).unwrap();
+        assert_eq!(new.key(), old.key());
+        assert!(first.entry().serves(&old) && !first.entry().serves(&new));
+
+        let second = cache
+            .open_for_read(new, "a.ckpt", source(&a), ReaderHold::default())
+            .unwrap();
+        assert!(!second.hit(), "a new entry, loaded afresh");
+        assert!(first.entry().is_cancelled(), "the old copy was let go");
+        wait_loaded(&cache, (2 << 20) + 4096);
+        assert_eq!(
+            cache.charged_bytes(),
+            (2 << 20) + (2 << 20) + 4096,
+            "the old entry stays charged while its reader holds it"
+        );
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.charged_bytes() != (2 << 20) + 4096 {
+            assert!(
+                Instant::now() < deadline,
+                "charged {}",
+                cache.charged_bytes()
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

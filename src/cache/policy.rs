@@ -75,9 +75,9 @@ pub enum Admission {
     /// previous entry first, if it had one. Any of them without open handles
     /// is released at once ([`Policy::entry`] returns `None` for it).
     Admitted { id: EntryId, evicted: Vec<EntryId> },
-    /// The file does not fit even after evicting all that may be evicted.
-    /// Nothing changed.
-    Declined,
+    /// The file does not fit even after evicting all that may be evicted:
+    /// it needs `short_by` more bytes than the cap leaves. Nothing changed.
+    Declined { short_by: u64 },
 }
 
 /// Why an entry stopped being resident.
@@ -251,12 +251,12 @@ impl Policy {
     pub fn admit(&mut self, key: Key, size: u64) -> Admission {
         // Ids run out only after 2^64 admissions; decline rather than reuse.
         let Some(next_id) = self.next_id.checked_add(1) else {
-            return Admission::Declined;
+            return Admission::Declined { short_by: size };
         };
         let replaced = self.recency.peek(&key).map(|slot| slot.id);
-        let (victims, fits) = self.plan_room(size, replaced);
-        if !fits {
-            return Admission::Declined;
+        let (victims, short_by) = self.plan_room(size, replaced);
+        if short_by > 0 {
+            return Admission::Declined { short_by };
         }
 
         let mut evicted = Vec::with_capacity(victims.len() + 1);
@@ -542,7 +542,9 @@ impl Policy {
     /// Which keys to evict, in eviction order, so that `size` more bytes fit
     /// under the cap once `replaced` is gone; and whether they do. Decides
     /// without acting, so a declined admission changes nothing.
-    fn plan_room(&self, size: u64, replaced: Option<EntryId>) -> (Vec<Key>, bool) {
+    /// Returns the victims, and how many bytes would still not fit (0: it
+    /// fits).
+    fn plan_room(&self, size: u64, replaced: Option<EntryId>) -> (Vec<Key>, u64) {
         let mut charged = self.charged_bytes();
         if let Some(old) = replaced.and_then(|id| self.entries.get(&id))
             && old.handles == 0
@@ -569,7 +571,9 @@ impl Policy {
             charged = charged.saturating_sub(entry.size);
             victims.push(entry.key);
         }
-        (victims, fits(charged))
+        let over = charged.saturating_add(size).saturating_sub(self.cap);
+        // `fits` also fails on overflow, which `over` saturates past.
+        (victims, if fits(charged) { 0 } else { over.max(1) })
     }
 }
 
@@ -585,7 +589,7 @@ mod tests {
     fn admitted(admission: Admission) -> (EntryId, Vec<EntryId>) {
         match admission {
             Admission::Admitted { id, evicted } => (id, evicted),
-            Admission::Declined => panic!("admission was declined"),
+            Admission::Declined { .. } => panic!("admission was declined"),
         }
     }
 
@@ -630,7 +634,7 @@ mod tests {
         let before: Vec<_> = policy.resident_entries().collect();
 
         // Only C may go, and that leaves 20 charged: 15 more don't fit.
-        assert_eq!(policy.admit(D, 15), Admission::Declined);
+        assert_eq!(policy.admit(D, 15), Admission::Declined { short_by: 5 });
         assert_eq!(policy.resident_entries().collect::<Vec<_>>(), before);
         assert_eq!(policy.charged_bytes(), 30);
         assert_eq!(policy.evictions(), Evictions::default());
@@ -640,8 +644,13 @@ mod tests {
     fn declines_files_larger_than_the_cap() {
         let mut policy = Policy::new(30);
         admitted(policy.admit(A, 10));
-        assert_eq!(policy.admit(B, 31), Admission::Declined);
-        assert_eq!(policy.admit(B, u64::MAX), Admission::Declined);
+        assert_eq!(policy.admit(B, 31), Admission::Declined { short_by: 1 });
+        assert_eq!(
+            policy.admit(B, u64::MAX),
+            Admission::Declined {
+                short_by: u64::MAX - 30
+            }
+        );
         assert_eq!(resident_keys(&policy), [A]);
     }
 
@@ -655,7 +664,7 @@ mod tests {
 
         let (_, evicted) = admitted(policy.admit(C, 10));
         assert_eq!(evicted, [b]);
-        assert_eq!(policy.admit(D, 15), Admission::Declined);
+        assert_eq!(policy.admit(D, 15), Admission::Declined { short_by: 5 });
         assert_eq!(policy.lookup(A), Some(a));
 
         assert!(policy.unpin(A));
@@ -698,7 +707,7 @@ mod tests {
         assert_eq!(policy.resident_bytes(), 0);
         assert_eq!(policy.held_bytes(), 10);
         assert_eq!(policy.charged_bytes(), 10);
-        assert_eq!(policy.admit(B, 15), Admission::Declined);
+        assert_eq!(policy.admit(B, 15), Admission::Declined { short_by: 5 });
 
         assert!(!policy.close(a));
         assert_eq!(policy.charged_bytes(), 10);
@@ -774,7 +783,7 @@ mod tests {
         assert_eq!(policy.set_cap(5), [a, c]);
         assert_eq!(policy.cap(), 5);
         assert_eq!(policy.charged_bytes(), 10, "the pin keeps it over the cap");
-        assert_eq!(policy.admit(D, 0), Admission::Declined);
+        assert_eq!(policy.admit(D, 0), Admission::Declined { short_by: 5 });
 
         assert!(policy.unpin(B));
         let (_, evicted) = admitted(policy.admit(D, 5));
@@ -1234,7 +1243,7 @@ mod properties {
                 let (victims, fits) = model.plan(size, replaced);
                 let before = snapshot(policy);
                 match policy.admit(key(k), size) {
-                    Admission::Declined => {
+                    Admission::Declined { .. } => {
                         assert!(!fits, "declined although it fits");
                         assert_eq!(snapshot(policy), before, "declining changed state");
                     }

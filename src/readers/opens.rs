@@ -3,8 +3,6 @@
 //! the counters behind `status`. Also the daemon's own warming of a file
 //! (manifest pins, `modelcache warm`, groups), which asks the same cache.
 
-use std::ffi::OsStr;
-use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,7 +13,7 @@ use super::exec::CommandRunner;
 use super::hooks::Hooks;
 use super::stats::{FileCounters, Stats};
 use super::{Classifier, ReaderClass};
-use crate::cache::{Cache, CacheRef, Identity, ReaderHold, WriteGuard};
+use crate::cache::{Cache, CacheRef, Identity, NotModelFile, ReaderHold, Refusal, WriteGuard};
 use crate::fs::inodes::InodeKey;
 use crate::fs::{Caching, Hold, Overlay, ReadOpen, ReadOpened, Stat};
 
@@ -31,17 +29,6 @@ pub struct Opens {
     /// Told the name of each model file opened by a class whose hook has
     /// `warm_group`: the manifest's worker warms the rest of its groups.
     group_opens: Sender<String>,
-}
-
-/// What `Opens::warm` did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Warmed {
-    /// Cached or loading: the cache key, to follow the load.
-    Queued(InodeKey),
-    /// Not a model file the cache takes (extension, size).
-    NotCacheable,
-    /// Cacheable, but not now: open for writing, no room, or memory low.
-    Refused,
 }
 
 /// What the cache knows a backing file by.
@@ -95,20 +82,22 @@ impl Opens {
 
     /// Loads the file at `rel` (relative to the root of `overlay`) into the
     /// cache without a reader: for the manifest's pins, warm files and
-    /// groups, and `modelcache warm`.
-    pub fn warm(&self, overlay: &Overlay, rel: &Path) -> io::Result<Warmed> {
-        let (file, st) = overlay.open_beneath(rel)?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG
-            || !self.cache.is_cacheable(rel.as_os_str(), st.st_size as u64)
-        {
-            return Ok(Warmed::NotCacheable);
+    /// groups, and `modelcache warm`. Returns the cache key, to follow the
+    /// load.
+    pub fn warm(&self, overlay: &Overlay, rel: &Path) -> Result<InodeKey, Refusal> {
+        let (file, st) = overlay
+            .open_beneath(rel)
+            .map_err(|e| Refusal::Io(e.to_string()))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(Refusal::NotModelFile(NotModelFile::NotRegular));
         }
+        self.cache
+            .model_files()
+            .check(rel, st.st_size as u64)
+            .map_err(Refusal::NotModelFile)?;
         let name = crate::names::shown(rel);
-        Ok(if self.cache.warm(identity(&st), &name, || Ok(file)) {
-            Warmed::Queued((st.st_dev, st.st_ino))
-        } else {
-            Warmed::Refused
-        })
+        self.cache.warm(identity(&st), &name, || Ok(file))?;
+        Ok((st.st_dev, st.st_ino))
     }
 }
 
@@ -131,12 +120,17 @@ impl Hold for WriteGuard {}
 
 impl Caching for Opens {
     fn may_cache(&self, size: u64) -> bool {
-        self.cache.fits(size)
+        self.cache.model_files().check_size(size).is_ok()
     }
 
     fn open_for_read(&self, open: ReadOpen<'_>) -> ReadOpened {
         let size = open.stat.st_size as u64;
-        if !self.cache.is_cacheable(OsStr::new(open.name), size) {
+        if self
+            .cache
+            .model_files()
+            .check(Path::new(open.name), size)
+            .is_err()
+        {
             return ReadOpened::uncached();
         }
         if is_own_thread(open.pid) {
@@ -163,6 +157,8 @@ impl Caching for Opens {
         let cached = self
             .cache
             .open_for_read(identity(open.stat), open.name, open.reopen, hold);
+        // Refused (open for writing, no room): served from the backing file.
+        let cached = cached.ok();
         let hit = cached.as_ref().is_some_and(|c| c.hit());
         let counters = self.stats.opened(open.name, reader.class, hit);
         if let Some(argv) = &hook.exec {
@@ -244,7 +240,7 @@ mod tests {
     }
 
     fn open(fs: &Overlay, name: &str, flags: i32) -> (Opened, u64) {
-        let e = fs.lookup(inodes::ROOT, OsStr::new(name)).unwrap();
+        let e = fs.lookup(inodes::ROOT, std::ffi::OsStr::new(name)).unwrap();
         (fs.open(e.id, flags, 0).unwrap(), e.id)
     }
 
