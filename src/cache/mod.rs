@@ -6,9 +6,13 @@
 
 pub mod budget;
 pub mod entry;
+mod holds;
+mod loader;
 pub mod policy;
 pub mod pressure;
 pub mod refusal;
+mod state;
+mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -16,18 +20,22 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use budget::PinBudget;
 pub use entry::{Entry, Identity, LockReason, MountView};
-use policy::{Admission, EntryId, EvictReason, Key, Policy};
+pub use holds::{CacheRef, ReaderHold, WriteGuard};
+use loader::{Job, LoadCounters, load_loop};
+use policy::{Admission, EvictReason, Key, Policy};
 pub use refusal::{ModelFiles, NotModelFile, Refusal};
+use state::{Shared, State, Why};
+pub use status::{CacheStatus, EntryStatus};
 
-use crate::units::{Bytes, Rate};
+use crate::units::Bytes;
 
 /// Model file extensions cached by default.
 pub const DEFAULT_EXTENSIONS: &[&str] = &[
@@ -42,10 +50,6 @@ pub const DEFAULT_EXTENSIONS: &[&str] = &[
     "pkl",
     "onnx",
 ];
-
-/// How much the loader copies per step: large enough for the disk to
-/// stream, small enough that a reader soon finds its range loaded.
-const LOAD_CHUNK: u64 = 8 << 20;
 
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
@@ -83,307 +87,6 @@ impl CacheConfig {
             pin_budget: None,
         }
     }
-}
-
-/// What a reader's open asks of the cache besides serving it: its class's
-/// hooks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReaderHold {
-    /// Keep the file cached while open, and this long after the last close.
-    pub protect: Option<Duration>,
-    /// Lock the file's pages in RAM, within the pin budget.
-    pub lock: bool,
-}
-
-struct State {
-    policy: Policy,
-    /// The entries the policy holds resident. An entry dropped from here
-    /// lives on while readers hold it and is freed with their last close.
-    resident: HashMap<EntryId, Arc<Entry>>,
-    /// Files open for writing through the mount: never cached meanwhile.
-    writers: HashMap<Key, u32>,
-    /// Paths (relative to the root) pinned by the manifest or a command:
-    /// their entries are pinned whenever they are (re)admitted.
-    pins: HashSet<String>,
-    /// Evicted entries that open handles may still hold (for status, and
-    /// to mark them stale when their file changes).
-    evicted: HashMap<EntryId, Weak<Entry>>,
-    /// Entries let go under the lock, dropped by the reaper thread after
-    /// it: freeing a multi-gigabyte mapping takes long, and must hold up
-    /// neither the lock nor a FUSE thread.
-    released: Vec<Arc<Entry>>,
-    /// Every entry made for each file, while anything holds it (a reader,
-    /// the reaper, a loader still storing): a new entry of the file fences
-    /// them before dropping the file's old pages.
-    made: HashMap<Key, Vec<Weak<Entry>>>,
-}
-
-/// Why entries leave the cache, for the log and for what open handles may
-/// still read.
-#[derive(Clone, Copy)]
-enum Why {
-    /// The file changed: its cached bytes are stale.
-    Changed(&'static str),
-    /// Room was needed: the bytes still match the file.
-    Room(&'static str),
-}
-
-impl std::fmt::Display for Why {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Why::Changed(s) | Why::Room(s) => f.write_str(s),
-        }
-    }
-}
-
-struct Shared {
-    config: CacheConfig,
-    /// Copy mode: entries live in the mounted files' page cache, reached
-    /// through this. Without it (passthrough mode) they keep the backing
-    /// file's pages locked, which the kernel reads directly.
-    mount: parking_lot::RwLock<Option<Arc<dyn MountView>>>,
-    /// The latest MemAvailable the pressure monitor saw (MAX until then).
-    mem_available: AtomicU64,
-    loads: LoadCounters,
-    pressure_events: AtomicU64,
-    /// Bytes of copy-mode entries locked in RAM, and how many may be.
-    budget: Arc<Mutex<PinBudget>>,
-    state: Mutex<State>,
-    /// To the reaper thread, which drops released entries.
-    reaper: Sender<Vec<Arc<Entry>>>,
-}
-
-/// The cache's lock. Entries released while it is held go to the reaper
-/// once it is let go.
-struct StateGuard<'a> {
-    guard: Option<parking_lot::MutexGuard<'a, State>>,
-    reaper: &'a Sender<Vec<Arc<Entry>>>,
-}
-
-impl std::ops::Deref for StateGuard<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        self.guard.as_ref().expect("held until drop")
-    }
-}
-
-impl std::ops::DerefMut for StateGuard<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        self.guard.as_mut().expect("held until drop")
-    }
-}
-
-impl Drop for StateGuard<'_> {
-    fn drop(&mut self) {
-        let released = self
-            .guard
-            .as_mut()
-            .map(|g| std::mem::take(&mut g.released))
-            .unwrap_or_default();
-        self.guard = None;
-        if !released.is_empty() {
-            // If the reaper is gone (shutting down), they drop here.
-            let _ = self.reaper.send(released);
-        }
-    }
-}
-
-impl Shared {
-    fn lock(&self) -> StateGuard<'_> {
-        StateGuard {
-            guard: Some(self.state.lock()),
-            reaper: &self.reaper,
-        }
-    }
-
-    /// Removes evicted entries from the resident set and stops their loads.
-    /// Entries evicted because their file changed are also marked stale, so
-    /// that handles still holding them read the backing file instead.
-    fn drop_resident(state: &mut State, ids: impl IntoIterator<Item = EntryId>, why: Why) {
-        for id in ids {
-            if let Some(entry) = state.resident.remove(&id) {
-                if state.policy.entry(id).is_some() {
-                    state.evicted.insert(id, Arc::downgrade(&entry));
-                }
-                match why {
-                    Why::Changed(_) => {
-                        entry.mark_stale();
-                        Self::stale_held(state, entry.identity.key());
-                    }
-                    Why::Room(_) => entry.release(),
-                }
-                info!("evicted {} ({}, {why})", entry.name, Bytes(entry.size()));
-                state.released.push(entry);
-            }
-        }
-    }
-
-    /// The file changed: entries evicted earlier but still held by open
-    /// handles must not serve their bytes either.
-    fn stale_held(state: &State, key: Key) {
-        for entry in state.evicted.values().filter_map(Weak::upgrade) {
-            if entry.identity.key() == key {
-                entry.mark_stale();
-            }
-        }
-    }
-
-    /// Drops the file's entry as changed. Returns every entry of the file,
-    /// resident or still held, for the caller to `fence` once the lock is
-    /// let go.
-    fn invalidate(&self, key: Key, why: &'static str) -> Vec<Arc<Entry>> {
-        let mut state = self.lock();
-        let evicted = state.policy.evict(key, EvictReason::Invalidated);
-        Self::drop_resident(&mut state, evicted, Why::Changed(why));
-        Self::stale_held(&state, key);
-        let mut of_file: Vec<Arc<Entry>> = state
-            .evicted
-            .values()
-            .filter_map(Weak::upgrade)
-            .filter(|e| e.identity.key() == key)
-            .collect();
-        of_file.extend(
-            state
-                .released
-                .iter()
-                .filter(|e| e.identity.key() == key)
-                .cloned(),
-        );
-        of_file
-    }
-
-    /// Drops `entry` if it is still the resident entry of its file (a failed
-    /// or stale load).
-    fn discard(&self, entry: &Entry) {
-        let mut state = self.lock();
-        let key = entry.identity.key();
-        if state.policy.lookup(key) == Some(entry.id) {
-            let evicted = state.policy.evict(key, EvictReason::Invalidated);
-            Self::drop_resident(&mut state, evicted, Why::Changed("load failed"));
-        }
-    }
-}
-
-/// A reader's hold on a cache entry: its bytes stay mapped while it lives.
-pub struct CacheRef {
-    shared: Arc<Shared>,
-    /// `Some` until dropped: then handed to the reaper with the lock's
-    /// other releases, so a last close frees no mapping on a FUSE thread.
-    entry: Option<Arc<Entry>>,
-    /// The entry was fully loaded when the file was opened.
-    hit: bool,
-    /// The reader protects the entry: for this long after it closes.
-    protect: Option<Duration>,
-}
-
-impl CacheRef {
-    pub fn entry(&self) -> &Entry {
-        self.entry.as_deref().expect("held until drop")
-    }
-
-    /// Whether the open found the file already loaded (a cache hit).
-    pub fn hit(&self) -> bool {
-        self.hit
-    }
-}
-
-impl Drop for CacheRef {
-    fn drop(&mut self) {
-        let Some(entry) = self.entry.take() else {
-            return;
-        };
-        let mut state = self.shared.lock();
-        if state.policy.close(entry.id) {
-            // Its last handle: the evicted entry is gone for good.
-            state.evicted.remove(&entry.id);
-        }
-        if let Some(grace) = self.protect {
-            let now = Instant::now();
-            state
-                .policy
-                .unprotect(entry.id, now.checked_add(grace).unwrap_or(now));
-        }
-        state.released.push(entry);
-    }
-}
-
-/// A writer's hold on a file: while any is alive the file is not cached,
-/// and the cache forgets it again when the last one goes (its bytes may
-/// have changed).
-pub struct WriteGuard {
-    shared: Arc<Shared>,
-    key: Key,
-}
-
-impl Drop for WriteGuard {
-    fn drop(&mut self) {
-        {
-            let mut state = self.shared.lock();
-            if let Some(n) = state.writers.get_mut(&self.key) {
-                *n -= 1;
-                if *n == 0 {
-                    state.writers.remove(&self.key);
-                }
-            }
-        }
-        self.shared.invalidate(self.key, "written");
-    }
-}
-
-/// Completed loads, for status.
-#[derive(Default)]
-struct LoadCounters {
-    count: AtomicU64,
-    bytes: AtomicU64,
-    nanos: AtomicU64,
-}
-
-/// One file the cache holds (or an evicted one still held open), for status.
-#[derive(Clone, Debug)]
-pub struct EntryStatus {
-    pub name: String,
-    pub size: u64,
-    pub loaded: u64,
-    pub pinned: bool,
-    /// Kept by a protecting reader: open, or within the grace after.
-    pub protected: bool,
-    /// Its pages are locked in RAM within the pin budget (copy mode).
-    pub locked: bool,
-    /// False: evicted, held until its last handle closes.
-    pub resident: bool,
-    pub handles: u64,
-}
-
-/// The whole cache, for status.
-#[derive(Clone, Debug)]
-pub struct CacheStatus {
-    pub max_size: u64,
-    pub resident_bytes: u64,
-    pub pinned_bytes: u64,
-    pub protected_bytes: u64,
-    /// Bytes locked within the pin budget.
-    pub locked_bytes: u64,
-    pub held_bytes: u64,
-    pub entries: Vec<EntryStatus>,
-    pub evictions: policy::Evictions,
-    pub loads: u64,
-    pub load_bytes: u64,
-    pub load_seconds: f64,
-    pub pressure_events: u64,
-}
-
-/// Work for the loader threads.
-enum Job {
-    /// Load a new entry from its backing file, after dropping the entries
-    /// evicted to make room for it: their memory is given back before the
-    /// new entry takes any, and not on the opener's FUSE thread.
-    Load {
-        entry: Arc<Entry>,
-        source: File,
-        victims: Vec<Arc<Entry>>,
-    },
-    /// Lock or unlock a loaded entry's pages as its reasons now say.
-    SettleLock(Arc<Entry>),
 }
 
 pub struct Cache {
@@ -709,63 +412,6 @@ impl Cache {
         freed
     }
 
-    /// What the cache holds now.
-    pub fn status(&self) -> CacheStatus {
-        let mut state = self.shared.lock();
-        state.policy.expire_protection(Instant::now());
-        let policy = &state.policy;
-        let describe = |entry: &Entry| -> Option<EntryStatus> {
-            let info = policy.entry(entry.id)?;
-            Some(EntryStatus {
-                name: entry.name.clone(),
-                size: entry.size(),
-                loaded: entry.loaded(),
-                pinned: info.pinned,
-                protected: info.protected(),
-                locked: entry.is_locked(),
-                resident: info.resident,
-                handles: info.handles,
-            })
-        };
-        let mut entries: Vec<EntryStatus> = state
-            .resident
-            .values()
-            .filter_map(|e| describe(e))
-            .collect();
-        entries.extend(
-            state
-                .evicted
-                .values()
-                .filter_map(Weak::upgrade)
-                .filter_map(|e| describe(&e)),
-        );
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        let loads = &self.shared.loads;
-        let status = CacheStatus {
-            max_size: policy.cap(),
-            resident_bytes: policy.resident_bytes(),
-            pinned_bytes: policy.pinned_bytes(),
-            protected_bytes: policy.protected_bytes(),
-            locked_bytes: self.shared.budget.lock().granted(),
-            held_bytes: policy.held_bytes(),
-            entries,
-            evictions: policy.evictions(),
-            loads: loads.count.load(Ordering::Relaxed),
-            load_bytes: loads.bytes.load(Ordering::Relaxed),
-            load_seconds: loads.nanos.load(Ordering::Relaxed) as f64 / 1e9,
-            pressure_events: self.shared.pressure_events.load(Ordering::Relaxed),
-        };
-        // Forget evicted entries whose last handle has closed.
-        let live: Vec<EntryId> = state
-            .evicted
-            .iter()
-            .filter(|(id, e)| e.strong_count() > 0 && state.policy.entry(**id).is_some())
-            .map(|(id, _)| *id)
-            .collect();
-        state.evicted.retain(|id, _| live.contains(id));
-        status
-    }
-
     /// Evicts the file named `name` now (`modelcache evict`). Returns false
     /// if it is not cached.
     pub fn evict_by_name(&self, name: &str) -> bool {
@@ -884,74 +530,6 @@ impl Drop for Cache {
         self.loads = None;
         for loader in self.loaders.drain(..) {
             let _ = loader.join();
-        }
-    }
-}
-
-fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
-    for job in jobs {
-        let (entry, source) = match job {
-            Job::Load {
-                entry,
-                source,
-                victims,
-            } => {
-                drop(victims);
-                (entry, source)
-            }
-            Job::SettleLock(entry) => {
-                if let Some(shared) = shared.upgrade() {
-                    entry.settle_lock(&shared.budget);
-                }
-                continue;
-            }
-        };
-        let entry = &entry;
-        if entry.is_cancelled() {
-            continue;
-        }
-        let started = Instant::now();
-        let result = entry.load(&source, LOAD_CHUNK).and_then(|()| {
-            // A change during the load makes the copy stale.
-            if !entry.serves(&Identity::of_file(&source)?) {
-                return Err(io::Error::other("the file changed while loading"));
-            }
-            Ok(())
-        });
-        match result {
-            Ok(()) => {
-                let secs = started.elapsed().as_secs_f64();
-                if let Some(shared) = shared.upgrade() {
-                    let loads = &shared.loads;
-                    loads.count.fetch_add(1, Ordering::Relaxed);
-                    loads.bytes.fetch_add(entry.size(), Ordering::Relaxed);
-                    let nanos = started.elapsed().as_nanos() as u64;
-                    loads.nanos.fetch_add(nanos, Ordering::Relaxed);
-                }
-                info!(
-                    "loaded {} ({}) in {secs:.2} s, {}",
-                    entry.name,
-                    Bytes(entry.size()),
-                    Rate {
-                        bytes: entry.size(),
-                        secs
-                    }
-                );
-                if let Some(shared) = shared.upgrade() {
-                    entry.settle_lock(&shared.budget);
-                }
-            }
-            Err(_) if entry.is_cancelled() => {}
-            Err(e) => {
-                warn!(
-                    "loading {} failed: {e}; it is served from the backing file",
-                    entry.name
-                );
-                if let Some(shared) = shared.upgrade() {
-                    shared.discard(entry);
-                }
-                entry.drop_stored_pages();
-            }
         }
     }
 }

@@ -1,0 +1,85 @@
+//! What readers and writers hold while a file is open: a reader's hold on
+//! the entry serving it, a writer's hold that keeps the file uncached.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Entry;
+use super::policy::Key;
+use super::state::Shared;
+
+/// What a reader's open asks of the cache besides serving it: its class's
+/// hooks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReaderHold {
+    /// Keep the file cached while open, and this long after the last close.
+    pub protect: Option<Duration>,
+    /// Lock the file's pages in RAM, within the pin budget.
+    pub lock: bool,
+}
+
+/// A reader's hold on a cache entry: its bytes stay mapped while it lives.
+pub struct CacheRef {
+    pub(super) shared: Arc<Shared>,
+    /// `Some` until dropped: then handed to the reaper with the lock's
+    /// other releases, so a last close frees no mapping on a FUSE thread.
+    pub(super) entry: Option<Arc<Entry>>,
+    /// The entry was fully loaded when the file was opened.
+    pub(super) hit: bool,
+    /// The reader protects the entry: for this long after it closes.
+    pub(super) protect: Option<Duration>,
+}
+
+impl CacheRef {
+    pub fn entry(&self) -> &Entry {
+        self.entry.as_deref().expect("held until drop")
+    }
+
+    /// Whether the open found the file already loaded (a cache hit).
+    pub fn hit(&self) -> bool {
+        self.hit
+    }
+}
+
+impl Drop for CacheRef {
+    fn drop(&mut self) {
+        let Some(entry) = self.entry.take() else {
+            return;
+        };
+        let mut state = self.shared.lock();
+        if state.policy.close(entry.id) {
+            // Its last handle: the evicted entry is gone for good.
+            state.evicted.remove(&entry.id);
+        }
+        if let Some(grace) = self.protect {
+            let now = Instant::now();
+            state
+                .policy
+                .unprotect(entry.id, now.checked_add(grace).unwrap_or(now));
+        }
+        state.released.push(entry);
+    }
+}
+
+/// A writer's hold on a file: while any is alive the file is not cached,
+/// and the cache forgets it again when the last one goes (its bytes may
+/// have changed).
+pub struct WriteGuard {
+    pub(super) shared: Arc<Shared>,
+    pub(super) key: Key,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        {
+            let mut state = self.shared.lock();
+            if let Some(n) = state.writers.get_mut(&self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    state.writers.remove(&self.key);
+                }
+            }
+        }
+        self.shared.invalidate(self.key, "written");
+    }
+}
