@@ -1,0 +1,153 @@
+//! `modelcache check`: the report of what a manifest takes under a root,
+//! and whether its pins fit the cap on this machine.
+
+use std::path::{Path, PathBuf};
+
+use super::Manifest;
+use super::file::{Reader, read_manifest_file};
+use super::matching::Matches;
+use super::values::{DEFAULT_MAX_SIZE, Limits, RuleKind, show_spec};
+use crate::Error;
+use crate::units::{Bytes, SizeSpec};
+
+/// `modelcache check`: what the manifest takes under `root`, and whether
+/// the pins fit the cap on this machine.
+pub fn check_command(manifest: Option<PathBuf>, root: &Path) -> Result<(), Error> {
+    let path = manifest.or_else(Manifest::default_path).ok_or_else(|| {
+        Error("no manifest given, and neither XDG_CONFIG_HOME nor HOME is set: give the manifest's path".into())
+    })?;
+    let manifest = Manifest::load(&path, Reader::Report)?;
+    // What a daemon of this user would say of the same file.
+    if let Err(e) = read_manifest_file(&path, Reader::Daemon) {
+        eprintln!("warning: a daemon run by this user would refuse it: {e}");
+    }
+    let ram = crate::cache::pressure::total_ram();
+    let limits = manifest.limits(ram)?;
+    let matches = manifest.matches(root)?;
+    print!("{}", report(&manifest, root, &matches, &limits, ram));
+    pins_fit(&manifest, &matches, &limits, ram)
+}
+
+/// The listing `check` prints.
+fn report(
+    manifest: &Manifest,
+    root: &Path,
+    matches: &Matches,
+    limits: &Limits,
+    ram: u64,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "manifest {}", manifest.origin.display());
+    let _ = writeln!(out, "root     {}", root.display());
+    for warning in &matches.warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
+    for rule in &matches.rules {
+        let _ = writeln!(
+            out,
+            "\n{} (line {}): {}",
+            rule.kind,
+            rule.location.line,
+            rule.globs.join(", ")
+        );
+        let width = rule
+            .files
+            .iter()
+            .map(|f| f.path.as_os_str().len())
+            .max()
+            .unwrap_or(0);
+        let mut too_big = Vec::new();
+        for file in &rule.files {
+            let path = file.path.display().to_string();
+            let _ = writeln!(out, "  {path:<width$}  {}", Bytes(file.size));
+            // Oversized pins are reported as a whole, below.
+            if file.size > limits.max_size && rule.kind != RuleKind::Pin {
+                too_big.push(path);
+            }
+        }
+        for path in too_big {
+            let _ = writeln!(
+                out,
+                "  warning: {path} is larger than the cap ({}): it will not be cached",
+                Bytes(limits.max_size)
+            );
+        }
+        if !rule.skipped.is_empty() {
+            let bytes: u64 = rule.skipped.iter().map(|f| f.size).sum();
+            let n = rule.skipped.len();
+            let s = if n == 1 { "" } else { "s" };
+            let _ = writeln!(
+                out,
+                "  ({n} more matched file{s}, {}, not cached: not a model extension, or under min_file_size)",
+                Bytes(bytes)
+            );
+        }
+        for warning in &rule.warnings {
+            let _ = writeln!(out, "  warning: {warning}");
+        }
+    }
+    let cap = cap_source(manifest);
+    let _ = writeln!(out);
+    let _ = writeln!(out, "pinned  {}", matches.pinned);
+    let _ = writeln!(out, "warm    {} (loaded at mount)", matches.warm);
+    let _ = writeln!(
+        out,
+        "groups  {} (loaded when a member is opened)",
+        matches.grouped
+    );
+    let _ = writeln!(out, "cap     {} ({cap})", Bytes(limits.max_size));
+    let _ = writeln!(out, "RAM     {}", Bytes(ram));
+    let resident = matches.pinned.bytes + matches.warm.bytes;
+    if matches.pinned.bytes <= limits.max_size && resident > limits.max_size {
+        let _ = writeln!(
+            out,
+            "warning: pinned and warm files total {}, more than the cap: not all warm files will stay cached",
+            Bytes(resident)
+        );
+    }
+    out
+}
+
+/// Where the cap comes from: `max_size, line 3`, `max_size = 20% of RAM, line 3`.
+fn cap_source(manifest: &Manifest) -> String {
+    match (manifest.cache.max_size, manifest.max_size_at) {
+        (Some(spec @ SizeSpec::PercentOfRam(_)), Some(at)) => {
+            format!("max_size = {}, line {}", show_spec(spec), at.line)
+        }
+        (Some(_), Some(at)) => format!("max_size, line {}", at.line),
+        _ => format!("max_size unset: {}", show_spec(DEFAULT_MAX_SIZE)),
+    }
+}
+
+/// Pins are never evicted for the cap, so pins over it can never all be cached.
+fn pins_fit(
+    manifest: &Manifest,
+    matches: &Matches,
+    limits: &Limits,
+    ram: u64,
+) -> Result<(), Error> {
+    let pinned = matches.pinned.bytes;
+    if pinned <= limits.max_size {
+        return Ok(());
+    }
+    let fix = if ram > 0 && pinned > ram {
+        format!(
+            "pin fewer files: they are more than this machine's RAM ({})",
+            Bytes(ram)
+        )
+    } else {
+        format!(
+            "raise max_size in [cache] to at least {}, or pin fewer files",
+            Bytes(pinned)
+        )
+    };
+    let cap = cap_source(manifest);
+    Err(Error(format!(
+        "{}: pinned files total {}, {} more than the cap of {} ({cap}): {fix}",
+        manifest.origin.display(),
+        Bytes(pinned),
+        Bytes(pinned - limits.max_size),
+        Bytes(limits.max_size),
+    )))
+}
