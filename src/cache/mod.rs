@@ -37,6 +37,10 @@ pub use status::{CacheStatus, EntryStatus};
 
 use crate::units::Bytes;
 
+/// Smaller files are not worth an entry (configs, tokenizers, previews).
+pub const DEFAULT_MIN_FILE_SIZE: u64 = 1 << 20;
+pub const DEFAULT_LOADER_THREADS: usize = 2;
+
 /// Model file extensions cached by default.
 pub const DEFAULT_EXTENSIONS: &[&str] = &[
     "safetensors",
@@ -77,8 +81,8 @@ impl CacheConfig {
     pub fn with_cap(max_size: u64) -> Self {
         Self {
             max_size,
-            min_file_size: 1 << 20,
-            loader_threads: 2,
+            min_file_size: DEFAULT_MIN_FILE_SIZE,
+            loader_threads: DEFAULT_LOADER_THREADS,
             extensions: DEFAULT_EXTENSIONS.iter().map(|e| e.to_string()).collect(),
             admit_on_open: true,
             min_available: 0,

@@ -43,8 +43,10 @@ pub type Key = (u64, u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EntryId(pub u64);
 
-/// Which unpinned, unopened entry goes first when room is needed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which unpinned, unopened entry goes first when room is needed (the
+/// manifest's `policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Eviction {
     /// The least recently used.
     #[default]

@@ -32,8 +32,8 @@ pub use source::Location;
 use source::Source;
 pub use tree::{Tree, TreeFile, WALK_MAX_ENTRIES, WALK_MAX_TIME};
 pub use values::{
-    Admit, CacheSettings, DEFAULT_LOADER_THREADS, DEFAULT_MAX_SIZE, DEFAULT_MIN_FILE_SIZE,
-    Eviction, Limits, MAX_LOADER_THREADS, RuleKind, parse_duration,
+    Admit, CacheSettings, DEFAULT_MAX_SIZE, Eviction, Limits, MAX_LOADER_THREADS, RuleKind,
+    parse_duration,
 };
 
 use crate::Error;

@@ -7,15 +7,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cache::DEFAULT_EXTENSIONS;
+pub use crate::cache::policy::Eviction;
+use crate::cache::{DEFAULT_EXTENSIONS, DEFAULT_LOADER_THREADS, DEFAULT_MIN_FILE_SIZE};
 use crate::units::{Bytes, SizeSpec};
 
 /// `max_size` when unset: half the RAM leaves the other half to the
 /// programs that read the models (ComfyUI keeps its own copies).
 pub const DEFAULT_MAX_SIZE: SizeSpec = SizeSpec::PercentOfRam(50.0);
-/// Smaller files are not worth an entry (configs, tokenizers, previews).
-pub const DEFAULT_MIN_FILE_SIZE: u64 = 1 << 20;
-pub const DEFAULT_LOADER_THREADS: usize = 2;
 pub const MAX_LOADER_THREADS: usize = 32;
 
 /// When a file enters the cache.
@@ -27,17 +25,6 @@ pub enum Admit {
     OnOpen,
     /// Only files the manifest (or a command) names.
     Manual,
-}
-
-/// Which unpinned file goes first when room is needed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Eviction {
-    /// The least recently used.
-    #[default]
-    Lru,
-    /// Least recently used, weighted so large files (slow to reload) stay longer.
-    SizeAware,
 }
 
 /// The `[cache]` table. Sizes whose default depends on the machine's RAM
@@ -84,13 +71,15 @@ impl Default for CacheSettings {
 
 impl CacheSettings {
     /// Whether the cache would take a file of this name and size (the cap
-    /// aside, which needs the RAM): the same test as `Cache::is_cacheable`.
+    /// aside, which needs the RAM): the cache's own rule.
     pub fn takes(&self, path: &Path, size: u64) -> bool {
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(|e| e.to_ascii_lowercase());
-        size >= self.min_file_size && ext.is_some_and(|e| self.extensions.contains(&e))
+        crate::cache::ModelFiles {
+            extensions: &self.extensions,
+            min_size: self.min_file_size,
+            max_size: None,
+        }
+        .check(path, size)
+        .is_ok()
     }
 }
 

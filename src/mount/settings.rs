@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use crate::Error;
 use crate::cache::CacheConfig;
-use crate::cache::policy;
 use crate::fs::fuse::ReadMode;
 use crate::fs::passthrough::Passthrough;
 use crate::manifest::{self, Admit, Manifest};
@@ -155,10 +154,7 @@ impl Settings {
         cache.extensions = m.cache.extensions.clone();
         cache.admit_on_open = m.cache.admit == Admit::OnOpen;
         cache.min_available = limits.min_available;
-        cache.eviction = match m.cache.policy {
-            manifest::Eviction::Lru => policy::Eviction::Lru,
-            manifest::Eviction::SizeAware => policy::Eviction::SizeAware,
-        };
+        cache.eviction = m.cache.policy;
         cache.mlock = m.cache.mlock;
         cache.pin_budget = limits.pin_budget;
         Ok(Settings {
