@@ -17,6 +17,7 @@ pub mod paths;
 pub mod protocol;
 pub mod render;
 pub mod server;
+mod warm_progress;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

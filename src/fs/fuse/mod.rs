@@ -5,22 +5,26 @@
 //! `default_permissions`, so the kernel checks modes itself and never sends
 //! ACCESS requests.
 
+mod convert;
+mod init;
+
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    BackingId, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::passthrough::BackingFiles;
 pub use super::passthrough::Passthrough;
-use super::{Caller, Entry, Overlay, SetAttr, Stat, TimeSpec, XattrReply};
+use super::{Overlay, SetAttr};
+use convert::{attr, caller, dirent_type, errno, reply_empty, reply_entry, reply_xattr, timespec};
 
 /// Listings of directories are kept in the kernel (FOPEN_CACHE_DIR) only
 /// when names and attributes live at least this long: a cached listing
@@ -97,167 +101,9 @@ impl FuseAdapter {
     }
 }
 
-fn errno(err: io::Error) -> Errno {
-    Errno::from_i32(err.raw_os_error().unwrap_or(libc::EIO))
-}
-
-/// The process behind a request, with the umask the kernel left for us to
-/// apply to a create (FUSE_DONT_MASK; 0 for other requests and for a
-/// symlink, whose mode is always 0777).
-fn caller(req: &Request, umask: u32) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-        pid: req.pid(),
-        umask,
-    }
-}
-
-fn time(sec: i64, nsec: i64) -> SystemTime {
-    let nanos = Duration::from_nanos(nsec as u64);
-    if sec >= 0 {
-        UNIX_EPOCH + Duration::from_secs(sec as u64) + nanos
-    } else {
-        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + nanos
-    }
-}
-
-fn file_type(mode: u32) -> FileType {
-    match mode & libc::S_IFMT {
-        libc::S_IFDIR => FileType::Directory,
-        libc::S_IFLNK => FileType::Symlink,
-        libc::S_IFIFO => FileType::NamedPipe,
-        libc::S_IFSOCK => FileType::Socket,
-        libc::S_IFCHR => FileType::CharDevice,
-        libc::S_IFBLK => FileType::BlockDevice,
-        _ => FileType::RegularFile,
-    }
-}
-
-fn dirent_type(kind: u8) -> FileType {
-    match kind {
-        libc::DT_DIR => FileType::Directory,
-        libc::DT_LNK => FileType::Symlink,
-        libc::DT_FIFO => FileType::NamedPipe,
-        libc::DT_SOCK => FileType::Socket,
-        libc::DT_CHR => FileType::CharDevice,
-        libc::DT_BLK => FileType::BlockDevice,
-        _ => FileType::RegularFile,
-    }
-}
-
-/// Attributes as the kernel sees them: the backing file's, with the node id
-/// as inode number (hard links share it).
-fn attr(id: u64, st: &Stat) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(id),
-        size: st.st_size as u64,
-        blocks: st.st_blocks as u64,
-        atime: time(st.st_atime, st.st_atime_nsec),
-        mtime: time(st.st_mtime, st.st_mtime_nsec),
-        ctime: time(st.st_ctime, st.st_ctime_nsec),
-        crtime: UNIX_EPOCH,
-        kind: file_type(st.st_mode),
-        perm: (st.st_mode & 0o7777) as u16,
-        nlink: st.st_nlink as u32,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        rdev: st.st_rdev as u32,
-        blksize: st.st_blksize as u32,
-        flags: 0,
-    }
-}
-
-fn reply_entry(reply: ReplyEntry, ttl: Duration, result: io::Result<Entry>) {
-    match result {
-        Ok(e) => reply.entry(&ttl, &attr(e.id, &e.stat), Generation(0)),
-        Err(e) => reply.error(errno(e)),
-    }
-}
-
-fn reply_empty(reply: ReplyEmpty, result: io::Result<()>) {
-    match result {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(e)),
-    }
-}
-
-fn reply_xattr(reply: ReplyXattr, result: io::Result<XattrReply>) {
-    match result {
-        Ok(XattrReply::Size(n)) => reply.size(n),
-        Ok(XattrReply::Data(d)) => reply.data(&d),
-        Err(e) => reply.error(errno(e)),
-    }
-}
-
-fn timespec(t: TimeOrNow) -> TimeSpec {
-    match t {
-        TimeOrNow::Now => TimeSpec::Now,
-        TimeOrNow::SpecificTime(t) => {
-            let (tv_sec, tv_nsec) = match t.duration_since(UNIX_EPOCH) {
-                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
-                // fuser 0.18 decodes a time before 1970, `sec + nsec` with
-                // `sec < 0`, as `EPOCH - (|sec| + nsec)`: undo exactly that.
-                Err(e) => (
-                    -(e.duration().as_secs() as i64),
-                    e.duration().subsec_nanos() as i64,
-                ),
-            };
-            TimeSpec::At(libc::timespec { tv_sec, tv_nsec })
-        }
-    }
-}
-
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // Optional capabilities: each is used only if this kernel has it.
-        // READDIRPLUS always (not AUTO): listing a directory then also
-        // answers the stat of every entry, which is what ComfyUI's model
-        // scan and `find` do next. PARALLEL_DIROPS: lookups in one directory
-        // need not be serialized, every backing call is *at-relative.
-        // DIRECT_IO_ALLOW_MMAP: mmap of a file opened with FOPEN_DIRECT_IO.
-        // ASYNC_DIO: an asynchronous (aio, io_uring) direct read goes out as
-        // several requests at once; a plain read() still sends its requests
-        // one after another. AUTO_INVAL_DATA: the kernel drops a file's page
-        // cache when it sees a new mtime (a file changed behind a --backing
-        // mount), which matters for the page cache copy-mode entries keep.
-        // POSIX_ACL: with default_permissions the kernel checks each
-        // caller against the backing file's ACLs (read through getxattr),
-        // not the mode bits alone. DONT_MASK: the kernel leaves the umask to
-        // us, so that a directory's default ACL can replace it as on the
-        // backing filesystem (creds.rs applies it per create).
-        for cap in [
-            InitFlags::FUSE_POSIX_ACL,
-            InitFlags::FUSE_DONT_MASK,
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
-            InitFlags::FUSE_ASYNC_DIO,
-            InitFlags::FUSE_AUTO_INVAL_DATA,
-        ] {
-            let _ = config.add_capabilities(cap);
-        }
-        let mmap_ok = config
-            .capabilities()
-            .contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
-        if self.read_mode == ReadMode::Direct && !mmap_ok {
-            tracing::warn!(
-                "this kernel cannot mmap direct-I/O files (Linux < 6.6): model files are read \
-                 through the page cache instead"
-            );
-            self.read_mode = ReadMode::PageCache;
-        }
-        if self.backing_files.is_enabled() {
-            // Depth 1: backing files must live on a plain filesystem (not
-            // overlayfs or another passthrough mount); others are refused at
-            // open and served through the daemon.
-            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-                && config.set_max_stack_depth(1).is_ok();
-            if !granted {
-                tracing::warn!("this kernel does not offer FUSE passthrough (Linux 6.9+)");
-                self.backing_files.disable();
-            }
-        }
+        self.negotiate(config);
         Ok(())
     }
 

@@ -1,128 +1,12 @@
-//! `modelcache doctor [DIR]`: checks what a mount needs on this machine, for
-//! this user, and prints one line per check with a status word (`ok`,
-//! `info`, `warn`, `FAIL`) and, for a problem, its fix. A `FAIL` is
-//! something that blocks a mount; the command then exits 1.
-//!
-//! Gathering (PATH, /dev/fuse, /etc/fuse.conf, /proc, /sys) is thin; each
-//! check's verdict is a pure function of what was read, tested below.
-//! There is no testing knob: the doctor looks at the real environment of
-//! its process, and the tests make the failing cases by changing that
-//! environment — PATH, the user (setpriv), resource limits (prlimit), and
-//! a private mount namespace that hides or replaces /dev/fuse or
-//! /etc/fuse.conf — exactly what a user's machine could look like.
+//! Each check's verdict: a pure function of the facts gathered for it,
+//! giving the one [`Finding`] line it prints.
 
-use std::ffi::CString;
-use std::fmt::Write as _;
-use std::fs;
-use std::io::{self, IsTerminal};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::PathBuf;
 
-use crate::Error;
-use crate::cache::budget;
-use crate::cache::pressure::{self, Sample};
-use crate::fs::passthrough;
-use crate::manifest::{DEFAULT_MAX_SIZE, Manifest};
-use crate::mount::{self, CacheFlags, Liveness, Settings};
-use crate::mountinfo;
+use super::Finding;
+use crate::manifest::DEFAULT_MAX_SIZE;
 use crate::units::{Bytes, SizeSpec};
-
-/// How a check came out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Status {
-    Ok,
-    /// Worth knowing, nothing to fix.
-    Info,
-    /// The mount works, less well than it could.
-    Warn,
-    /// The mount would fail.
-    Fail,
-}
-
-impl Status {
-    fn word(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Info => "info",
-            Status::Warn => "warn",
-            Status::Fail => "FAIL",
-        }
-    }
-
-    /// SGR colour of the word on a terminal.
-    fn colour(self) -> &'static str {
-        match self {
-            Status::Ok => "32",
-            Status::Info => "36",
-            Status::Warn => "33",
-            Status::Fail => "1;31",
-        }
-    }
-}
-
-/// The outcome of one check: one output line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Finding {
-    pub status: Status,
-    /// What was checked, a short name.
-    pub check: &'static str,
-    pub message: String,
-    /// How to fix it; every `Warn` and `Fail` has one.
-    pub fix: Option<String>,
-}
-
-impl Finding {
-    fn ok(check: &'static str, message: impl Into<String>) -> Self {
-        Self::new(Status::Ok, check, message, None)
-    }
-
-    fn info(check: &'static str, message: impl Into<String>) -> Self {
-        Self::new(Status::Info, check, message, None)
-    }
-
-    fn warn(check: &'static str, message: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self::new(Status::Warn, check, message, Some(fix.into()))
-    }
-
-    fn fail(check: &'static str, message: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self::new(Status::Fail, check, message, Some(fix.into()))
-    }
-
-    fn new(
-        status: Status,
-        check: &'static str,
-        message: impl Into<String>,
-        fix: Option<String>,
-    ) -> Self {
-        Self {
-            status,
-            check,
-            message: message.into(),
-            fix,
-        }
-    }
-}
-
-/// The findings as text, one line each; `colour` colours the status words
-/// (for a terminal).
-pub fn render(findings: &[Finding], colour: bool) -> String {
-    let mut out = String::new();
-    for f in findings {
-        let word = f.status.word();
-        if colour {
-            let _ = write!(out, "\x1b[{}m{word:<4}\x1b[0m", f.status.colour());
-        } else {
-            let _ = write!(out, "{word:<4}");
-        }
-        let _ = write!(out, "  {}: {}", f.check, f.message);
-        if let Some(fix) = &f.fix {
-            let _ = write!(out, "; fix: {fix}");
-        }
-        out.push('\n');
-    }
-    out
-}
 
 /// A size, or "unlimited" for the largest value.
 fn shown(bytes: u64) -> String {
@@ -187,20 +71,8 @@ pub fn fusermount_finding(root: bool, found: Option<&Helper>) -> Finding {
     }
 }
 
-fn find_helper() -> Option<Helper> {
-    let path = mount::find_fusermount()?;
-    let meta = fs::metadata(&path).ok()?;
-    Some(Helper {
-        mode: meta.permissions().mode(),
-        owner: meta.uid(),
-        path,
-    })
-}
-
 // ---------------------------------------------------------------------------
 // /dev/fuse
-
-const FUSE_DEVICE: &str = "/dev/fuse";
 
 /// What opening /dev/fuse read-write gave.
 #[derive(Debug)]
@@ -253,35 +125,10 @@ pub fn fuse_device_finding(uid: u32, device: &Device) -> Finding {
     }
 }
 
-fn probe_device(path: &Path) -> Device {
-    let meta = match fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Device::Missing,
-        Err(e) => return Device::CannotOpen(e, 0),
-    };
-    let kind = meta.file_type();
-    if !kind.is_char_device() {
-        return Device::NotCharDevice(if kind.is_dir() {
-            "directory"
-        } else if kind.is_file() {
-            "regular file"
-        } else if kind.is_block_device() {
-            "block device"
-        } else {
-            "special file"
-        });
-    }
-    // Opening /dev/fuse alone makes an unused connection, gone at close.
-    match fs::File::options().read(true).write(true).open(path) {
-        Ok(_) => Device::Opens,
-        Err(e) => Device::CannotOpen(e, meta.permissions().mode()),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // /etc/fuse.conf
 
-const FUSE_CONF: &str = "/etc/fuse.conf";
+pub(super) const FUSE_CONF: &str = "/etc/fuse.conf";
 
 /// Whether a fuse.conf lets normal users mount with `allow_other`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -410,41 +257,7 @@ pub struct Plan {
     pub mlock: bool,
 }
 
-impl Plan {
-    fn of(settings: &Settings, flag: Option<SizeSpec>) -> Plan {
-        let manifest = settings.manifest.as_ref();
-        let cap_from = match (flag, manifest) {
-            (Some(_), _) => "--max-size".to_string(),
-            (None, Some(m)) if m.cache.max_size.is_some() => {
-                format!("max_size in {}", m.origin.display())
-            }
-            _ => default_cap_from(),
-        };
-        Plan {
-            cap: settings.cache.max_size,
-            cap_from,
-            min_available: settings.cache.min_available,
-            pin_budget: settings.cache.pin_budget,
-            mlock: settings.cache.mlock || manifest.is_some_and(|m| m.hooks.any_mlock()),
-        }
-    }
-
-    /// The defaults, when the manifest or flags given cannot be used.
-    fn defaults(ram: u64) -> Plan {
-        let limits = Manifest::parse("", Path::new("(defaults)"))
-            .and_then(|m| m.limits(ram))
-            .ok();
-        Plan {
-            cap: limits.map_or(DEFAULT_MAX_SIZE.resolve(ram), |l| l.max_size),
-            cap_from: default_cap_from(),
-            min_available: limits.map_or(0, |l| l.min_available),
-            pin_budget: None,
-            mlock: false,
-        }
-    }
-}
-
-fn default_cap_from() -> String {
+pub(super) fn default_cap_from() -> String {
     match DEFAULT_MAX_SIZE {
         SizeSpec::PercentOfRam(p) => format!("the default, {p}% of RAM"),
         SizeSpec::Bytes(b) => format!("the default, {}", Bytes(b)),
@@ -559,55 +372,6 @@ pub enum Cgroup {
     Unknown,
 }
 
-/// v1 writes "no limit" as the largest page-aligned counter value
-/// (9223372036854771712 with 4 KiB pages); anything this big is no limit.
-const V1_UNLIMITED: u64 = 1 << 62;
-
-/// The path of this process's cgroup in the v1 memory hierarchy (the
-/// `N:...memory...:/path` line of /proc/self/cgroup), without its leading
-/// `/`.
-pub fn parse_cgroup_v1_memory(text: &str) -> Option<&str> {
-    text.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        controllers
-            .split(',')
-            .any(|c| c == "memory")
-            .then(|| path.trim_start_matches('/'))
-    })
-}
-
-/// The tightest `memory.limit_in_bytes` over the v1 cgroup at `path`
-/// (relative to `root`, the memory hierarchy's mount) and its ancestors.
-/// Levels that are absent (a container sees its own cgroup as the root)
-/// are skipped.
-pub fn read_cgroup_v1_limit(root: &Path, path: &str) -> Option<u64> {
-    let leaf = root.join(path);
-    leaf.ancestors()
-        .take_while(|dir| dir.starts_with(root))
-        .filter_map(|dir| fs::read_to_string(dir.join("memory.limit_in_bytes")).ok())
-        .filter_map(|text| text.trim().parse::<u64>().ok())
-        .filter(|&limit| limit < V1_UNLIMITED)
-        .min()
-}
-
-fn read_cgroup(sample: Option<&Sample>) -> Cgroup {
-    let Ok(text) = fs::read_to_string("/proc/self/cgroup") else {
-        return Cgroup::Unknown;
-    };
-    if let Some(path) = parse_cgroup_v1_memory(&text) {
-        return Cgroup::V1(read_cgroup_v1_limit(
-            Path::new("/sys/fs/cgroup/memory"),
-            path,
-        ));
-    }
-    match (pressure::parse_cgroup_path(&text), sample) {
-        // The pressure monitor's own reading of the v2 limit.
-        (Some(_), Some(sample)) => Cgroup::V2(sample.cgroup),
-        _ => Cgroup::Unknown,
-    }
-}
-
 const LOWER_CAP: &str = "lower the cap (--max-size, or max_size in the manifest)";
 
 pub fn cgroup_finding(cgroup: Cgroup, cap: u64) -> Finding {
@@ -704,45 +468,6 @@ pub fn delegation_finding(
 // ---------------------------------------------------------------------------
 // The mount point
 
-/// A modelcache mount (or a dead one of another filesystem) at `path`:
-/// `Some` with the finding, `None` when nothing is mounted there that
-/// decides the check. Never changes anything (`mount` clears stale mounts;
-/// the doctor only reports them).
-fn mount_state(path: &Path) -> Option<Finding> {
-    const CHECK: &str = "mount point";
-    let p = path.display();
-    let m = mountinfo::mount_at(path)?;
-    let alive = mount::probe(path);
-    Some(match alive {
-        Liveness::Alive if m.is_modelcache() => Finding::ok(
-            CHECK,
-            format!("{p} is already mounted (modelcache, of {})", m.source),
-        ),
-        Liveness::Dead if m.is_modelcache() => Finding::warn(
-            CHECK,
-            format!(
-                "{p} is a stale modelcache mount: its daemon exited (\"Transport endpoint is not \
-                 connected\")"
-            ),
-            format!("`modelcache mount` clears it, or `fusermount3 -u {p}`"),
-        ),
-        Liveness::Silent if m.is_modelcache() => Finding::warn(
-            CHECK,
-            format!("{p} is a modelcache mount whose daemon does not answer"),
-            format!("`modelcache umount --lazy {p}`"),
-        ),
-        Liveness::Dead => Finding::fail(
-            CHECK,
-            format!(
-                "{p} is a dead {} mount that modelcache did not make; `modelcache mount` refuses it",
-                m.fstype
-            ),
-            format!("`fusermount3 -u {p}` (or `umount -l {p}` as root)"),
-        ),
-        _ => return None,
-    })
-}
-
 /// What the mount point's checks need to know of the directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirFacts {
@@ -817,18 +542,6 @@ pub fn ownership_finding(uid: u32, dir: &DirFacts, allow_other: bool) -> Finding
     )
 }
 
-/// ComfyUI's models folder: one of its model subfolders, or ComfyUI's
-/// `main.py` and `comfy/` in the parent.
-pub fn looks_like_comfyui(dir: &Path) -> bool {
-    let has_models = ["checkpoints", "diffusion_models", "loras"]
-        .iter()
-        .any(|d| dir.join(d).is_dir());
-    let parent_is_comfyui = dir
-        .parent()
-        .is_some_and(|p| p.join("main.py").is_file() && p.join("comfy").is_dir());
-    has_models || parent_is_comfyui
-}
-
 pub fn fast_disk_finding() -> Finding {
     Finding::info(
         "ComfyUI",
@@ -840,200 +553,9 @@ pub fn fast_disk_finding() -> Finding {
     )
 }
 
-fn access(path: &Path, mode: libc::c_int) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: NUL-terminated path.
-    unsafe { libc::access(c.as_ptr(), mode) == 0 }
-}
-
-/// The checks of DIR, the mount point (in place: also the backing).
-fn dir_findings(dir: &Path, uid: u32, allow_other: bool) -> Vec<Finding> {
-    const CHECK: &str = "mount point";
-    let shown = dir.display();
-    // Its parent resolved, the last component untouched: it may be a dead
-    // mount that cannot be stat'ed.
-    let abs = match mount::absolute(dir) {
-        Ok(p) => p,
-        Err(e) => {
-            return vec![Finding::fail(
-                CHECK,
-                format!("{shown}: {e}"),
-                format!("create it with `mkdir -p {shown}`"),
-            )];
-        }
-    };
-    if let Some(found) = mount_state(&abs) {
-        let live = found.status == Status::Ok;
-        let mut out = vec![found];
-        if live && looks_like_comfyui(&abs) {
-            out.push(fast_disk_finding());
-        }
-        return out;
-    }
-    let p = abs.display();
-    let meta = match fs::metadata(&abs) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return vec![Finding::fail(
-                CHECK,
-                format!("{p} does not exist"),
-                format!("create it with `mkdir -p {p}`, or give the models directory"),
-            )];
-        }
-        Err(e) => {
-            return vec![Finding::fail(
-                CHECK,
-                format!("{p}: {e}"),
-                "give a directory this user can reach",
-            )];
-        }
-    };
-    if !meta.is_dir() {
-        return vec![Finding::fail(
-            CHECK,
-            format!("{p} is not a directory"),
-            "give the models directory",
-        )];
-    }
-    let canonical = abs.canonicalize().unwrap_or_else(|_| abs.clone());
-    if canonical != abs
-        && let Some(found) = mount_state(&canonical)
-    {
-        return vec![found];
-    }
-    let facts = DirFacts {
-        owner: meta.uid(),
-        owner_name: mount::user_name(meta.uid()),
-        sticky: meta.permissions().mode() & 0o1000 != 0,
-        readable: access(&canonical, libc::R_OK | libc::X_OK),
-        writable: access(&canonical, libc::W_OK),
-        path: canonical.clone(),
-    };
-    let mut out = vec![ownership_finding(uid, &facts, allow_other)];
-    if looks_like_comfyui(&canonical) {
-        out.push(fast_disk_finding());
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------
-// The command
-
-/// Runs every check for this process's user, as `modelcache mount` with
-/// the same arguments would meet them.
-pub fn findings(
-    dir: Option<&Path>,
-    allow_other: bool,
-    manifest: Option<PathBuf>,
-    max_size: Option<SizeSpec>,
-) -> Vec<Finding> {
-    // SAFETY: no arguments; cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    let root = mount::is_root();
-    let mut out = Vec::new();
-    out.push(fusermount_finding(root, find_helper().as_ref()));
-    out.push(fuse_device_finding(
-        uid,
-        &probe_device(Path::new(FUSE_DEVICE)),
-    ));
-    out.extend(allow_other_finding(
-        root,
-        allow_other,
-        &fs::read_to_string(FUSE_CONF),
-    ));
-
-    let ram = crate::cache::pressure::total_ram();
-    let flags = CacheFlags {
-        max_size,
-        min_file_size: None,
-        loader_threads: None,
-    };
-    let plan = match Settings::resolve(flags, manifest) {
-        Ok(settings) => {
-            out.push(Finding::ok(
-                "manifest",
-                match &settings.manifest {
-                    Some(m) => format!("{} is valid", m.origin.display()),
-                    None => match Manifest::default_path() {
-                        Some(p) => format!("none at {}: the defaults apply", p.display()),
-                        None => "none: the defaults apply".into(),
-                    },
-                },
-            ));
-            Plan::of(&settings, max_size)
-        }
-        Err(e) => {
-            out.push(Finding::fail(
-                "manifest",
-                format!("{e} (the checks below use the defaults)"),
-                "correct it; `modelcache check MANIFEST --root DIR` lists what it selects",
-            ));
-            Plan::defaults(ram)
-        }
-    };
-
-    let why_not = passthrough::unsupported_reason();
-    out.push(passthrough_finding(
-        why_not.as_deref(),
-        passthrough::kernel_release(),
-    ));
-    out.push(memlock_finding(
-        budget::memlock_allowance(),
-        lock_need(why_not.is_none(), &plan),
-        plan.cap,
-    ));
-
-    let sample = Sample::read().ok();
-    match &sample {
-        Some(s) => out.push(ram_finding(s.mem_total, s.mem_available, &plan)),
-        None => out.push(Finding::warn(
-            "RAM",
-            "cannot read /proc/meminfo: the pressure monitor cannot watch memory",
-            "mount /proc (in a container, do not hide it)",
-        )),
-    }
-    out.push(cgroup_finding(read_cgroup(sample.as_ref()), plan.cap));
-    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let controllers = fs::read_to_string(format!(
-        "/sys/fs/cgroup/user.slice/user-{uid}.slice/user@{uid}.service/cgroup.controllers"
-    ));
-    out.extend(delegation_finding(uid, unified, &controllers));
-
-    if let Some(dir) = dir {
-        out.extend(dir_findings(dir, uid, allow_other));
-    }
-    out
-}
-
-/// `modelcache doctor [DIR] [--allow-other]`: prints the findings; an error
-/// (exit 1) when one of them blocks a mount.
-pub fn doctor_command(
-    dir: Option<&Path>,
-    allow_other: bool,
-    manifest: Option<PathBuf>,
-    max_size: Option<SizeSpec>,
-) -> Result<(), Error> {
-    let found = findings(dir, allow_other, manifest, max_size);
-    let colour = io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    print!("{}", render(&found, colour));
-    let count = |s: Status| found.iter().filter(|f| f.status == s).count();
-    let (failed, warned) = (count(Status::Fail), count(Status::Warn));
-    if failed > 0 {
-        return Err(Error(format!(
-            "{failed} check(s) failed: fix the FAIL lines above before mounting"
-        )));
-    }
-    match warned {
-        0 => println!("nothing blocks a mount"),
-        n => println!("nothing blocks a mount ({n} warning(s) above)"),
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::Status;
     use super::*;
 
     const GIB: u64 = 1 << 30;
@@ -1058,20 +580,6 @@ mod tests {
 
     fn not_found() -> io::Result<String> {
         Err(io::Error::from(io::ErrorKind::NotFound))
-    }
-
-    #[test]
-    fn every_problem_has_a_fix_and_render_puts_it_on_the_line() {
-        let f = fusermount_finding(false, None);
-        assert_eq!(f.status, Status::Fail);
-        assert!(f.fix.as_deref().unwrap().contains("fuse3"));
-        let text = render(&[f, Finding::ok("x", "fine")], false);
-        assert_eq!(text.lines().count(), 2);
-        assert!(text.starts_with("FAIL  fusermount3: not found in PATH"));
-        assert!(text.contains("; fix: install the fuse3 package"));
-        assert!(text.lines().nth(1).unwrap().starts_with("ok    x: fine"));
-        assert!(!text.contains('\x1b'));
-        assert!(render(&[Finding::ok("x", "y")], true).contains("\x1b[32mok"));
     }
 
     #[test]
@@ -1223,31 +731,6 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_v1_lines_and_limits() {
-        let hybrid = "12:pids:/user.slice\n4:memory:/process_api/abc\n0::/\n";
-        assert_eq!(parse_cgroup_v1_memory(hybrid), Some("process_api/abc"));
-        assert_eq!(parse_cgroup_v1_memory("3:cpu,memory:/x\n"), Some("x"));
-        assert_eq!(parse_cgroup_v1_memory("0::/user.slice\n"), None);
-        assert_eq!(parse_cgroup_v1_memory("5:memoryx:/y\n"), None);
-
-        let root = tempfile::tempdir().unwrap();
-        let leaf = root.path().join("a/b");
-        fs::create_dir_all(&leaf).unwrap();
-        fs::write(
-            root.path().join("memory.limit_in_bytes"),
-            "9223372036854771712\n",
-        )
-        .unwrap();
-        assert_eq!(read_cgroup_v1_limit(root.path(), "a/b"), None);
-        fs::write(root.path().join("a/memory.limit_in_bytes"), "8589934592\n").unwrap();
-        fs::write(leaf.join("memory.limit_in_bytes"), "17179869184\n").unwrap();
-        assert_eq!(read_cgroup_v1_limit(root.path(), "a/b"), Some(8 * GIB));
-        // A path the mount does not show (a container's own view): the
-        // levels that are there count.
-        assert_eq!(read_cgroup_v1_limit(root.path(), "a/gone/c"), Some(8 * GIB));
-    }
-
-    #[test]
     fn cgroup_limits_under_the_cap_are_warnings() {
         let cap = 16 * GIB;
         assert_eq!(cgroup_finding(Cgroup::V2(None), cap).status, Status::Ok);
@@ -1328,22 +811,5 @@ mod tests {
         d.sticky = true;
         assert_eq!(ownership_finding(1001, &d, false).status, Status::Fail);
         assert_eq!(ownership_finding(1000, &d, false).status, Status::Ok);
-    }
-
-    #[test]
-    fn comfyui_trees_are_recognised() {
-        let tmp = tempfile::tempdir().unwrap();
-        let models = tmp.path().join("ComfyUI/models");
-        fs::create_dir_all(&models).unwrap();
-        assert!(!looks_like_comfyui(&models));
-        fs::create_dir(models.join("loras")).unwrap();
-        assert!(looks_like_comfyui(&models));
-        fs::remove_dir(models.join("loras")).unwrap();
-        fs::write(tmp.path().join("ComfyUI/main.py"), "").unwrap();
-        assert!(!looks_like_comfyui(&models), "main.py alone is not ComfyUI");
-        fs::create_dir(tmp.path().join("ComfyUI/comfy")).unwrap();
-        assert!(looks_like_comfyui(&models));
-        let f = fast_disk_finding();
-        assert!(f.message.contains("--fast-disk") && f.message.contains("0.3.64"));
     }
 }
