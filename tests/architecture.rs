@@ -6,6 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+/// The most lines a source file may hold above its tests.
+const MAX_CODE_LINES: usize = 600;
+
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
@@ -138,6 +141,30 @@ fn no_module_imports_one_that_imports_it_back() {
     }
 }
 
+/// The lines of `code` above its unit tests (`#[cfg(test)]`).
+fn code_lines(code: &str) -> usize {
+    code.lines()
+        .take_while(|l| !l.starts_with("#[cfg(test)]"))
+        .count()
+}
+
+#[test]
+fn no_source_file_is_too_long_to_read() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let long: Vec<String> = files
+        .iter()
+        .map(|f| (f, code_lines(&std::fs::read_to_string(f).unwrap())))
+        .filter(|(_, n)| *n > MAX_CODE_LINES)
+        .map(|(f, n)| format!("{} ({n} lines)", f.display()))
+        .collect();
+    assert!(
+        long.is_empty(),
+        "over {MAX_CODE_LINES} lines of code above the tests: {}; cut them by job",
+        long.join(", ")
+    );
+}
+
 #[test]
 fn the_circle_finder_finds_circles() {
     let graph = |edges: &[(&str, &str)]| {
@@ -161,4 +188,5 @@ fn the_circle_finder_finds_circles() {
         ),
         ["cache", "fs", "units"]
     );
+    assert_eq!(code_lines("fn a() {}\n\n#[cfg(test)]\nmod tests {}\n"), 2);
 }

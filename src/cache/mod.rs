@@ -8,6 +8,7 @@ pub mod budget;
 pub mod entry;
 mod holds;
 mod loader;
+mod pages;
 pub mod policy;
 pub mod pressure;
 pub mod refusal;

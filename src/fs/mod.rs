@@ -5,25 +5,27 @@
 pub mod backing;
 pub mod caching;
 pub mod creds;
+mod dirs;
 pub mod fuse;
+mod handles;
 pub mod inodes;
 pub mod passthrough;
+mod xattr;
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use parking_lot::{Mutex, RwLock};
 
 pub use backing::{Stat, TimeSpec};
 pub use caching::{Caching, Hold, ReadOpen, ReadOpened};
 use creds::ActingAs;
 pub use creds::Caller;
+use dirs::DirStream;
+use handles::Handles;
 use inodes::{InodeTable, Node};
+pub use xattr::XattrReply;
 
 /// A node the kernel now knows, with its attributes.
 #[derive(Clone, Copy)]
@@ -58,80 +60,6 @@ impl DirItem<'_> {
     fn is_dot(&self) -> bool {
         self.name == "." || self.name == ".."
     }
-}
-
-/// A table of open handles: file handle numbers for the kernel. Every read
-/// and write looks its handle up, hence the shared lock.
-struct Handles<T> {
-    map: RwLock<HashMap<u64, Arc<T>>>,
-    next: AtomicU64,
-    /// The most handles open at once (descriptors::Budget).
-    limit: usize,
-    /// What the handles are, for the log line when the table is full.
-    what: &'static str,
-    /// Whether that line was logged since the table last had room.
-    full_logged: std::sync::atomic::AtomicBool,
-}
-
-impl<T> Handles<T> {
-    fn new(limit: usize, what: &'static str) -> Self {
-        Self {
-            map: RwLock::new(HashMap::new()),
-            next: AtomicU64::new(1),
-            limit,
-            what,
-            full_logged: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// EMFILE, for the process opening, when the table is full: the
-    /// daemon's own descriptors are never spent on one more open. Logged
-    /// once per time it fills. (Checked before the open; concurrent opens
-    /// may pass it by a few.)
-    fn check_room(&self) -> io::Result<()> {
-        if self.map.read().len() >= self.limit {
-            if !self.full_logged.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    "{} {} are open through the mount, this daemon's share of its open-file \
-                     limit: further opens get EMFILE until some close. Raise the limit \
-                     (`LimitNOFILE=` in the service, `ulimit -n` in a shell)",
-                    self.limit,
-                    self.what
-                );
-            }
-            return Err(io::Error::from_raw_os_error(libc::EMFILE));
-        }
-        self.full_logged.store(false, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn insert(&self, value: T) -> u64 {
-        let fh = self.next.fetch_add(1, Ordering::Relaxed);
-        self.map.write().insert(fh, Arc::new(value));
-        fh
-    }
-
-    fn get(&self, fh: u64) -> io::Result<Arc<T>> {
-        self.map
-            .read()
-            .get(&fh)
-            .cloned()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
-    }
-
-    fn remove(&self, fh: u64) -> Option<Arc<T>> {
-        self.map.write().remove(&fh)
-    }
-}
-
-/// An open directory: the listing is read once at `opendir` (and again when
-/// the kernel rewinds to offset 0), so offsets stay stable while entries are
-/// added or removed between readdir calls.
-struct DirStream {
-    id: u64,
-    node: Node,
-    dir: File,
-    entries: Mutex<Vec<backing::DirEntry>>,
 }
 
 /// An open file: the backing file, and what caching keeps while it is open.
@@ -617,212 +545,9 @@ impl Overlay {
         self.files.remove(fh);
     }
 
-    pub fn opendir(&self, id: u64) -> io::Result<u64> {
-        self.dirs.check_room()?;
-        let node = self.inodes.get(id)?;
-        let dir = backing::open_dir(node.fd())?;
-        // The listing is read by the first readdir (offset 0).
-        Ok(self.dirs.insert(DirStream {
-            id,
-            node,
-            dir,
-            entries: Mutex::new(Vec::new()),
-        }))
-    }
-
-    /// Hands the entries of an open directory from `offset` on to `emit`
-    /// (`.` and `..` first, then the listing) until it returns true (full).
-    pub fn readdir(
-        &self,
-        fh: u64,
-        offset: u64,
-        mut emit: impl FnMut(&DirItem<'_>) -> bool,
-    ) -> io::Result<()> {
-        let dir = self.dirs.get(fh)?;
-        let mut entries = dir.entries.lock();
-        if offset == 0 {
-            *entries = backing::list_dir(&dir.dir)?;
-        }
-        let dots = [
-            (OsStr::new("."), libc::DT_DIR),
-            (OsStr::new(".."), libc::DT_DIR),
-        ];
-        let all = dots
-            .into_iter()
-            .chain(entries.iter().map(|e| (e.name.as_os_str(), e.kind)));
-        for (i, (name, kind)) in all.enumerate().skip(offset as usize) {
-            let item = DirItem {
-                next_offset: i as u64 + 1,
-                name,
-                kind,
-            };
-            if emit(&item) {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    /// Like `readdir`, with each entry looked up (one kernel lookup counted
-    /// per entry handed out, as READDIRPLUS requires; `.` and `..` carry the
-    /// directory's own attributes and are not counted). Entries that vanished
-    /// since the listing are skipped; the one that did not fit is not counted.
-    pub fn readdirplus(
-        &self,
-        fh: u64,
-        offset: u64,
-        mut emit: impl FnMut(&DirItem<'_>, &Entry) -> bool,
-    ) -> io::Result<()> {
-        let dir = self.dirs.get(fh)?;
-        let own = Entry {
-            id: dir.id,
-            stat: backing::stat(dir.node.fd())?,
-        };
-        self.readdir(fh, offset, |item| {
-            if item.is_dot() {
-                return emit(item, &own);
-            }
-            let Ok(entry) = backing::component(item.name)
-                .and_then(|name| self.lookup_in(dir.id, &dir.node, &name))
-            else {
-                return false;
-            };
-            let full = emit(item, &entry);
-            if full {
-                self.forget(entry.id, 1);
-            }
-            full
-        })
-    }
-
-    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> io::Result<()> {
-        backing::fsync(&self.dirs.get(fh)?.dir, datasync)
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.dirs.remove(fh);
-    }
-
     pub fn statfs(&self, id: u64) -> io::Result<libc::statvfs> {
         backing::statfs(self.inodes.get(id)?.fd())
     }
-
-    /// Where xattr calls on node `id` go (see `backing::XattrTarget`). A
-    /// symlink is reached by its name in its parent, checked to still be
-    /// that symlink before the call, and by `XattrCall::still_there` after a
-    /// read: a name swapped in between must not hand out another file's
-    /// attributes.
-    fn xattr_call(&self, id: u64) -> io::Result<XattrCall> {
-        let node = self.inodes.get(id)?;
-        if backing::stat(node.fd())?.st_mode & libc::S_IFMT != libc::S_IFLNK {
-            return Ok(XattrCall {
-                target: backing::XattrTarget::inode(node.fd()),
-                link: None,
-                node,
-            });
-        }
-        let (parent_id, name) = self
-            .inodes
-            .place_of(id)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
-        let parent = self.inodes.get(parent_id)?;
-        let call = XattrCall {
-            target: backing::XattrTarget::link(parent.fd(), &name),
-            link: Some((parent, name)),
-            node,
-        };
-        call.still_there()?;
-        Ok(call)
-    }
-
-    fn xattr_name(name: &OsStr) -> io::Result<std::ffi::CString> {
-        use std::os::unix::ffi::OsStrExt;
-        std::ffi::CString::new(name.as_bytes())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-    }
-
-    /// `size == 0` asks for the value's size only.
-    pub fn getxattr(&self, id: u64, name: &OsStr, size: u32) -> io::Result<XattrReply> {
-        let call = self.xattr_call(id)?;
-        let cname = Self::xattr_name(name)?;
-        let answer = xattr_query(size, |buf| backing::getxattr(&call.target, &cname, buf));
-        call.still_there()?;
-        match answer {
-            // The kernel asks for ACLs at every permission check (the mount
-            // enforces them): on a backing filesystem without ACLs (NFS, an
-            // object-store FUSE, `noacl`) the answer must be "no ACL", not
-            // "not supported", which the kernel would turn into a refusal.
-            Err(e)
-                if name.as_encoded_bytes().starts_with(b"system.posix_acl_")
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
-                    ) =>
-            {
-                Err(io::Error::from_raw_os_error(libc::ENODATA))
-            }
-            answer => answer,
-        }
-    }
-
-    pub fn listxattr(&self, id: u64, size: u32) -> io::Result<XattrReply> {
-        let call = self.xattr_call(id)?;
-        let answer = xattr_query(size, |buf| backing::listxattr(&call.target, buf));
-        call.still_there()?;
-        answer
-    }
-
-    pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
-        let call = self.xattr_call(id)?;
-        backing::setxattr(&call.target, &Self::xattr_name(name)?, value, flags)
-    }
-
-    pub fn removexattr(&self, id: u64, name: &OsStr) -> io::Result<()> {
-        let call = self.xattr_call(id)?;
-        backing::removexattr(&call.target, &Self::xattr_name(name)?)
-    }
-}
-
-/// One xattr call's target, with the handles it needs held while it runs.
-struct XattrCall {
-    target: backing::XattrTarget,
-    /// A symlink's parent and name, by which it is reached.
-    link: Option<(Node, std::ffi::CString)>,
-    node: Node,
-}
-
-impl XattrCall {
-    /// ESTALE unless the symlink's name still leads to the node.
-    fn still_there(&self) -> io::Result<()> {
-        let Some((parent, name)) = &self.link else {
-            return Ok(());
-        };
-        if key(&backing::stat_at(parent.fd(), name)?) != self.node.key {
-            return Err(io::Error::from_raw_os_error(libc::ESTALE));
-        }
-        Ok(())
-    }
-}
-
-/// The answer to an xattr query: its size, or its bytes.
-pub enum XattrReply {
-    Size(u32),
-    Data(Vec<u8>),
-}
-
-/// Runs an xattr query the way the kernel asks it: its size when `size` is
-/// 0, else its bytes (ERANGE from the backing fs when they do not fit).
-fn xattr_query(
-    size: u32,
-    query: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-) -> io::Result<XattrReply> {
-    let mut buf = vec![0u8; size as usize];
-    let n = query(&mut buf)?;
-    if size == 0 {
-        return Ok(XattrReply::Size(n as u32));
-    }
-    buf.truncate(n);
-    Ok(XattrReply::Data(buf))
 }
 
 /// Open flags for the backing file. `O_DIRECT` is dropped: the backing
