@@ -79,13 +79,17 @@ impl Rules {
 
     /// Reads the manifest again and applies it. On an error the manifest in
     /// force stays, and the error says what to fix.
-    pub fn reload(&self) -> Result<String, String> {
+    pub fn reload(&self) -> Result<String, crate::Error> {
         let path = self
             .manifest_path
             .clone()
             .or_else(|| Manifest::default_path().filter(|p| p.exists()))
-            .ok_or("no manifest to reload: none was given and none is at the default path")?;
-        let manifest = Manifest::load(&path, manifest::Reader::Daemon).map_err(|e| e.0)?;
+            .ok_or_else(|| {
+                crate::Error(
+                    "no manifest to reload: none was given and none is at the default path".into(),
+                )
+            })?;
+        let manifest = Manifest::load(&path, manifest::Reader::Daemon)?;
         let summary = format!("reloading {}", path.display());
         if let Some(jobs) = &self.jobs {
             let _ = jobs.send(Job::Apply(Box::new(manifest)));

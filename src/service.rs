@@ -8,8 +8,8 @@ use std::time::UNIX_EPOCH;
 
 use crate::cache::policy::Key;
 use crate::cache::pressure::Sample;
-use crate::control::Daemon;
 use crate::control::protocol::{self, FileState, FileStatus, Mode, MountStatus};
+use crate::control::{Daemon, VerbError};
 use crate::fs::Overlay;
 use crate::fs::passthrough::BackingFiles;
 use crate::manifest::Tree;
@@ -31,7 +31,7 @@ pub struct MountService {
 impl MountService {
     /// The files a request names: a file, or every file under a directory
     /// (listed through the mount, as a reader sees it).
-    fn expand(&self, paths: &[String]) -> Result<Vec<PathBuf>, String> {
+    fn expand(&self, paths: &[String]) -> Result<Vec<PathBuf>, VerbError> {
         let mut out = Vec::new();
         for p in paths {
             // Requests carry names as names::shown writes them.
@@ -39,20 +39,24 @@ impl MountService {
             let through = self.mountpoint.join(&rel);
             // Where it really leads: a symlink out of the mount (to `/`,
             // say) is refused at once, and what it points at is not named.
-            let real = std::fs::canonicalize(&through)
-                .map_err(|e| format!("{}: {e}", through.display()))?;
+            let unusable = |e: std::io::Error| VerbError::Path {
+                path: through.display().to_string(),
+                why: e.to_string(),
+            };
+            let real = std::fs::canonicalize(&through).map_err(unusable)?;
             if !real.starts_with(&self.mountpoint) {
-                return Err(format!(
-                    "{p}: leads outside the mount (a symlink): only files in the mount are cached"
-                ));
+                return Err(VerbError::Path {
+                    path: p.clone(),
+                    why: "leads outside the mount (a symlink): only files in the mount are cached"
+                        .into(),
+                });
             }
-            let meta =
-                std::fs::metadata(&real).map_err(|e| format!("{}: {e}", through.display()))?;
+            let meta = std::fs::metadata(&real).map_err(unusable)?;
             if meta.is_dir() {
                 // The path checked above, not the name again (it could be
                 // swapped for a link meanwhile).
-                let tree =
-                    Tree::walk_until(&real, &crate::control::client_gone).map_err(|e| e.0)?;
+                let tree = Tree::walk_until(&real, &crate::control::client_gone)
+                    .map_err(|e| VerbError::Walk(e.0))?;
                 // A folder read in part (a name too long for PATH_MAX, a
                 // folder it may not read, the walk's limits) is reported,
                 // never answered "ok" for what was left out.
@@ -60,10 +64,10 @@ impl MountService {
                     if crate::control::client_gone() {
                         tracing::info!("{p}: walk stopped, its client went away");
                     }
-                    return Err(format!(
-                        "{p}: {}; nothing was done",
-                        tree.warnings.join("; ")
-                    ));
+                    return Err(VerbError::Path {
+                        path: p.clone(),
+                        why: format!("{}; nothing was done", tree.warnings.join("; ")),
+                    });
                 }
                 out.extend(tree.files.iter().map(|f| rel.join(&f.path)));
             } else {
@@ -74,19 +78,19 @@ impl MountService {
     }
 
     /// Warms files, naming those that cannot be cached.
-    fn warm_files(&self, files: &[PathBuf]) -> Result<Vec<Key>, String> {
+    fn warm_files(&self, files: &[PathBuf]) -> Result<Vec<Key>, VerbError> {
         let mut keys = Vec::new();
         let mut refused = Vec::new();
         for f in files {
             match self.opens.warm(&self.overlay, f) {
                 Ok(key) => keys.push(key),
-                Err(why) => refused.push(format!("{}: {why}", crate::names::shown(f))),
+                Err(why) => refused.push((crate::names::shown(f), why.to_string())),
             }
         }
         if refused.is_empty() {
             Ok(keys)
         } else {
-            Err(refused.join("; "))
+            Err(VerbError::Refused(refused))
         }
     }
 }
@@ -184,11 +188,11 @@ impl Daemon for MountService {
         }
     }
 
-    fn warm(&self, paths: &[String]) -> Result<(), String> {
+    fn warm(&self, paths: &[String]) -> Result<(), VerbError> {
         self.warm_files(&self.expand(paths)?).map(|_| ())
     }
 
-    fn evict(&self, paths: &[String]) -> Result<(), String> {
+    fn evict(&self, paths: &[String]) -> Result<(), VerbError> {
         let missing: Vec<String> = self
             .expand(paths)?
             .iter()
@@ -198,11 +202,11 @@ impl Daemon for MountService {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(format!("not cached: {}", missing.join(", ")))
+            Err(VerbError::NotCached(missing))
         }
     }
 
-    fn pin(&self, paths: &[String]) -> Result<(), String> {
+    fn pin(&self, paths: &[String]) -> Result<(), VerbError> {
         let files = self.expand(paths)?;
         for f in &files {
             self.opens.cache().set_pinned(&crate::names::shown(f), true);
@@ -210,7 +214,7 @@ impl Daemon for MountService {
         self.warm_files(&files).map(|_| ())
     }
 
-    fn unpin(&self, paths: &[String]) -> Result<(), String> {
+    fn unpin(&self, paths: &[String]) -> Result<(), VerbError> {
         for f in self.expand(paths)? {
             self.opens
                 .cache()
@@ -219,7 +223,7 @@ impl Daemon for MountService {
         Ok(())
     }
 
-    fn reload(&self) -> Result<String, String> {
-        self.rules.reload()
+    fn reload(&self) -> Result<String, VerbError> {
+        self.rules.reload().map_err(|e| VerbError::Reload(e.0))
     }
 }

@@ -14,8 +14,8 @@ use modelcache::control::client::{Client, Context, Unreachable, WarmProgress, wa
 use modelcache::control::paths::MountPaths;
 use modelcache::control::server::{ServerOptions, serve_with};
 use modelcache::control::{
-    Counters, Daemon, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION, Request,
-    Response, serve, socket_file_name, spawn_metrics_writer, write_metrics,
+    ClientError, Counters, Daemon, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION,
+    Request, Response, VerbError, serve, socket_file_name, spawn_metrics_writer, write_metrics,
 };
 use modelcache::mountinfo::MountEntry;
 use parking_lot::Mutex;
@@ -93,12 +93,15 @@ impl FakeDaemon {
         })
     }
 
-    fn record(&self, verb: &str, paths: &[String]) -> Result<(), String> {
+    fn record(&self, verb: &str, paths: &[String]) -> Result<(), VerbError> {
         if paths.iter().any(|p| p.contains("panic")) {
             panic!("fake daemon asked to panic");
         }
         if let Some(p) = paths.iter().find(|p| p.contains("missing")) {
-            return Err(format!("{p}: no such file"));
+            return Err(VerbError::Path {
+                path: p.clone(),
+                why: "no such file".into(),
+            });
         }
         self.calls.lock().push((verb.into(), paths.to_vec()));
         Ok(())
@@ -110,19 +113,19 @@ impl Daemon for FakeDaemon {
         self.status_calls.fetch_add(1, Ordering::SeqCst);
         self.status.lock().clone()
     }
-    fn warm(&self, paths: &[String]) -> Result<(), String> {
+    fn warm(&self, paths: &[String]) -> Result<(), VerbError> {
         self.record("warm", paths)
     }
-    fn evict(&self, paths: &[String]) -> Result<(), String> {
+    fn evict(&self, paths: &[String]) -> Result<(), VerbError> {
         self.record("evict", paths)
     }
-    fn pin(&self, paths: &[String]) -> Result<(), String> {
+    fn pin(&self, paths: &[String]) -> Result<(), VerbError> {
         self.record("pin", paths)
     }
-    fn unpin(&self, paths: &[String]) -> Result<(), String> {
+    fn unpin(&self, paths: &[String]) -> Result<(), VerbError> {
         self.record("unpin", paths)
     }
-    fn reload(&self) -> Result<String, String> {
+    fn reload(&self) -> Result<String, VerbError> {
         self.record("reload", &[])?;
         Ok("manifest reloaded: 1 pinned, 2 warm".into())
     }
@@ -199,7 +202,10 @@ fn every_verb_round_trips() {
             paths: vec!["missing.safetensors".into()],
         })
         .unwrap_err();
-    assert_eq!(err, "missing.safetensors: no such file");
+    assert_eq!(
+        err,
+        ClientError::Failed("missing.safetensors: no such file".into())
+    );
     let mut raw = raw_connection(&socket);
     let r = exchange(
         &mut raw,
@@ -881,19 +887,19 @@ impl Daemon for LoadingDaemon {
         }
         s.clone()
     }
-    fn warm(&self, paths: &[String]) -> Result<(), String> {
+    fn warm(&self, paths: &[String]) -> Result<(), VerbError> {
         self.inner.warm(paths)
     }
-    fn evict(&self, paths: &[String]) -> Result<(), String> {
+    fn evict(&self, paths: &[String]) -> Result<(), VerbError> {
         self.inner.evict(paths)
     }
-    fn pin(&self, paths: &[String]) -> Result<(), String> {
+    fn pin(&self, paths: &[String]) -> Result<(), VerbError> {
         self.inner.pin(paths)
     }
-    fn unpin(&self, paths: &[String]) -> Result<(), String> {
+    fn unpin(&self, paths: &[String]) -> Result<(), VerbError> {
         self.inner.unpin(paths)
     }
-    fn reload(&self) -> Result<String, String> {
+    fn reload(&self) -> Result<String, VerbError> {
         self.inner.reload()
     }
 }

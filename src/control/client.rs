@@ -5,6 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::error::ClientError;
 use super::paths::{
     MountPaths, lexical_absolute, locate, resolve_outside_mounts, resolve_user_paths,
 };
@@ -70,50 +71,58 @@ impl Client {
 
     /// Sends one request and reads its answer, whether `ok` or not. The
     /// error is a transport or protocol failure, as one line.
-    pub fn request(&mut self, request: &Request) -> Result<Response, String> {
-        let socket = self.socket.display();
+    pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
+        let socket = self.socket.display().to_string();
         let mut line = request.to_line();
         line.push('\n');
         self.writer
             .write_all(line.as_bytes())
-            .map_err(|e| format!("cannot send to the control socket {socket}: {e}"))?;
+            .map_err(|e| ClientError::Send {
+                socket: socket.clone(),
+                error: e.to_string(),
+            })?;
         let mut buf = Vec::new();
         match read_line_limited(&mut self.reader, &mut buf, MAX_RESPONSE_LINE) {
             Ok(Line::Complete) => {}
-            Ok(Line::Eof) => return Err(format!("the daemon closed the control socket {socket}")),
-            Ok(Line::TooLong) => {
-                return Err(format!("the daemon's answer on {socket} is too long"));
-            }
+            Ok(Line::Eof) => return Err(ClientError::Closed { socket }),
+            Ok(Line::TooLong) => return Err(ClientError::TooLong { socket }),
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(format!(
-                    "the daemon did not answer on {socket} within {} s",
-                    ANSWER_TIMEOUT.as_secs()
-                ));
+                return Err(ClientError::NoAnswer {
+                    socket,
+                    within: ANSWER_TIMEOUT,
+                });
             }
-            Err(e) => return Err(format!("cannot read from the control socket {socket}: {e}")),
+            Err(e) => {
+                return Err(ClientError::Receive {
+                    socket,
+                    error: e.to_string(),
+                });
+            }
         }
         Response::parse(&String::from_utf8_lossy(&buf))
     }
 
     /// [`Client::request`], with an `ok: false` answer as the error.
-    pub fn call(&mut self, request: &Request) -> Result<Response, String> {
+    pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
         let r = self.request(request)?;
         if r.ok {
             Ok(r)
         } else {
-            Err(r.error.unwrap_or_else(|| "failed (no reason given)".into()))
+            Err(ClientError::Failed(
+                r.error.unwrap_or_else(|| "failed (no reason given)".into()),
+            ))
         }
     }
 
-    pub fn status(&mut self) -> Result<MountStatus, String> {
+    pub fn status(&mut self) -> Result<MountStatus, ClientError> {
         self.call(&Request::Status)?
             .status
-            .ok_or_else(|| "the daemon's status answer has no status".into())
+            .ok_or(ClientError::NoStatus)
     }
 }
 

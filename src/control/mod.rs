@@ -12,6 +12,7 @@
 //! and one thread per connection.
 
 pub mod client;
+pub mod error;
 pub mod metrics;
 pub mod paths;
 pub mod protocol;
@@ -22,6 +23,7 @@ mod warm_progress;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+pub use error::{ClientError, PathProblem, RequestError, VerbError};
 pub use metrics::{MetricsHandle, spawn_metrics_writer, write_metrics};
 pub use protocol::{
     Counters, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION, Request, Response,
@@ -53,16 +55,16 @@ pub trait Daemon: Send + Sync + 'static {
     /// (state `loading` until loaded), which is how `modelcache warm` waits.
     /// `Err` names what cannot be warmed (missing, not a model file, over the
     /// cap…).
-    fn warm(&self, paths: &[String]) -> Result<(), String>;
+    fn warm(&self, paths: &[String]) -> Result<(), VerbError>;
     /// Drop the files from the cache (manual eviction), pinned ones included.
-    fn evict(&self, paths: &[String]) -> Result<(), String>;
+    fn evict(&self, paths: &[String]) -> Result<(), VerbError>;
     /// Pin the files (loading them if needed): never evicted for the cap.
-    fn pin(&self, paths: &[String]) -> Result<(), String>;
+    fn pin(&self, paths: &[String]) -> Result<(), VerbError>;
     /// Unpin the files: they stay cached and are evicted like any other.
-    fn unpin(&self, paths: &[String]) -> Result<(), String>;
+    fn unpin(&self, paths: &[String]) -> Result<(), VerbError>;
     /// Read the manifest again and apply it; `Ok` carries a one-line summary
     /// for the user (`"manifest /x.toml: 2 pinned, 3 warm"`).
-    fn reload(&self) -> Result<String, String>;
+    fn reload(&self) -> Result<String, VerbError>;
 }
 
 /// Where a `sun_path` must fit, its terminating NUL included.

@@ -27,6 +27,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::error::{ClientError, PathProblem, RequestError};
+
 /// The version of the protocol this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -229,40 +231,37 @@ impl Request {
 
     /// Parses one request line; the error is the message to answer with.
     /// Paths come back normalised (see [`normalize_path`]).
-    pub fn parse(line: &str) -> Result<Request, String> {
-        let value: Value = serde_json::from_str(line.trim())
-            .map_err(|e| format!("malformed request: not JSON ({e})"))?;
+    pub fn parse(line: &str) -> Result<Request, RequestError> {
+        let malformed = |what: String| RequestError::Malformed(what);
+        let value: Value =
+            serde_json::from_str(line.trim()).map_err(|e| malformed(format!("not JSON ({e})")))?;
         let Value::Object(obj) = value else {
-            return Err("malformed request: not a JSON object".into());
+            return Err(malformed("not a JSON object".into()));
         };
         match obj.get("version") {
-            None => return Err("malformed request: no \"version\"".into()),
+            None => return Err(malformed("no \"version\"".into())),
             Some(v) if v.as_u64() == Some(PROTOCOL_VERSION.into()) => {}
-            Some(v) => {
-                return Err(format!(
-                    "unsupported protocol version {v}: this daemon speaks version {PROTOCOL_VERSION} (are modelcache and its daemon the same release?)"
-                ));
-            }
+            Some(v) => return Err(RequestError::Version(v.to_string())),
         }
         let verb = match obj.get("verb") {
             Some(Value::String(v)) => v.as_str(),
-            Some(_) => return Err("malformed request: \"verb\" must be a string".into()),
-            None => return Err("malformed request: no \"verb\"".into()),
+            Some(_) => return Err(malformed("\"verb\" must be a string".into())),
+            None => return Err(malformed("no \"verb\"".into())),
         };
-        let paths = || -> Result<Vec<String>, String> {
+        let paths = || -> Result<Vec<String>, RequestError> {
             let Some(Value::Array(items)) = obj.get("paths") else {
-                return Err(format!(
-                    "malformed request: {verb} needs \"paths\", a list of paths"
-                ));
+                return Err(malformed(format!(
+                    "{verb} needs \"paths\", a list of paths"
+                )));
             };
             if items.is_empty() {
-                return Err(format!("malformed request: {verb} needs at least one path"));
+                return Err(malformed(format!("{verb} needs at least one path")));
             }
             items
                 .iter()
                 .map(|p| match p {
                     Value::String(s) => normalize_path(s),
-                    _ => Err("malformed request: every path must be a string".into()),
+                    _ => Err(malformed("every path must be a string".into())),
                 })
                 .collect()
         };
@@ -273,11 +272,7 @@ impl Request {
             "evict" => Request::Evict { paths: paths()? },
             "pin" => Request::Pin { paths: paths()? },
             "unpin" => Request::Unpin { paths: paths()? },
-            other => {
-                return Err(format!(
-                    "unknown verb {other:?}: expected status, warm, evict, pin, unpin or reload"
-                ));
-            }
+            other => return Err(RequestError::UnknownVerb(other.to_string())),
         })
     }
 }
@@ -285,24 +280,22 @@ impl Request {
 /// A path relative to the mount root, normalised: `/`-separated, no empty,
 /// `.` or `..` components; `""` for the root. Absolute paths and `..` are
 /// refused: a request can never name anything outside the mount.
-pub fn normalize_path(path: &str) -> Result<String, String> {
+pub fn normalize_path(path: &str) -> Result<String, RequestError> {
+    let refused = |problem| RequestError::Path {
+        path: path.to_string(),
+        problem,
+    };
     if path.starts_with('/') {
-        return Err(format!(
-            "path {path:?} is absolute: paths are relative to the mount root"
-        ));
+        return Err(refused(PathProblem::Absolute));
     }
     if path.contains('\0') {
-        return Err(format!("path {path:?} contains a NUL byte"));
+        return Err(refused(PathProblem::Nul));
     }
     let mut parts = Vec::new();
     for part in path.split('/') {
         match part {
             "" | "." => {}
-            ".." => {
-                return Err(format!(
-                    "path {path:?} contains \"..\": paths are relative to the mount root"
-                ));
-            }
+            ".." => return Err(refused(PathProblem::DotDot)),
             p => parts.push(p),
         }
     }
@@ -373,14 +366,11 @@ impl Response {
     }
 
     /// Parses a response line, checking its version.
-    pub fn parse(line: &str) -> Result<Response, String> {
+    pub fn parse(line: &str) -> Result<Response, ClientError> {
         let r: Response = serde_json::from_str(line.trim())
-            .map_err(|e| format!("the daemon's answer is not understood ({e})"))?;
+            .map_err(|e| ClientError::NotUnderstood(e.to_string()))?;
         if r.version != PROTOCOL_VERSION {
-            return Err(format!(
-                "the daemon speaks protocol version {}, this modelcache speaks {PROTOCOL_VERSION}: restart the mount with this release",
-                r.version
-            ));
+            return Err(ClientError::Version(r.version));
         }
         Ok(r)
     }
@@ -496,7 +486,7 @@ mod tests {
             ),
         ];
         for (line, want) in cases {
-            let err = Request::parse(line).unwrap_err();
+            let err = Request::parse(line).unwrap_err().to_string();
             assert!(err.contains(want), "{line}: {err}");
         }
     }
@@ -546,6 +536,8 @@ mod tests {
             r#"{"version":1,"ok":false,"error":"x"}"#
         );
         let err = Response::parse(r#"{"version":9,"ok":true}"#).unwrap_err();
+        assert_eq!(err, ClientError::Version(9));
+        let err = err.to_string();
         assert!(err.contains("version 9"), "{err}");
     }
 }

@@ -488,7 +488,7 @@ fn serve_connection(
 pub fn answer(line: &str, daemon: &dyn Daemon) -> Response {
     let request = match Request::parse(line) {
         Ok(r) => r,
-        Err(e) => return Response::error(e),
+        Err(e) => return Response::error(e.to_string()),
     };
     let verb = request.verb();
     let result = catch_unwind(AssertUnwindSafe(|| match request {
@@ -501,7 +501,7 @@ pub fn answer(line: &str, daemon: &dyn Daemon) -> Response {
     }));
     match result {
         Ok(Ok(response)) => response,
-        Ok(Err(e)) => Response::error(e),
+        Ok(Err(e)) => Response::error(e.to_string()),
         Err(_) => {
             tracing::error!("control socket: the daemon panicked while handling {verb}");
             Response::error(format!(

@@ -11,8 +11,27 @@ use fuser::{
 
 use crate::fs::{Caller, Entry, Stat, TimeSpec, XattrReply};
 
-pub(super) fn errno(err: io::Error) -> Errno {
-    Errno::from_i32(err.raw_os_error().unwrap_or(libc::EIO))
+/// The errno a failed operation answers. Errors that are answers (ENOENT,
+/// EACCES, EEXIST…) are the backing filesystem's and go back silently; an
+/// error the daemon did not expect (EIO, or one with no errno, answered as
+/// EIO) is logged once, where it happens, with the operation and the inode,
+/// since the reader only ever sees "Input/output error".
+pub(super) fn errno(op: &str, ino: u64, err: io::Error) -> Errno {
+    let code = err.raw_os_error();
+    let answer = code.unwrap_or(libc::EIO);
+    if code.is_none_or(is_unexpected) {
+        tracing::warn!(
+            "{op} on inode {ino} failed: {err} (the caller gets: {})",
+            io::Error::from_raw_os_error(answer)
+        );
+    }
+    Errno::from_i32(answer)
+}
+
+/// Errnos that mean something went wrong beneath the daemon, not an answer
+/// about the file asked for.
+fn is_unexpected(code: i32) -> bool {
+    matches!(code, libc::EIO | libc::EFAULT | libc::EBADF | libc::ENOMEM)
 }
 
 /// The process behind a request, with the umask the kernel left for us to
@@ -82,25 +101,31 @@ pub(super) fn attr(id: u64, st: &Stat) -> FileAttr {
     }
 }
 
-pub(super) fn reply_entry(reply: ReplyEntry, ttl: Duration, result: io::Result<Entry>) {
+pub(super) fn reply_entry(
+    op: &str,
+    ino: u64,
+    reply: ReplyEntry,
+    ttl: Duration,
+    result: io::Result<Entry>,
+) {
     match result {
         Ok(e) => reply.entry(&ttl, &attr(e.id, &e.stat), Generation(0)),
-        Err(e) => reply.error(errno(e)),
+        Err(e) => reply.error(errno(op, ino, e)),
     }
 }
 
-pub(super) fn reply_empty(reply: ReplyEmpty, result: io::Result<()>) {
+pub(super) fn reply_empty(op: &str, ino: u64, reply: ReplyEmpty, result: io::Result<()>) {
     match result {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(e)),
+        Err(e) => reply.error(errno(op, ino, e)),
     }
 }
 
-pub(super) fn reply_xattr(reply: ReplyXattr, result: io::Result<XattrReply>) {
+pub(super) fn reply_xattr(op: &str, ino: u64, reply: ReplyXattr, result: io::Result<XattrReply>) {
     match result {
         Ok(XattrReply::Size(n)) => reply.size(n),
         Ok(XattrReply::Data(d)) => reply.data(&d),
-        Err(e) => reply.error(errno(e)),
+        Err(e) => reply.error(errno(op, ino, e)),
     }
 }
 
@@ -119,5 +144,19 @@ pub(super) fn timespec(t: TimeOrNow) -> TimeSpec {
             };
             TimeSpec::At(libc::timespec { tv_sec, tv_nsec })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_keep_their_errno_and_anything_else_is_eio() {
+        let enoent = io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(errno("lookup", 1, enoent), Errno::from_i32(libc::ENOENT));
+        let internal = io::Error::other("the file changed while loading");
+        assert_eq!(errno("read", 7, internal), Errno::from_i32(libc::EIO));
+        assert!(is_unexpected(libc::EIO) && !is_unexpected(libc::EACCES));
     }
 }

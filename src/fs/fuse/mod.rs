@@ -108,7 +108,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.ttl, self.overlay.lookup(parent.0, name));
+        reply_entry(
+            "lookup",
+            parent.0,
+            reply,
+            self.ttl,
+            self.overlay.lookup(parent.0, name),
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -118,7 +124,7 @@ impl Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.overlay.getattr(ino.0) {
             Ok(st) => reply.attr(&self.ttl, &attr(ino.0, &st)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("getattr", ino.0, e)),
         }
     }
 
@@ -151,14 +157,14 @@ impl Filesystem for FuseAdapter {
         };
         match self.overlay.setattr(ino.0, change, caller(req, 0)) {
             Ok(st) => reply.attr(&self.ttl, &attr(ino.0, &st)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("setattr", ino.0, e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.overlay.readlink(ino.0) {
             Ok(target) => reply.data(&target),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("readlink", ino.0, e)),
         }
     }
 
@@ -175,7 +181,7 @@ impl Filesystem for FuseAdapter {
         let result = self
             .overlay
             .mknod(caller(req, umask), parent.0, name, mode, rdev.into());
-        reply_entry(reply, self.ttl, result);
+        reply_entry("mknod", parent.0, reply, self.ttl, result);
     }
 
     fn mkdir(
@@ -188,6 +194,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         reply_entry(
+            "mkdir",
+            parent.0,
             reply,
             self.ttl,
             self.overlay.mkdir(caller(req, umask), parent.0, name, mode),
@@ -195,11 +203,16 @@ impl Filesystem for FuseAdapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.overlay.unlink(parent.0, name));
+        reply_empty(
+            "unlink",
+            parent.0,
+            reply,
+            self.overlay.unlink(parent.0, name),
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.overlay.rmdir(parent.0, name));
+        reply_empty("rmdir", parent.0, reply, self.overlay.rmdir(parent.0, name));
     }
 
     fn symlink(
@@ -213,7 +226,7 @@ impl Filesystem for FuseAdapter {
         let result = self
             .overlay
             .symlink(caller(req, 0), parent.0, link_name, target.as_os_str());
-        reply_entry(reply, self.ttl, result);
+        reply_entry("symlink", parent.0, reply, self.ttl, result);
     }
 
     fn rename(
@@ -229,7 +242,7 @@ impl Filesystem for FuseAdapter {
         let result = self
             .overlay
             .rename(parent.0, name, newparent.0, newname, flags.bits());
-        reply_empty(reply, result);
+        reply_empty("rename", parent.0, reply, result);
     }
 
     fn link(
@@ -241,6 +254,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         reply_entry(
+            "link",
+            ino.0,
             reply,
             self.ttl,
             self.overlay.link(ino.0, newparent.0, newname),
@@ -250,7 +265,7 @@ impl Filesystem for FuseAdapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let opened = match self.overlay.open(ino.0, flags.0, req.pid()) {
             Ok(o) => o,
-            Err(e) => return reply.error(errno(e)),
+            Err(e) => return reply.error(errno("open", ino.0, e)),
         };
         let fh = FileHandle(opened.fh);
         match self.backing_for(ino.0, opened.fh, opened.setid, |f| reply.open_backing(f)) {
@@ -264,7 +279,7 @@ impl Filesystem for FuseAdapter {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -281,14 +296,14 @@ impl Filesystem for FuseAdapter {
             }
         });
         if let (Err(e), Some(r)) = (sent, reply.take()) {
-            r.error(errno(e));
+            r.error(errno("read", ino.0, e));
         }
     }
 
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -299,19 +314,19 @@ impl Filesystem for FuseAdapter {
     ) {
         match self.overlay.write(fh.0, offset, data, caller(req, 0)) {
             Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("write", ino.0, e)),
         }
     }
 
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.overlay.flush(fh.0));
+        reply_empty("flush", ino.0, reply, self.overlay.flush(fh.0));
     }
 
     fn release(
@@ -332,7 +347,7 @@ impl Filesystem for FuseAdapter {
     fn fallocate(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -340,6 +355,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         reply_empty(
+            "fallocate",
+            ino.0,
             reply,
             self.overlay
                 .fallocate(fh.0, offset, length, mode, caller(req, 0)),
@@ -349,7 +366,7 @@ impl Filesystem for FuseAdapter {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
@@ -357,19 +374,19 @@ impl Filesystem for FuseAdapter {
     ) {
         match self.overlay.lseek(fh.0, offset, whence) {
             Ok(pos) => reply.offset(pos),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("lseek", ino.0, e)),
         }
     }
 
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.overlay.fsync(fh.0, datasync));
+        reply_empty("fsync", ino.0, reply, self.overlay.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -380,7 +397,7 @@ impl Filesystem for FuseAdapter {
         };
         match self.overlay.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), flags),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("opendir", ino.0, e)),
         }
     }
 
@@ -399,14 +416,14 @@ impl Filesystem for FuseAdapter {
         });
         match result {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("readdir", ino.0, e)),
         }
     }
 
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
@@ -423,7 +440,7 @@ impl Filesystem for FuseAdapter {
         });
         match result {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("readdirplus", ino.0, e)),
         }
     }
 
@@ -442,12 +459,17 @@ impl Filesystem for FuseAdapter {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.overlay.fsyncdir(fh.0, datasync));
+        reply_empty(
+            "fsyncdir",
+            ino.0,
+            reply,
+            self.overlay.fsyncdir(fh.0, datasync),
+        );
     }
 
     /// No ioctls are passed on (Python's `open` probes TCGETS, for one):
@@ -478,7 +500,7 @@ impl Filesystem for FuseAdapter {
                 s.f_namemax as u32,
                 s.f_frsize as u32,
             ),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno("statfs", ino.0, e)),
         }
     }
 
@@ -492,19 +514,39 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.overlay.setxattr(ino.0, name, value, flags));
+        reply_empty(
+            "setxattr",
+            ino.0,
+            reply,
+            self.overlay.setxattr(ino.0, name, value, flags),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, self.overlay.getxattr(ino.0, name, size));
+        reply_xattr(
+            "getxattr",
+            ino.0,
+            reply,
+            self.overlay.getxattr(ino.0, name, size),
+        );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, self.overlay.listxattr(ino.0, size));
+        reply_xattr(
+            "listxattr",
+            ino.0,
+            reply,
+            self.overlay.listxattr(ino.0, size),
+        );
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.overlay.removexattr(ino.0, name));
+        reply_empty(
+            "removexattr",
+            ino.0,
+            reply,
+            self.overlay.removexattr(ino.0, name),
+        );
     }
 
     fn create(
@@ -522,7 +564,7 @@ impl Filesystem for FuseAdapter {
             .create(caller(req, umask), parent.0, name, mode, flags)
         {
             Ok(created) => created,
-            Err(e) => return reply.error(errno(e)),
+            Err(e) => return reply.error(errno("create", parent.0, e)),
         };
         let attr = attr(entry.id, &entry.stat);
         let setid = entry.stat.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0;
