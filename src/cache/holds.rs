@@ -2,7 +2,7 @@
 //! the entry serving it, a writer's hold that keeps the file uncached.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::Entry;
 use super::policy::Key;
@@ -52,7 +52,7 @@ impl Drop for CacheRef {
             state.evicted.remove(&entry.id);
         }
         if let Some(grace) = self.protect {
-            let now = Instant::now();
+            let now = self.shared.clock.now();
             state
                 .policy
                 .unprotect(entry.id, now.checked_add(grace).unwrap_or(now));

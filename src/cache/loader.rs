@@ -42,68 +42,73 @@ pub(super) enum Job {
 
 pub(super) fn load_loop(jobs: Receiver<Job>, shared: Weak<Shared>) {
     for job in jobs {
-        let (entry, source) = match job {
-            Job::Load {
-                entry,
-                source,
-                victims,
-            } => {
-                drop(victims);
-                (entry, source)
-            }
-            Job::SettleLock(entry) => {
-                if let Some(shared) = shared.upgrade() {
-                    entry.settle_lock(&shared.budget);
-                }
-                continue;
-            }
-        };
-        let entry = &entry;
-        if entry.is_cancelled() {
-            continue;
+        run_job(job, &shared);
+    }
+}
+
+/// One job of the loader pool.
+pub(super) fn run_job(job: Job, shared: &Weak<Shared>) {
+    let (entry, source) = match job {
+        Job::Load {
+            entry,
+            source,
+            victims,
+        } => {
+            drop(victims);
+            (entry, source)
         }
-        let started = Instant::now();
-        let result = entry.load(&source, LOAD_CHUNK).and_then(|()| {
-            // A change during the load makes the copy stale.
-            if !entry.serves(&Identity::of_file(&source)?) {
-                return Err(io::Error::other("the file changed while loading"));
+        Job::SettleLock(entry) => {
+            if let Some(shared) = shared.upgrade() {
+                entry.settle_lock(&shared.budget);
             }
-            Ok(())
-        });
-        match result {
-            Ok(()) => {
-                let secs = started.elapsed().as_secs_f64();
-                if let Some(shared) = shared.upgrade() {
-                    let loads = &shared.loads;
-                    loads.count.fetch_add(1, Ordering::Relaxed);
-                    loads.bytes.fetch_add(entry.size(), Ordering::Relaxed);
-                    let nanos = started.elapsed().as_nanos() as u64;
-                    loads.nanos.fetch_add(nanos, Ordering::Relaxed);
-                }
-                info!(
-                    "loaded {} ({}) in {secs:.2} s, {}",
-                    entry.name,
-                    Bytes(entry.size()),
-                    Rate {
-                        bytes: entry.size(),
-                        secs
-                    }
-                );
-                if let Some(shared) = shared.upgrade() {
-                    entry.settle_lock(&shared.budget);
-                }
+            return;
+        }
+    };
+    let entry = &entry;
+    if entry.is_cancelled() {
+        return;
+    }
+    let started = Instant::now();
+    let result = entry.load(&source, LOAD_CHUNK).and_then(|()| {
+        // A change during the load makes the copy stale.
+        if !entry.serves(&Identity::of_file(&source)?) {
+            return Err(io::Error::other("the file changed while loading"));
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => {
+            let secs = started.elapsed().as_secs_f64();
+            if let Some(shared) = shared.upgrade() {
+                let loads = &shared.loads;
+                loads.count.fetch_add(1, Ordering::Relaxed);
+                loads.bytes.fetch_add(entry.size(), Ordering::Relaxed);
+                let nanos = started.elapsed().as_nanos() as u64;
+                loads.nanos.fetch_add(nanos, Ordering::Relaxed);
             }
-            Err(_) if entry.is_cancelled() => {}
-            Err(e) => {
-                warn!(
-                    "loading {} failed: {e}; it is served from the backing file",
-                    entry.name
-                );
-                if let Some(shared) = shared.upgrade() {
-                    shared.discard(entry);
+            info!(
+                "loaded {} ({}) in {secs:.2} s, {}",
+                entry.name,
+                Bytes(entry.size()),
+                Rate {
+                    bytes: entry.size(),
+                    secs
                 }
-                entry.drop_stored_pages();
+            );
+            if let Some(shared) = shared.upgrade() {
+                entry.settle_lock(&shared.budget);
             }
+        }
+        Err(_) if entry.is_cancelled() => {}
+        Err(e) => {
+            warn!(
+                "loading {} failed: {e}; it is served from the backing file",
+                entry.name
+            );
+            if let Some(shared) = shared.upgrade() {
+                shared.discard(entry);
+            }
+            entry.drop_stored_pages();
         }
     }
 }

@@ -23,14 +23,14 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use budget::PinBudget;
 pub use entry::{Entry, Identity, LockReason, MountView};
 pub use holds::{CacheRef, ReaderHold, WriteGuard};
-use loader::{Job, LoadCounters, load_loop};
+use loader::{Job, LoadCounters, load_loop, run_job};
 use policy::{Admission, EvictReason, Key, Policy};
 pub use refusal::{ModelFiles, NotModelFile, Refusal};
 use state::{Shared, State, Why};
@@ -94,14 +94,38 @@ impl CacheConfig {
     }
 }
 
+/// Where the cache reads the time (protection's grace): the system's,
+/// or a test's.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+/// The system's monotonic clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
 pub struct Cache {
     shared: Arc<Shared>,
     loads: Option<Sender<Job>>,
     loaders: Vec<JoinHandle<()>>,
+    /// With no loader threads (`loader_threads` 0, for tests): the loads
+    /// queued, run by `run_pending_loads` on the caller's thread.
+    pending: Option<Receiver<Job>>,
 }
 
 impl Cache {
     pub fn new(config: CacheConfig) -> Self {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// A cache reading the time from `clock`. `config.loader_threads` 0
+    /// starts no loader: loads wait for `run_pending_loads`.
+    pub fn with_clock(config: CacheConfig, clock: Arc<dyn Clock>) -> Self {
         let lockable = budget::memlock_allowance().min(config.pin_budget.unwrap_or(u64::MAX));
         let (reaper, released) = crossbeam_channel::unbounded::<Vec<Arc<Entry>>>();
         // Ends when the last sender (Shared) is gone.
@@ -126,9 +150,10 @@ impl Cache {
             loads: LoadCounters::default(),
             pressure_events: AtomicU64::new(0),
             budget: Arc::new(Mutex::new(PinBudget::new(lockable))),
+            clock,
         });
         let (tx, rx) = crossbeam_channel::unbounded();
-        let loaders = (0..shared.config.loader_threads.max(1))
+        let loaders = (0..shared.config.loader_threads)
             .map(|i| {
                 let rx = rx.clone();
                 let shared = Arc::downgrade(&shared);
@@ -138,11 +163,28 @@ impl Cache {
                     .expect("spawn a loader thread")
             })
             .collect();
+        let pending = (shared.config.loader_threads == 0).then_some(rx);
         Self {
             shared,
             loads: Some(tx),
             loaders,
+            pending,
         }
+    }
+
+    /// Runs the loads queued so far on this thread (a cache without loader
+    /// threads); returns how many jobs ran.
+    pub fn run_pending_loads(&self) -> usize {
+        let Some(pending) = &self.pending else {
+            return 0;
+        };
+        let shared = Arc::downgrade(&self.shared);
+        let mut ran = 0;
+        while let Ok(job) = pending.try_recv() {
+            run_job(job, &shared);
+            ran += 1;
+        }
+        ran
     }
 
     /// Where new entries keep their bytes: with `Some(mount)` (copy mode)
@@ -287,7 +329,7 @@ impl Cache {
             return Err(Refusal::OpenForWriting);
         }
         // Room is made only from what no reader protects any more.
-        state.policy.expire_protection(Instant::now());
+        state.policy.expire_protection(self.shared.clock.now());
         // The same name cached as another inode: the file was replaced
         // behind the mount (a download renamed over it). Its old bytes go.
         let replaced: Vec<Key> = state
@@ -390,7 +432,7 @@ impl Cache {
     /// Protected entries count as pinned here.
     pub fn relieve_pressure(&self, to_free: u64, include_pinned: bool) -> u64 {
         let mut state = self.shared.lock();
-        state.policy.expire_protection(Instant::now());
+        state.policy.expire_protection(self.shared.clock.now());
         let mut freed = 0;
         while freed < to_free {
             let Some(id) = state.policy.evict_lru_for_pressure(include_pinned) else {

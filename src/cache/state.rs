@@ -12,7 +12,7 @@ use tracing::info;
 use super::budget::PinBudget;
 use super::loader::LoadCounters;
 use super::policy::{EntryId, EvictReason, Key, Policy};
-use super::{CacheConfig, Entry, MountView};
+use super::{CacheConfig, Clock, Entry, MountView};
 use crate::units::Bytes;
 
 /// The state of the cache; see `Shared::lock`.
@@ -72,6 +72,7 @@ pub(super) struct Shared {
     pub(super) state: Mutex<State>,
     /// To the reaper thread, which drops released entries.
     pub(super) reaper: Sender<Vec<Arc<Entry>>>,
+    pub(super) clock: Arc<dyn Clock>,
 }
 
 /// The cache's lock. Entries released while it is held go to the reaper

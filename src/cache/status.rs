@@ -2,7 +2,6 @@
 
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use super::policy::{self, EntryId};
 use super::{Cache, Entry};
@@ -45,7 +44,7 @@ impl Cache {
     /// What the cache holds now.
     pub fn status(&self) -> CacheStatus {
         let mut state = self.shared.lock();
-        state.policy.expire_protection(Instant::now());
+        state.policy.expire_protection(self.shared.clock.now());
         let policy = &state.policy;
         let describe = |entry: &Entry| -> Option<EntryStatus> {
             let info = policy.entry(entry.id)?;
