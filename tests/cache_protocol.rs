@@ -530,6 +530,9 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
             .filter(|e| e.resident && e.pinned)
             .map(|e| FILES.iter().find(|f| **f == e.name).copied().unwrap())
             .collect();
+        // A pinned file changed behind the mount loses its entry for that
+        // reason at its next open, not for room.
+        let changed_before = changed_behind;
         let mut admitted = false;
         match op.clone() {
             Op::Open(f) => {
@@ -598,6 +601,10 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
         );
         if admitted {
             for name in resident_pinned {
+                let file = FILES.iter().position(|f| *f == name).unwrap();
+                if changed_before[file] {
+                    continue;
+                }
                 prop_assert!(
                     status.entries.iter().any(|e| e.name == name && e.resident),
                     "pinned {name} was evicted for room by {op:?}"
@@ -622,7 +629,12 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    // Failing sequences are kept below as plain tests, not in a file.
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn no_sequence_of_operations_serves_a_stale_byte_or_breaks_the_cap(
@@ -630,4 +642,17 @@ proptest! {
     ) {
         run_model(&ops)?;
     }
+}
+
+/// Sequences that once failed, kept as plain tests.
+#[test]
+fn a_changed_pinned_file_held_open_is_not_counted_as_evicted_for_room() {
+    run_model(&[
+        Op::Open(3),
+        Op::Pin(2),
+        Op::Open(2),
+        Op::ChangeBehind { file: 2, seed: 0 },
+        Op::Open(2),
+    ])
+    .unwrap();
 }
