@@ -100,6 +100,9 @@ fn make_acl_files(backing: &Path) {
 
 #[test]
 fn acls_of_the_backing_filesystem_hold_for_other_users_in_both_modes() {
+    if common::needs_root("reads as other users (setpriv) and passthrough") {
+        return;
+    }
     let (_tmp, backing, mnt) = dirs();
     make_acl_files(&backing);
     for mode in [Mode::Copy, Mode::Passthrough] {
@@ -149,6 +152,9 @@ fn create(dir: &Path, uid: u32, gid: u32, umask: &str, command: &str) {
 /// clears setgid.
 #[test]
 fn new_files_take_default_acls_umask_and_setgid_as_on_the_backing_filesystem() {
+    if common::needs_root("creates files as other users (setpriv)") {
+        return;
+    }
     let (_tmp, backing, mnt) = dirs();
     set_mode(&backing, 0o777);
     let inherit = backing.join("inherit");
@@ -237,6 +243,9 @@ fn new_files_take_default_acls_umask_and_setgid_as_on_the_backing_filesystem() {
 /// modes: the kernel's ACL checks find "no ACL", not an error.
 #[test]
 fn a_backing_without_acls_is_read_by_mode_bits() {
+    if common::needs_root("mounts a ramfs backing") {
+        return;
+    }
     let (_tmp, backing, mnt) = dirs();
     let _ramfs = TempMount::new("ramfs", "", &backing);
     set_mode(&backing, 0o755);

@@ -45,6 +45,9 @@ fn serving_mode(mnt: &Path) -> String {
 /// file is cached, and writes land in the lower mount's backing folder.
 #[test]
 fn a_fuse_mount_as_backing_works_in_both_modes() {
+    if common::needs_root("passthrough mode") {
+        return;
+    }
     let _disk = DISK.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = shared_tempdir();
     let [backing, lower_mnt, upper_mnt] = ["backing", "lower", "upper"].map(|d| tmp.path().join(d));
@@ -180,6 +183,9 @@ impl Drop for Throttle {
 /// in both modes. Speed-ups are measured by the benchmarks, not here.
 #[test]
 fn a_slow_backing_serves_reloads_from_ram_in_both_modes() {
+    if common::needs_root("throttles the disk with a blkio cgroup") {
+        return;
+    }
     let _disk = DISK.lock().unwrap_or_else(|e| e.into_inner());
     const RATE: u64 = 100_000_000;
     const SIZE: u64 = 128 * MIB;

@@ -389,6 +389,9 @@ fn locked_bytes(pid: u32) -> u64 {
 
 #[test]
 fn pins_and_mlock_hooks_lock_pages_within_the_pin_budget() {
+    if common::needs_root("locks pages beyond a user's memlock limit") {
+        return;
+    }
     let (tmp, backing, mnt) = dirs();
     write_model(&backing.join("pinned.safetensors"), 24 * MIB, 1);
     write_model(&backing.join("other.safetensors"), 24 * MIB, 2);

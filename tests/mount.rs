@@ -171,6 +171,9 @@ fn in_place_mount_leaves_exactly_what_was_written() {
 
 #[test]
 fn files_created_by_another_user_belong_to_that_user() {
+    if common::needs_root("creates files as other users (setpriv)") {
+        return;
+    }
     let (_tmp, backing, mnt) = dirs();
     fs::create_dir(backing.join("shared")).unwrap();
     set_mode(&backing.join("shared"), 0o777);
@@ -205,6 +208,9 @@ fn files_created_by_another_user_belong_to_that_user() {
 
 #[test]
 fn a_normal_user_mounts_through_fusermount3() {
+    if common::needs_root("runs the daemon as another user (setpriv)") {
+        return;
+    }
     let (_tmp, backing, mnt) = dirs();
     chown(&backing, NOBODY, NOGROUP);
     chown(&mnt, NOBODY, NOGROUP);
@@ -258,6 +264,9 @@ fn wait_log(m: &Mounted, needle: &str) -> String {
 
 #[test]
 fn a_root_daemon_uses_passthrough_and_a_normal_user_gets_copy_mode() {
+    if common::needs_root("a root daemon") {
+        return;
+    }
     let (_tmp, backing, mnt) = dirs();
     let want = pseudo_random(4 << 20, 7);
     fs::write(backing.join("model.safetensors"), &want).unwrap();
@@ -400,6 +409,9 @@ fn external_unmount_ends_the_daemon_with_exit_0() {
 /// outside, after which the daemon lets go and exits by itself.
 #[test]
 fn a_copy_mode_mount_with_cached_files_unmounts_both_ways() {
+    if common::needs_root("detaches the mount with umount2") {
+        return;
+    }
     for lazy in [false, true] {
         let (_tmp, backing, mnt) = dirs();
         write_safetensors(&backing.join("m.safetensors"), 4, 1 << 20, 6);
@@ -544,6 +556,9 @@ fn modelcache(args: &[&Path]) -> Command {
 
 #[test]
 fn bad_input_gets_one_clear_line_and_changes_nothing() {
+    if common::needs_root("makes directories of other users") {
+        return;
+    }
     let (tmp, backing, mnt) = dirs();
     let file = tmp.path().join("file.txt");
     fs::write(&file, b"f").unwrap();
@@ -706,6 +721,9 @@ fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
 /// ever, in both modes.
 #[test]
 fn a_read_only_mount_refuses_every_change_and_still_caches() {
+    if common::needs_root("passthrough mode") {
+        return;
+    }
     let (_tmp, backing, mnt) = dirs();
     let model = pseudo_random(4 << 20, 3);
     fs::write(backing.join("m.safetensors"), &model).unwrap();
@@ -839,6 +857,9 @@ fn age_atime(path: &Path) -> i64 {
 /// rule: the flag is on the mount, and README says the rest.
 #[test]
 fn noatime_keeps_access_times_and_relatime_is_the_default() {
+    if common::needs_root("passthrough mode") {
+        return;
+    }
     let (_tmp, backing, mnt) = dirs();
     for name in ["a.bin", "m.safetensors"] {
         fs::write(backing.join(name), pseudo_random(2 << 20, 9)).unwrap();
@@ -891,6 +912,9 @@ fn noatime_keeps_access_times_and_relatime_is_the_default() {
 /// (attributes cached for 60 s) and with --backing.
 #[test]
 fn writes_through_a_shared_mapping_update_mtime() {
+    if common::needs_root("passthrough mode") {
+        return;
+    }
     use std::os::unix::fs::MetadataExt;
     for mode in [Mode::Copy, Mode::Passthrough] {
         for in_place in [true, false] {
@@ -944,6 +968,9 @@ fn writes_through_a_shared_mapping_update_mtime() {
 /// kernel rules say). Both modes, compared with the backing directory.
 #[test]
 fn setuid_and_setgid_are_dropped_as_on_the_backing_filesystem() {
+    if common::needs_root("passthrough mode and other users") {
+        return;
+    }
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let (_tmp, backing, mnt) = dirs();
     set_mode(&backing, 0o777);

@@ -493,6 +493,9 @@ fn assert_mounted_and_unmounted(s: &Scenario, out: &Output) {
 
 #[test]
 fn mount_t_fuse_modelcache_mounts_serves_and_unmounts() {
+    if common::needs_root("mount(8) in a private mount namespace") {
+        return;
+    }
     let s = Scenario::new();
     let out = s.run(&format!(
         "mount -t fuse.modelcache -o allow_other,threads=2,nofail \"$SRC\" \"$MNT\"\n{CHECK_MOUNTED}"
@@ -502,6 +505,9 @@ fn mount_t_fuse_modelcache_mounts_serves_and_unmounts() {
 
 #[test]
 fn an_fstab_line_mounts_serves_and_unmounts() {
+    if common::needs_root("mount(8) in a private mount namespace") {
+        return;
+    }
     let s = Scenario::new();
     // `mount --fstab FILE DIR` reads the line from FILE instead of /etc/fstab.
     fs::write(
@@ -521,6 +527,9 @@ fn an_fstab_line_mounts_serves_and_unmounts() {
 
 #[test]
 fn mount_reports_bad_options_and_mounts_nothing() {
+    if common::needs_root("mount(8) in a private mount namespace") {
+        return;
+    }
     let s = Scenario::new();
     let out = s.run(
         r#"

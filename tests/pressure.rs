@@ -155,6 +155,9 @@ fn pressure_in(mode: Mode) {
 /// memory use.
 #[test]
 fn under_memory_pressure_unpinned_files_go_first_and_pinned_ones_only_when_critical() {
+    if common::needs_root("passthrough mode") {
+        return;
+    }
     let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
     let kills = oom_kills();
     pressure_in(Mode::Passthrough);

@@ -46,6 +46,9 @@ fn mount_cmd(backing: &Path, mnt: &Path, manifest: &Path) -> Command {
 
 #[test]
 fn a_daemon_refuses_a_manifest_someone_else_could_write() {
+    if common::needs_root("makes files of other users") {
+        return;
+    }
     let (tmp, backing, mnt) = dirs();
     let manifest = tmp.path().join("manifest.toml");
     fs::write(&manifest, "[cache]\nmax_size = \"64MiB\"\n").unwrap();
@@ -103,6 +106,9 @@ fn write_model(path: &Path, len: usize, seed: u64) {
 /// must not take that user's manifest (and run its hooks as root).
 #[test]
 fn a_root_daemon_never_reads_a_manifest_from_a_users_home() {
+    if common::needs_root("a root daemon") {
+        return;
+    }
     let (tmp, backing, mnt) = dirs();
     write_model(&backing.join("m.safetensors"), 2 * MIB, 1);
     let home = tmp.path().join("home");
@@ -351,6 +357,9 @@ impl Drop for FakeSocket {
 /// control characters in file names reach the terminal escaped.
 #[test]
 fn the_client_trusts_only_the_mounts_own_daemon_and_escapes_names() {
+    if common::needs_root("runs a client as another user (setpriv)") {
+        return;
+    }
     const ATTACKER: u32 = 4242;
     let (tmp, backing, mnt) = dirs();
     let evil = "a\u{1b}[31mred\nline.safetensors";
@@ -620,6 +629,9 @@ fn descriptors_are_bounded_by_design() {
 /// multiple) until ENOSPC, in both modes.
 #[test]
 fn a_full_disk_reports_partial_writes_exactly() {
+    if common::needs_root("mounts a small tmpfs backing") {
+        return;
+    }
     use std::io::Write;
     let (_tmp, backing, mnt) = dirs();
     let _fs = TempMount::new("tmpfs", "size=1m,mode=0755", &backing);
@@ -748,6 +760,9 @@ fn warm_of_a_tree_deeper_than_path_max_says_so() {
 /// the daemon says whose it is and what to do.
 #[test]
 fn a_socket_directory_made_by_another_user_is_reported_with_the_fix() {
+    if common::needs_root("makes directories of other users") {
+        return;
+    }
     let (tmp, backing, mnt) = dirs();
     let runtime = tmp.path().join("runtime");
     fs::create_dir(&runtime).unwrap();

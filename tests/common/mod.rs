@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -13,6 +14,24 @@ pub fn bin() -> &'static str {
 }
 
 /// The `fuse.modelcache` mount at exactly `path`, if any.
+/// For a test that needs root (mount(2), passthrough, other users' files,
+/// dropping the kernel's caches): as a normal user, says so in one line
+/// and returns true, and the test returns. `tests/run` runs as root and
+/// skips nothing.
+pub fn needs_root(why: &str) -> bool {
+    // SAFETY: a plain getter.
+    if unsafe { libc::geteuid() } == 0 {
+        return false;
+    }
+    // Written past the test harness's capture, so the skip shows.
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped, needs root ({why}): {}",
+        std::thread::current().name().unwrap_or("a test")
+    );
+    true
+}
+
 pub fn our_mount_at(path: &Path) -> bool {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     text.lines()
