@@ -34,7 +34,7 @@ enum Job {
     Apply(Box<Manifest>),
 }
 
-pub struct Rules {
+pub struct ManifestWorker {
     jobs: Option<Sender<Job>>,
     worker: Option<JoinHandle<()>>,
     /// Where the manifest comes from: the --manifest file, else the default
@@ -52,7 +52,7 @@ pub struct LiveMount {
 /// Group member -> the other members of its groups.
 type Groups = HashMap<String, Vec<PathBuf>>;
 
-impl Rules {
+impl ManifestWorker {
     /// Starts the worker and applies `manifest` (if any) to `live`.
     /// `group_opens` names the model files readers open whose groups should
     /// be warmed (see `readers::opens`).
@@ -61,7 +61,7 @@ impl Rules {
         manifest: Option<Manifest>,
         manifest_path: Option<PathBuf>,
         group_opens: Receiver<String>,
-    ) -> Arc<Rules> {
+    ) -> Arc<ManifestWorker> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let worker = std::thread::Builder::new()
             .name("manifest".into())
@@ -70,7 +70,7 @@ impl Rules {
         if let Some(m) = manifest {
             let _ = tx.send(Job::Apply(Box::new(m)));
         }
-        Arc::new(Rules {
+        Arc::new(ManifestWorker {
             jobs: Some(tx),
             worker: Some(worker),
             manifest_path,
@@ -98,7 +98,7 @@ impl Rules {
     }
 }
 
-impl Drop for Rules {
+impl Drop for ManifestWorker {
     fn drop(&mut self) {
         self.jobs = None;
         if let Some(worker) = self.worker.take() {

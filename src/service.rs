@@ -15,7 +15,7 @@ use crate::fs::passthrough::BackingFiles;
 use crate::manifest::Tree;
 use crate::readers::ReaderClass;
 use crate::readers::opens::Opens;
-use crate::rules::Rules;
+use crate::rules::ManifestWorker;
 
 pub struct MountService {
     pub mountpoint: PathBuf,
@@ -23,7 +23,7 @@ pub struct MountService {
     pub overlay: Arc<Overlay>,
     pub opens: Arc<Opens>,
     pub backing_files: Arc<BackingFiles>,
-    pub rules: Arc<Rules>,
+    pub rules: Arc<ManifestWorker>,
     /// The pressure monitor's latest sample.
     pub memory: Arc<dyn Fn() -> Option<Sample> + Send + Sync>,
 }

@@ -8,7 +8,7 @@ use std::io;
 use parking_lot::Mutex;
 
 use super::inodes::Node;
-use super::{DirItem, Entry, Overlay, backing};
+use super::{DirItem, NodeAttr, Overlay, backing};
 
 /// An open directory: the listing is read once at `opendir` (and again when
 /// the kernel rewinds to offset 0), so offsets stay stable while entries are
@@ -75,10 +75,10 @@ impl Overlay {
         &self,
         fh: u64,
         offset: u64,
-        mut emit: impl FnMut(&DirItem<'_>, &Entry) -> bool,
+        mut emit: impl FnMut(&DirItem<'_>, &NodeAttr) -> bool,
     ) -> io::Result<()> {
         let dir = self.dirs.get(fh)?;
-        let own = Entry {
+        let own = NodeAttr {
             id: dir.id,
             stat: backing::stat(dir.node.fd())?,
         };

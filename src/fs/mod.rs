@@ -29,7 +29,7 @@ pub use xattr::XattrReply;
 
 /// A node the kernel now knows, with its attributes.
 #[derive(Clone, Copy)]
-pub struct Entry {
+pub struct NodeAttr {
     pub id: u64,
     pub stat: Stat,
 }
@@ -160,26 +160,31 @@ impl Overlay {
         self.inodes.node_count()
     }
 
-    pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<Entry> {
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<NodeAttr> {
         let parent_node = self.inodes.get(parent)?;
         self.lookup_in(parent, &parent_node, &backing::component(name)?)
     }
 
     /// One kernel lookup of `name` in `parent` (node `parent_id`). A known
     /// inode costs one `fstatat`; only a new one is opened (`O_PATH`).
-    fn lookup_in(&self, parent_id: u64, parent: &Node, name: &std::ffi::CStr) -> io::Result<Entry> {
+    fn lookup_in(
+        &self,
+        parent_id: u64,
+        parent: &Node,
+        name: &std::ffi::CStr,
+    ) -> io::Result<NodeAttr> {
         let stat = backing::stat_at(parent.fd(), name)?;
         if let Some(id) = self.inodes.acquire(key(&stat), parent_id, name) {
-            return Ok(Entry { id, stat });
+            return Ok(NodeAttr { id, stat });
         }
         self.remember(backing::open_path(parent.fd(), name)?, parent_id, name)
     }
 
     /// Records the inode `fd` holds, found as `name` in `parent`.
-    fn remember(&self, fd: OwnedFd, parent: u64, name: &std::ffi::CStr) -> io::Result<Entry> {
+    fn remember(&self, fd: OwnedFd, parent: u64, name: &std::ffi::CStr) -> io::Result<NodeAttr> {
         let stat = backing::stat(fd.as_fd())?;
         let id = self.inodes.remember(fd, key(&stat), parent, name);
-        Ok(Entry { id, stat })
+        Ok(NodeAttr { id, stat })
     }
 
     /// When the kernel lets go of a file that no name leads to any more
@@ -251,7 +256,7 @@ impl Overlay {
         parent: u64,
         name: &OsStr,
         make: impl FnOnce(&Node, &std::ffi::CStr) -> io::Result<()>,
-    ) -> io::Result<Entry> {
+    ) -> io::Result<NodeAttr> {
         let parent_node = self.inodes.get(parent)?;
         let cname = backing::component(name)?;
         {
@@ -262,7 +267,13 @@ impl Overlay {
         self.remember(fd, parent, &cname)
     }
 
-    pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> io::Result<Entry> {
+    pub fn mkdir(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+    ) -> io::Result<NodeAttr> {
         self.make_entry(caller, parent, name, |dir, name| {
             backing::mkdir(dir.fd(), name, creds::masked(caller, mode))
         })
@@ -275,7 +286,7 @@ impl Overlay {
         name: &OsStr,
         mode: u32,
         rdev: u64,
-    ) -> io::Result<Entry> {
+    ) -> io::Result<NodeAttr> {
         self.make_entry(caller, parent, name, |dir, name| {
             backing::mknod(dir.fd(), name, creds::masked(caller, mode), rdev)
         })
@@ -287,13 +298,13 @@ impl Overlay {
         parent: u64,
         name: &OsStr,
         target: &OsStr,
-    ) -> io::Result<Entry> {
+    ) -> io::Result<NodeAttr> {
         self.make_entry(caller, parent, name, |dir, name| {
             backing::symlink(target, dir.fd(), name)
         })
     }
 
-    pub fn link(&self, id: u64, new_parent: u64, new_name: &OsStr) -> io::Result<Entry> {
+    pub fn link(&self, id: u64, new_parent: u64, new_name: &OsStr) -> io::Result<NodeAttr> {
         let node = self.inodes.get(id)?;
         let parent = self.inodes.get(new_parent)?;
         let name = backing::component(new_name)?;
@@ -433,7 +444,7 @@ impl Overlay {
         name: &OsStr,
         mode: u32,
         flags: i32,
-    ) -> io::Result<(Entry, u64)> {
+    ) -> io::Result<(NodeAttr, u64)> {
         self.files.check_room()?;
         let parent_id = parent;
         let parent = self.inodes.get(parent)?;

@@ -27,7 +27,7 @@ use crate::fs::passthrough::{self, BackingFiles, Passthrough};
 use crate::mountinfo;
 use crate::readers::exec::CommandRunner;
 use crate::readers::opens::Opens;
-use crate::rules::{LiveMount, Rules};
+use crate::rules::{LiveMount, ManifestWorker};
 use crate::service::MountService;
 use crate::units::Bytes;
 
@@ -157,7 +157,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         }
     };
     drop(fuse_dev);
-    let rules = Rules::start(
+    let rules = ManifestWorker::start(
         LiveMount {
             overlay: overlay.clone(),
             opens: opens.clone(),

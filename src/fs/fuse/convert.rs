@@ -9,7 +9,7 @@ use fuser::{
     TimeOrNow,
 };
 
-use crate::fs::{Caller, Entry, Stat, TimeSpec, XattrReply};
+use crate::fs::{Caller, NodeAttr, Stat, TimeSpec, XattrReply};
 
 /// The errno a failed operation answers. Errors that are answers (ENOENT,
 /// EACCES, EEXIST…) are the backing filesystem's and go back silently; an
@@ -106,7 +106,7 @@ pub(super) fn reply_entry(
     ino: u64,
     reply: ReplyEntry,
     ttl: Duration,
-    result: io::Result<Entry>,
+    result: io::Result<NodeAttr>,
 ) {
     match result {
         Ok(e) => reply.entry(&ttl, &attr(e.id, &e.stat), Generation(0)),
