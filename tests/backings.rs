@@ -21,15 +21,12 @@ static DISK: Mutex<()> = Mutex::new(());
 
 /// Waits until `path` is listed `cached` by the mount's status.
 fn wait_cached(mnt: &Path, path: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = mount_status(mnt);
-        if status_file(&s, path).is_some_and(|f| f["state"] == "cached") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{path} never cached: {s:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut s = serde_json::Value::Null;
+    let cached = wait_for(Duration::from_secs(60), || {
+        s = mount_status(mnt);
+        status_file(&s, path).is_some_and(|f| f["state"] == "cached")
+    });
+    assert!(cached, "{path} never cached: {s:#}");
 }
 
 /// The mount's serving mode as status names it.

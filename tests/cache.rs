@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use common::*;
 
@@ -172,30 +172,24 @@ impl CacheMount {
 /// Waits until the daemon holds `name` (relative to the backing directory)
 /// fully loaded, with no load of it still running.
 fn wait_cached(m: &CacheMount, name: &str, size: u64) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let copies: Vec<CachedFile> = m.cached().into_iter().filter(|f| f.name == name).collect();
-        let loaded = |f: &CachedFile| f.complete && f.size == size && f.resident >= size;
-        if copies.iter().any(loaded) && copies.iter().all(|f| f.complete) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} ({size} bytes) not cached after {PATIENCE:?}: {copies:?}\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let loaded = |f: &CachedFile| f.complete && f.size == size && f.resident >= size;
+    let mut copies = Vec::new();
+    let cached = wait_for(PATIENCE, || {
+        copies = m.cached().into_iter().filter(|f| f.name == name).collect();
+        copies.iter().any(loaded) && copies.iter().all(|f| f.complete)
+    });
+    assert!(
+        cached,
+        "{name} ({size} bytes) not cached after {PATIENCE:?}: {copies:?}\n{}",
+        m.log_text()
+    );
 }
 
 /// Waits until the cache holds nothing at all.
 #[track_caller]
 fn wait_uncached(m: &CacheMount, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !m.cached().is_empty() {
-        assert!(Instant::now() < deadline, "{what}: {:?}", m.cached());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let uncached = wait_for(Duration::from_secs(5), || m.cached().is_empty());
+    assert!(uncached, "{what}: {:?}", m.cached());
 }
 
 /// Open flags of the descriptors the daemon holds on `file` for I/O: open
@@ -231,15 +225,9 @@ fn daemon_io_fds(pid: u32, file: &Path) -> Vec<i32> {
 /// daemon's descriptors on the backing `file`.
 fn wait_daemon_fds(m: &CacheMount, file: &Path, what: &str, done: impl Fn(&[i32]) -> bool) {
     let file = file.canonicalize().unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    while !done(&daemon_io_fds(m.pid(), &file)) {
-        assert!(
-            Instant::now() < deadline,
-            "{}: {what} after {PATIENCE:?}",
-            file.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(PATIENCE, &format!("{what} {}", file.display()), || {
+        done(&daemon_io_fds(m.pid(), &file))
+    });
 }
 
 /// Every reader's handle of `file` released and no load of it running. In
@@ -247,7 +235,7 @@ fn wait_daemon_fds(m: &CacheMount, file: &Path, what: &str, done: impl Fn(&[i32]
 /// mapping of the file in the mount.
 fn wait_released(m: &CacheMount, file: &Path) {
     let name = file.strip_prefix(&m.backing).unwrap().display().to_string();
-    wait_daemon_fds(m, file, "still open in the daemon", |fds| {
+    wait_daemon_fds(m, file, "the daemon to release", |fds| {
         let own = m.mode == Mode::Copy && m.cached().iter().any(|f| f.name == name && f.complete);
         fds.len() <= usize::from(own)
     });
@@ -255,7 +243,7 @@ fn wait_released(m: &CacheMount, file: &Path) {
 
 /// No handle of `file` open for writing left in the daemon.
 fn wait_no_writer(m: &CacheMount, file: &Path) {
-    wait_daemon_fds(m, file, "still open for writing in the daemon", |fds| {
+    wait_daemon_fds(m, file, "the daemon to stop writing to", |fds| {
         fds.iter().all(|f| f & libc::O_ACCMODE == libc::O_RDONLY)
     });
 }

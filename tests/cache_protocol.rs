@@ -6,6 +6,8 @@
 //! of random sequences of operations (never a stale byte, the cap held, no
 //! pinned entry evicted for room).
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -420,14 +422,11 @@ fn an_evicted_entry_stays_charged_until_its_last_reader_closes_then_is_reaped() 
     drop(a);
     assert_eq!(cache.charged_bytes(), 0);
     // The reaper thread drops the entry (and its mapping) off the lock.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Arc::strong_count(&mount) >= views {
-        assert!(
-            Instant::now() < deadline,
-            "the evicted entry was never dropped"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_until(
+        Duration::from_secs(5),
+        "the reaper to drop the evicted entry",
+        || Arc::strong_count(&mount) < views,
+    );
     cache
         .warm(
             backing.identity("b.pt"),

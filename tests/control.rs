@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -20,15 +20,13 @@ const MIB: u64 = 1 << 20;
 const PATIENCE: Duration = Duration::from_secs(60);
 
 fn wait_state(mnt: &Path, path: &str, state: &str) -> Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let s = mount_status(mnt);
-        if status_file(&s, path).is_some_and(|f| f["state"] == state) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{path} never {state}: {s:#}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut s = Value::Null;
+    let reached = wait_for(PATIENCE, || {
+        s = mount_status(mnt);
+        status_file(&s, path).is_some_and(|f| f["state"] == state)
+    });
+    assert!(reached, "{path} never {state}: {s:#}");
+    s
 }
 
 fn write_model(dir: &Path, name: &str, size: u64, seed: u64) {
@@ -350,15 +348,12 @@ fn the_metrics_file_is_prometheus_text() {
         &["--metrics-file", metrics.to_str().unwrap()],
     );
     read_all(&m.path("a.safetensors"));
-    let deadline = Instant::now() + PATIENCE;
-    let text = loop {
-        let text = fs::read_to_string(&metrics).unwrap_or_default();
-        if text.contains("modelcache_file_misses_total") && text.contains(" 1\n") {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "no metrics: {text}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let mut text = String::new();
+    let written = wait_for(PATIENCE, || {
+        text = fs::read_to_string(&metrics).unwrap_or_default();
+        text.contains("modelcache_file_misses_total") && text.contains(" 1\n")
+    });
+    assert!(written, "no metrics: {text}");
     let mut typed = std::collections::HashSet::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {

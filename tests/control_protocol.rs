@@ -1,5 +1,7 @@
 //! The control socket over real Unix sockets, with a fake daemon: no FUSE.
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -515,16 +517,9 @@ fn too_many_connections_get_an_error() {
     assert!(r.error.unwrap().contains("control connections already"));
     drop(a);
     // The slot frees once the first connection's thread has ended.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(mut c) = Client::connect(&socket)
-            && c.status().is_ok()
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "slot never freed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(Duration::from_secs(10), "the slot to free", || {
+        Client::connect(&socket).is_ok_and(|mut c| c.status().is_ok())
+    });
 }
 
 #[test]
@@ -785,17 +780,17 @@ fn metrics_writer_refreshes_and_stops() {
     let daemon = FakeDaemon::new("/mnt/models");
     let handle = spawn_metrics_writer(path.clone(), daemon.clone(), Duration::from_millis(50));
     let wait_for = |want: f64| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                let m = parse_prometheus(&text);
-                if m.get("modelcache_file_hits_total{mountpoint=/mnt/models}") == Some(&want) {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "metrics never showed {want}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_until(
+            Duration::from_secs(10),
+            &format!("the metrics to show {want}"),
+            || {
+                std::fs::read_to_string(&path).is_ok_and(|text| {
+                    parse_prometheus(&text)
+                        .get("modelcache_file_hits_total{mountpoint=/mnt/models}")
+                        == Some(&want)
+                })
+            },
+        )
     };
     wait_for(6.0);
     daemon.status.lock().counters.file_hits = 99;

@@ -125,28 +125,24 @@ impl Drop for Helper {
 
 /// Waits until `done` holds for the mount's status; returns that status.
 fn wait_status(m: &Mounted, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let s = mount_status(&m.mountpoint);
-        if done(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{what}: {s:#}\n{}", m.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut s = Value::Null;
+    let reached = wait_for(PATIENCE, || {
+        s = mount_status(&m.mountpoint);
+        done(&s)
+    });
+    assert!(reached, "{what}: {s:#}\n{}", m.log_text());
+    s
 }
 
 /// Waits until `text` is in the daemon's log; returns the log.
 fn wait_log(m: &Mounted, text: &str) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let log = m.log_text();
-        if log.contains(text) {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "{text:?} not in the log:\n{log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut log = String::new();
+    let found = wait_for(PATIENCE, || {
+        log = m.log_text();
+        log.contains(text)
+    });
+    assert!(found, "{text:?} not in the log:\n{log}");
+    log
 }
 
 fn write_model(path: &Path, size: u64, seed: u64) {
@@ -318,19 +314,12 @@ fn exec_hooks_see_file_pid_class_and_mount_are_killed_past_their_limit_and_never
 
     // The environment, for the first open of a file by this class.
     read_and_close(&m, "env.safetensors", 0);
-    let deadline = Instant::now() + PATIENCE;
-    let env = loop {
-        let text = fs::read_to_string(&out).unwrap_or_default();
-        if text.lines().count() >= 4 {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no env written:\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut env = String::new();
+    let written = wait_for(PATIENCE, || {
+        env = fs::read_to_string(&out).unwrap_or_default();
+        env.lines().count() >= 4
+    });
+    assert!(written, "no env written:\n{}", m.log_text());
     let expected = format!(
         "MODELCACHE_CLASS=cpu\nMODELCACHE_FILE={}\nMODELCACHE_MOUNT={}\nMODELCACHE_PID={}\n",
         m.path("env.safetensors").display(),
@@ -361,11 +350,8 @@ fn exec_hooks_see_file_pid_class_and_mount_are_killed_past_their_limit_and_never
         .rsplit_once("(pid ")
         .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
         .unwrap_or_else(|| panic!("{line}"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !group_members(pid).is_empty() {
-        assert!(Instant::now() < deadline, "{:?} alive", group_members(pid));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let gone = wait_for(Duration::from_secs(10), || group_members(pid).is_empty());
+    assert!(gone, "{:?} alive", group_members(pid));
 
     // A failing command is logged; the file reads as ever.
     read_and_close(&m, "fail.safetensors", 2);

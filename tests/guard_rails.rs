@@ -40,15 +40,9 @@ impl Helper {
                 .expect("start sh"),
         );
         // Until the shell has opened the file and become `sleep`.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while fs::read_to_string(format!("/proc/{}/comm", h.pid())).unwrap_or_default() != "sleep\n"
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "sh did not exec sleep"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(Duration::from_secs(10), "sh to exec sleep", || {
+            fs::read_to_string(format!("/proc/{}/comm", h.pid())).unwrap_or_default() == "sleep\n"
+        });
         h
     }
 
@@ -343,15 +337,8 @@ fn sigterm_on_a_busy_mount_names_only_the_real_holder() {
     let inside = Helper::sleep_in(&m.path("sub"));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !m.log_text().contains("is busy") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no busy warning:\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let warned = wait_for(Duration::from_secs(10), || m.log_text().contains("is busy"));
+    assert!(warned, "no busy warning:\n{}", m.log_text());
     let log = m.log_text();
     let line = log.lines().find(|l| l.contains("is busy")).unwrap();
     assert!(

@@ -248,18 +248,13 @@ fn a_normal_user_mounts_through_fusermount3() {
 /// Waits until the daemon's log contains `needle` (the mode line comes
 /// right after the mount appears).
 fn wait_log(m: &Mounted, needle: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = m.log_text();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{needle:?} not in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut log = String::new();
+    let found = wait_for(Duration::from_secs(10), || {
+        log = m.log_text();
+        log.contains(needle)
+    });
+    assert!(found, "{needle:?} not in the log:\n{log}");
+    log
 }
 
 #[test]
@@ -369,6 +364,7 @@ fn a_copy_mode_daemon_killed_while_loading_exits() {
     let mut m = Mounted::separate(&backing, &mnt, &["--passthrough", "off"]);
     drop_from_page_cache(&backing.join("big.safetensors"));
     let f = File::open(m.path("big.safetensors")).unwrap();
+    // Its own loop: every 2 ms, to catch the load while it runs.
     let loading = std::time::Instant::now();
     while !m.log_text().contains("loaded big.safetensors")
         && cached_files(m.pid(), &backing, &m.mountpoint).is_empty()
@@ -775,16 +771,14 @@ fn a_read_only_mount_refuses_every_change_and_still_caches() {
         assert_eq!(fs::read(backing.join("m.safetensors")).unwrap(), model);
         assert!(!backing.join("new.bin").exists() && !backing.join("newdir").exists());
         // The cache works as ever.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !status_file(&mount_status(&m.mountpoint), "m.safetensors")
-            .is_some_and(|f| f["state"] == "cached")
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{mode:?}: never cached"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            Duration::from_secs(20),
+            &format!("m.safetensors to be cached ({mode:?})"),
+            || {
+                status_file(&mount_status(&m.mountpoint), "m.safetensors")
+                    .is_some_and(|f| f["state"] == "cached")
+            },
+        );
         m.unmount();
     }
     // A normal user's read-only mount, through fusermount3.

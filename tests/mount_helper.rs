@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -392,20 +392,17 @@ trap 'exit 1' HUP INT TERM
     /// Waits for modelcache daemons serving our mount point to exit; kills
     /// any still there after 10 s and fails.
     fn reap_daemons(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = daemons_serving(&self.mnt);
-            if left.is_empty() {
-                return;
+        let mut left = Vec::new();
+        let reaped = wait_for(Duration::from_secs(10), || {
+            left = daemons_serving(&self.mnt);
+            left.is_empty()
+        });
+        if !reaped {
+            for pid in &left {
+                // SAFETY: a daemon started by this test for its own mount point.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
             }
-            if Instant::now() > deadline {
-                for pid in &left {
-                    // SAFETY: a daemon started by this test for its own mount point.
-                    unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-                }
-                panic!("modelcache daemons {left:?} still running after the test");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            panic!("modelcache daemons {left:?} still running after the test");
         }
     }
 }

@@ -9,7 +9,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -28,21 +28,18 @@ fn cached_names(m: &Mounted, backing: &Path) -> Vec<String> {
     names
 }
 
-fn wait_for(m: &Mounted, backing: &Path, want: &[&str], why: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let names = cached_names(m, backing);
-        if names == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{why}: the cache holds {names:?}, expected {want:?}; MemAvailable {} MiB\n{}",
-            mem_available() >> 20,
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_cache_holds(m: &Mounted, backing: &Path, want: &[&str], why: &str) {
+    let mut names = Vec::new();
+    let held = wait_for(Duration::from_secs(20), || {
+        names = cached_names(m, backing);
+        names == want
+    });
+    assert!(
+        held,
+        "{why}: the cache holds {names:?}, expected {want:?}; MemAvailable {} MiB\n{}",
+        mem_available() >> 20,
+        m.log_text()
+    );
 }
 
 /// A manifest with these floors and cap, and `rest` after `[cache]`.
@@ -63,14 +60,11 @@ fn floors_manifest(dir: &Path, max_size: &str, min: u64, critical: u64, rest: &s
 
 /// Waits for every load to be complete (locked or populated).
 fn wait_loads_complete(m: &Mounted, backing: &Path) {
-    let loading = Instant::now();
-    while cached_files(m.pid(), backing, &m.mountpoint)
-        .iter()
-        .any(|f| !f.complete)
-    {
-        assert!(loading.elapsed() < Duration::from_secs(20), "loads stuck");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(20), "every load to complete", || {
+        cached_files(m.pid(), backing, &m.mountpoint)
+            .iter()
+            .all(|f| f.complete)
+    });
 }
 
 /// "Killed process" lines in the kernel log (the OOM killer's), if the
@@ -115,7 +109,7 @@ fn pressure_in(mode: Mode) {
             .read_to_end(&mut v)
             .unwrap();
     }
-    wait_for(
+    wait_cache_holds(
         &m,
         &backing,
         &["pinned.safetensors", "u1.safetensors", "u2.safetensors"],
@@ -127,14 +121,14 @@ fn pressure_in(mode: Mode) {
     // the pinned one stays.
     let mut low = Hog::new();
     low.grow_until_available_below(min - 256 * MIB);
-    wait_for(&m, &backing, &["pinned.safetensors"], "under min_available");
+    wait_cache_holds(&m, &backing, &["pinned.safetensors"], "under min_available");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(cached_names(&m, &backing), ["pinned.safetensors"]);
 
     // Under the critical floor: the pinned file goes too, loudly.
     let mut critical_hog = Hog::new();
     critical_hog.grow_until_available_below(critical - 256 * MIB);
-    wait_for(&m, &backing, &[], "under critical_available");
+    wait_cache_holds(&m, &backing, &[], "under critical_available");
     let log = m.log_text();
     assert!(log.contains("memory low"), "{log}");
     assert!(log.contains("releasing pinned pinned.safetensors"), "{log}");
@@ -191,11 +185,11 @@ fn copy_mode_keeps_the_floor_beside_its_own_pages() {
     let mut file = File::open(m.path("m.safetensors")).unwrap();
     std::io::copy(&mut file, &mut std::io::sink()).unwrap();
     drop(file);
-    wait_for(&m, &backing, &["m.safetensors"], "loaded");
+    wait_cache_holds(&m, &backing, &["m.safetensors"], "loaded");
     wait_loads_complete(&m, &backing);
     let mut hog = Hog::new();
     hog.grow_until_available_below(min + 512 * MIB);
-    wait_for(
+    wait_cache_holds(
         &m,
         &backing,
         &[],

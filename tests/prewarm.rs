@@ -8,7 +8,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -24,40 +24,35 @@ fn write_model(path: &Path, size: u64, seed: u64) {
 
 /// Waits until `done` holds for the daemon's log.
 fn wait_log(m: &Mounted, what: &str, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let log = m.log_text();
-        if done(&log) {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "{what}: not in the log:\n{log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut log = String::new();
+    let found = wait_for(PATIENCE, || {
+        log = m.log_text();
+        done(&log)
+    });
+    assert!(found, "{what}: not in the log:\n{log}");
+    log
 }
 
 /// Waits until the cache holds exactly `names`, each fully loaded.
 fn wait_cached_set(m: &Mounted, backing: &Path, names: &[&str]) {
-    let deadline = Instant::now() + PATIENCE;
     let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     want.sort();
-    loop {
-        let files = cached_files(m.pid(), backing, &m.mountpoint);
+    let mut files = Vec::new();
+    let held = wait_for(PATIENCE, || {
+        files = cached_files(m.pid(), backing, &m.mountpoint);
         let mut got: Vec<String> = files
             .iter()
             .filter(|f| f.complete)
             .map(|f| f.name.clone())
             .collect();
         got.sort();
-        if got == want && files.len() == want.len() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cache holds {files:?}, expected {want:?}:\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        got == want && files.len() == want.len()
+    });
+    assert!(
+        held,
+        "cache holds {files:?}, expected {want:?}:\n{}",
+        m.log_text()
+    );
 }
 
 fn read_all(path: &Path) -> Vec<u8> {

@@ -13,7 +13,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Mounted, NOBODY, NOGROUP};
 
@@ -256,25 +256,22 @@ fn the_quick_start_works_as_written_for_a_normal_user() {
     let read = "cat ~/ComfyUI/models/checkpoints/model.safetensors | cksum";
     let first = user.run(read, &home);
     assert!(first.status.success(), "{}", show(&first));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let table = loop {
+    let mut table = String::new();
+    let cached = common::wait_for(Duration::from_secs(30), || {
         let out = user.run(status, &home);
         assert!(out.status.success(), "{status}: {}", show(&out));
-        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        table = String::from_utf8_lossy(&out.stdout).into_owned();
         let row = table
             .lines()
             .find(|l| l.contains("checkpoints/model.safetensors"))
             .unwrap_or_default();
-        if row.contains("cached") {
-            break table;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the model is not cached 30 s after it was read:\n{table}\n{}",
-            mounted.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+        row.contains("cached")
+    });
+    assert!(
+        cached,
+        "the model is not cached 30 s after it was read:\n{table}\n{}",
+        mounted.log_text()
+    );
     let second = user.run(read, &home);
     assert_eq!(first.stdout, second.stdout, "the two reads differ");
     assert_eq!(

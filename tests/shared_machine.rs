@@ -144,21 +144,19 @@ fn a_root_daemon_never_reads_a_manifest_from_a_users_home() {
 
 /// Waits until `path` holds at least `lines` lines.
 fn wait_lines(path: &Path, lines: usize, m: &Mounted) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = fs::read_to_string(path).unwrap_or_default();
-        if text.lines().count() >= lines {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {lines} lines in {}:\n{text}\n{}",
-            text.lines().count(),
-            path.display(),
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut text = String::new();
+    let written = wait_for(Duration::from_secs(30), || {
+        text = fs::read_to_string(path).unwrap_or_default();
+        text.lines().count() >= lines
+    });
+    assert!(
+        written,
+        "{} of {lines} lines in {}:\n{text}\n{}",
+        text.lines().count(),
+        path.display(),
+        m.log_text()
+    );
+    text
 }
 
 /// Hook commands run with umask 022 and /dev/null as stdin, and no more
@@ -271,16 +269,12 @@ fn a_fifo_in_a_model_files_place_never_hangs_the_daemon() {
     drop((big, queued));
     // The loader went on past the FIFO: a file opened after it loads.
     let _later = fs::read(m.path("later.safetensors")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = mount_status(&m.mountpoint);
-        let state = |p: &str| status_file(&s, p).map(|f| f["state"].clone());
-        if state("later.safetensors").is_some_and(|v| v == "cached") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the loader is stuck: {s:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut s = serde_json::Value::Null;
+    let loaded = wait_for(Duration::from_secs(30), || {
+        s = mount_status(&m.mountpoint);
+        status_file(&s, "later.safetensors").is_some_and(|f| f["state"] == "cached")
+    });
+    assert!(loaded, "the loader is stuck: {s:#}");
 
     // A group member became a FIFO: opening the other member warms it.
     mkfifo("b.safetensors");
@@ -336,11 +330,9 @@ impl FakeSocket {
             .arg(answer)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !path.exists() {
-            assert!(Instant::now() < deadline, "the fake socket never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(Duration::from_secs(10), "the fake socket to appear", || {
+            path.exists()
+        });
         FakeSocket(child)
     }
 }
@@ -423,16 +415,12 @@ fn the_client_trusts_only_the_mounts_own_daemon_and_escapes_names() {
         .arg("status")
         .arg(&m.mountpoint)
         .env("XDG_RUNTIME_DIR", &runtime);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let table = loop {
-        let out = run_ok(&mut status);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains("cached") {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "never cached:\n{text}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut table = String::new();
+    let cached = wait_for(Duration::from_secs(20), || {
+        table = String::from_utf8_lossy(&run_ok(&mut status).stdout).into_owned();
+        table.contains("cached")
+    });
+    assert!(cached, "never cached:\n{table}");
     assert!(
         !table.contains('\u{1b}'),
         "a raw escape reached the terminal:\n{table}"
@@ -565,11 +553,8 @@ fn descriptors_are_bounded_by_design() {
             .iter()
             .any(|f| f.name == "m.safetensors" && f.complete)
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cached() {
-        assert!(Instant::now() < deadline, "never cached:\n{}", m.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let loaded = wait_for(Duration::from_secs(20), cached);
+    assert!(loaded, "never cached:\n{}", m.log_text());
 
     let listed = run_ok(Command::new("ls").arg("-f").arg(m.path("flat")));
     assert_eq!(
@@ -682,9 +667,9 @@ fn names_that_are_not_utf8_are_cached_and_kept_apart() {
         assert!(fs::read(m.mountpoint.join(n)).unwrap() == fs::read(backing.join(n)).unwrap());
     }
     let want = ["m\\x{ee}.safetensors", "m\\x{ef}.safetensors"];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = mount_status(&m.mountpoint);
+    let mut s = serde_json::Value::Null;
+    let cached = wait_for(Duration::from_secs(20), || {
+        s = mount_status(&m.mountpoint);
         let cached: Vec<&str> = s["files"]
             .as_array()
             .unwrap()
@@ -692,12 +677,9 @@ fn names_that_are_not_utf8_are_cached_and_kept_apart() {
             .filter(|f| f["state"] == "cached")
             .filter_map(|f| f["path"].as_str())
             .collect();
-        if cached == want {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{s:#}\n{}", m.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        cached == want
+    });
+    assert!(cached, "{s:#}\n{}", m.log_text());
     assert!(!m.log_text().contains("failed"), "{}", m.log_text());
     // evict and warm by the real (byte) path.
     let path = m.mountpoint.join(&names[0]);
@@ -831,14 +813,9 @@ fn a_walk_stops_when_its_client_goes_away() {
     std::thread::sleep(Duration::from_millis(300));
     client.kill().unwrap();
     client.wait().unwrap();
-    let gone = Instant::now();
-    while !m.log_text().contains("walk stopped, its client went away") {
-        assert!(
-            gone.elapsed() < Duration::from_secs(3),
-            "the walk went on:\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let stopped = wait_for(Duration::from_secs(3), || {
+        m.log_text().contains("walk stopped, its client went away")
+    });
+    assert!(stopped, "the walk went on:\n{}", m.log_text());
     m.unmount();
 }

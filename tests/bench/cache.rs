@@ -13,14 +13,14 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 #[path = "support.rs"]
 mod support;
-use support::Mounted;
+use support::{drop_caches, gbps, median};
 #[path = "../common/mod.rs"]
 mod common;
+use common::Mounted;
 
 const MIB: usize = 1 << 20;
 const FILE_SIZE: usize = 2 << 30;
@@ -64,20 +64,20 @@ impl Mounted {
         File::open(self.path(name))
             .and_then(|mut f| f.read_exact(&mut header))
             .expect("open through the mount");
-        let deadline = t + LOAD_TIMEOUT;
-        loop {
+        let loaded = common::wait_for(LOAD_TIMEOUT, || {
             if self.cached_bytes(backing, name).unwrap_or(0) >= FILE_SIZE as u64 {
-                return t.elapsed();
+                return true;
             }
             self.check_alive("loading");
-            assert!(
-                Instant::now() < deadline,
-                "{name} not loaded into the cache after {LOAD_TIMEOUT:?} ({} bytes); log:\n{}",
-                self.cached_bytes(backing, name).unwrap_or(0),
-                fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            sleep(Duration::from_millis(20));
-        }
+            false
+        });
+        assert!(
+            loaded,
+            "{name} not loaded into the cache after {LOAD_TIMEOUT:?} ({} bytes); log:\n{}",
+            self.cached_bytes(backing, name).unwrap_or(0),
+            self.log_text()
+        );
+        t.elapsed()
     }
 
     /// Bytes the daemon has read from storage so far (/proc/PID/io).
@@ -177,10 +177,6 @@ fn machine_cpu_seconds() -> f64 {
         .sum();
     // SAFETY: plain libc query.
     busy as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
-}
-
-fn drop_caches() {
-    fs::write("/proc/sys/vm/drop_caches", "3").expect("write /proc/sys/vm/drop_caches");
 }
 
 // ---------------------------------------------------------------------------
@@ -398,23 +394,13 @@ struct Series(Vec<Duration>);
 
 impl Series {
     fn median(&self) -> Duration {
-        let mut v = self.0.clone();
-        v.sort();
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2
-        }
+        let mut secs: Vec<f64> = self.0.iter().map(Duration::as_secs_f64).collect();
+        Duration::from_secs_f64(median(&mut secs))
     }
 
     fn gbps(&self) -> f64 {
-        gbps(self.median())
+        gbps(FILE_SIZE, self.median())
     }
-}
-
-fn gbps(d: Duration) -> f64 {
-    FILE_SIZE as f64 / d.as_secs_f64() / 1e9
 }
 
 /// Times one pass and checks it saw the file's bytes.
@@ -495,9 +481,13 @@ impl Ctx {
 
     fn mount_at(&mut self, mnt: &Path, extra: &[String]) -> Mounted {
         self.mounts += 1;
-        let log = self.tmp.join(format!("daemon{}.log", self.mounts));
-        let options: Vec<String> = self.mode_args.iter().chain(extra).cloned().collect();
-        Mounted::start(&self.backing, mnt, &options, &log)
+        let options: Vec<&str> = self
+            .mode_args
+            .iter()
+            .chain(extra)
+            .map(String::as_str)
+            .collect();
+        Mounted::separate(&self.backing, mnt, &options)
     }
 }
 
@@ -540,12 +530,14 @@ fn cold(ctx: &mut Ctx, pattern: Pattern, readahead_kb: Option<u32>) -> (Series, 
                 set_mount_readahead_kb(&mounted.mountpoint, kb);
             }
             drop_caches();
-            timed(pattern, &mounted.path(MODEL), &ctx.model, ctx.expect)
+            let m = timed(pattern, &mounted.path(MODEL), &ctx.model, ctx.expect);
+            mounted.stop();
+            m
         };
         println!(
             "  rep {i}: direct {:5.2} GB/s   mount {:5.2} GB/s",
-            gbps(d),
-            gbps(m)
+            gbps(FILE_SIZE, d),
+            gbps(FILE_SIZE, m)
         );
         direct.0.push(d);
         mount.0.push(m);
@@ -591,10 +583,10 @@ fn warm(ctx: &Ctx, mounted: &Mounted, pattern: Pattern) -> Warm {
         let mh = timed(pattern, &through, &ctx.model, ctx.expect);
         println!(
             "  rep {i}: direct cold {:5.2}  direct hot {:5.2}  mount dropped {:5.2}  mount hot {:5.2} GB/s",
-            gbps(dc),
-            gbps(dh),
-            gbps(md),
-            gbps(mh)
+            gbps(FILE_SIZE, dc),
+            gbps(FILE_SIZE, dh),
+            gbps(FILE_SIZE, md),
+            gbps(FILE_SIZE, mh)
         );
         w.direct_cold.0.push(dc);
         w.direct_hot.0.push(dh);
@@ -677,10 +669,10 @@ impl SweepRow {
         let ch = timed(Pattern::Comfy, &through, &ctx.model, ctx.expect);
         println!(
             "  rep {i}: seq dropped {:5.2}  seq hot {:5.2}  ComfyUI dropped {:5.2}  ComfyUI hot {:5.2} GB/s  {}",
-            gbps(sd),
-            gbps(sh),
-            gbps(cd),
-            gbps(ch),
+            gbps(FILE_SIZE, sd),
+            gbps(FILE_SIZE, sh),
+            gbps(FILE_SIZE, cd),
+            gbps(FILE_SIZE, ch),
             self.label
         );
         self.cpu += cpu;
@@ -696,6 +688,7 @@ impl SweepRow {
     fn finish(&mut self) {
         if let Some(m) = self.mounted.take() {
             self.disk_read = m.disk_read_bytes() - self.disk_before;
+            m.stop();
         }
     }
 
@@ -732,15 +725,11 @@ impl Vmtouch {
             .spawn()
             .ok()?;
         let v = Vmtouch(child);
-        let deadline = Instant::now() + LOAD_TIMEOUT;
-        while v.locked_bytes() < FILE_SIZE as u64 {
-            assert!(
-                Instant::now() < deadline,
-                "vmtouch did not lock {}",
-                path.display()
-            );
-            sleep(Duration::from_millis(20));
-        }
+        common::wait_until(
+            LOAD_TIMEOUT,
+            &format!("vmtouch to lock {}", path.display()),
+            || v.locked_bytes() >= FILE_SIZE as u64,
+        );
         Some(v)
     }
 
@@ -790,7 +779,7 @@ fn passthrough(ctx: &mut Ctx) -> Option<PassthroughResult> {
     println!(
         "passthrough mount: loaded (pages locked) in {:.2} s ({:.2} GB/s)",
         load.as_secs_f64(),
-        gbps(load)
+        gbps(FILE_SIZE, load)
     );
     let through = mounted.path(MODEL);
     let mut rows = Vec::new();
@@ -812,8 +801,8 @@ fn passthrough(ctx: &mut Ctx) -> Option<PassthroughResult> {
             println!(
                 "  {} rep {i}: vmtouch -l + direct {:5.2}  passthrough mount {:5.2} GB/s",
                 pattern.name(),
-                gbps(d),
-                gbps(m)
+                gbps(FILE_SIZE, d),
+                gbps(FILE_SIZE, m)
             );
             direct.0.push(d);
             mount.0.push(m);
@@ -833,7 +822,7 @@ fn passthrough(ctx: &mut Ctx) -> Option<PassthroughResult> {
          mount to after loading and reading it through the mount",
         grown >> 20
     );
-    drop(mounted);
+    mounted.stop();
     drop(locker);
     ctx.mode_args = args(&["--passthrough", "off"]);
     Some(PassthroughResult {
@@ -852,8 +841,8 @@ fn load_and_first_read(ctx: &Ctx, mounted: &mut Mounted, label: &str) {
     println!(
         "{label}: loaded in {:.2} s ({:.2} GB/s); first seq read after the load {:.2} GB/s (not in the medians)",
         load.as_secs_f64(),
-        gbps(load),
-        gbps(first)
+        gbps(FILE_SIZE, load),
+        gbps(FILE_SIZE, first)
     );
 }
 
@@ -946,6 +935,7 @@ fn main() {
             out.push((pattern, warm(&ctx, &mounted, pattern)));
             println!();
         }
+        mounted.stop();
         out
     };
     let direct_hot = |p: Pattern| {
@@ -1132,7 +1122,7 @@ fn main() {
             "\nMemory: loading the file and reading it through the mount grew the page cache by \
              {:.2} copies of it (target: 1, not 2). Load (read and lock): {:.2} GB/s.",
             p.copies_after_reads,
-            gbps(p.load)
+            gbps(FILE_SIZE, p.load)
         );
     }
     let (seq_hot, comfy_hot) = (direct_hot(Pattern::Seq), direct_hot(Pattern::Comfy));

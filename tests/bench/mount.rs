@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 #[path = "support.rs"]
 mod support;
-use support::Mounted;
+use support::{gbps, median};
+#[path = "../common/mod.rs"]
+mod common;
+use common::Mounted;
 
 const GIB: usize = 1 << 30;
 const READ_CHUNK: usize = 4 << 20;
@@ -25,10 +28,6 @@ const FILES_PER_DIR: usize = 100;
 const ATTR_SETTLE: Duration = Duration::from_millis(1200);
 /// The metadata TTL an in-place mount uses by default.
 const IN_PLACE_TTL: &str = "60";
-
-// ---------------------------------------------------------------------------
-// Mount lifecycle
-// ---------------------------------------------------------------------------
 
 // ---------------------------------------------------------------------------
 // Fixtures
@@ -128,21 +127,6 @@ fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
     (t.elapsed(), out)
 }
 
-fn median(xs: &[Duration]) -> Duration {
-    let mut v = xs.to_vec();
-    v.sort();
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2
-    }
-}
-
-fn gbps(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -184,12 +168,12 @@ fn seq_read(direct: &Path, mounted: &Path, reps: usize) -> Pair {
             ms(m),
             gbps(GIB, m)
         );
-        td.push(d);
-        tm.push(m);
+        td.push(d.as_secs_f64());
+        tm.push(m.as_secs_f64());
     }
     let p = Pair {
-        direct: median(&td),
-        mount: median(&tm),
+        direct: Duration::from_secs_f64(median(&mut td)),
+        mount: Duration::from_secs_f64(median(&mut tm)),
     };
     println!(
         "  median: direct {:.2} GB/s, mount {:.2} GB/s, ratio mount/direct time {:.2}x",
@@ -228,12 +212,12 @@ fn metadata(
             ms(d),
             ms(m)
         );
-        td.push(d);
-        tm.push(m);
+        td.push(d.as_secs_f64());
+        tm.push(m.as_secs_f64());
     }
     let p = Pair {
-        direct: median(&td),
-        mount: median(&tm),
+        direct: Duration::from_secs_f64(median(&mut td)),
+        mount: Duration::from_secs_f64(median(&mut tm)),
     };
     println!(
         "  median: direct {:.1} ms, mount {:.1} ms, ratio {:.2}x (metadata target <= 2.0x)",
@@ -317,7 +301,7 @@ fn main() {
     // 1. A `--backing` mount with its defaults (metadata TTL 1 s).
     // Declared after `tmp`, so it is dropped (unmounted) before the temp dir
     // is removed.
-    let mount = Mounted::start::<&str>(&backing, &mnt, &[], &tmp.path().join("daemon.log"));
+    let mount = Mounted::separate(&backing, &mnt, &[]);
     println!(
         "mounted {} with --backing defaults (repetitions: {reps})\n",
         mount.mountpoint.display()
@@ -330,16 +314,11 @@ fn main() {
         reps,
         ATTR_SETTLE,
     );
-    drop(mount);
+    mount.stop();
 
     // 2. The in-place default: metadata TTL 60 s, directory listings kept by
     // the kernel. Same tree, so `direct` stays comparable.
-    let mount = Mounted::start(
-        &backing,
-        &mnt,
-        &["--metadata-ttl", IN_PLACE_TTL],
-        &tmp.path().join("daemon2.log"),
-    );
+    let mount = Mounted::separate(&backing, &mnt, &["--metadata-ttl", IN_PLACE_TTL]);
     println!(
         "\nmounted {} with --metadata-ttl {IN_PLACE_TTL}\n",
         mount.mountpoint.display()
@@ -350,7 +329,7 @@ fn main() {
         reps,
         Duration::ZERO,
     );
-    drop(mount);
+    mount.stop();
 
     println!("\n== modelcache mount benchmark (medians of {reps}) ==");
     println!(

@@ -13,18 +13,15 @@ use std::time::{Duration, Instant};
 
 #[path = "support.rs"]
 mod support;
-use support::Mounted;
+use support::{drop_caches, gbps, median};
 #[path = "../common/mod.rs"]
 mod common;
+use common::Mounted;
 
 const FILES: usize = 4;
 const FILE_SIZE: u64 = 512 << 20;
 const TOTAL: u64 = FILES as u64 * FILE_SIZE;
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn drop_caches() {
-    fs::write("/proc/sys/vm/drop_caches", "3").expect("write /proc/sys/vm/drop_caches");
-}
 
 fn name(i: usize) -> String {
     format!("m{i}.safetensors")
@@ -48,20 +45,6 @@ fn cached_complete(m: &Mounted, backing: &Path) -> u64 {
         .filter(|f| f.complete)
         .map(|f| f.size)
         .sum()
-}
-
-fn gbps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn main() {
@@ -99,18 +82,15 @@ fn main() {
     let modes = [("passthrough", "on"), ("copy", "off")];
     let mut direct = Vec::new();
     let mut prewarm: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
-    let mut mounts = 0;
     for rep in 1..=reps {
         drop_caches();
-        let d = gbps(TOTAL, read_all(&backing));
+        let d = gbps(TOTAL as usize, read_all(&backing));
         direct.push(d);
         let mut line = format!("  rep {rep}: direct cold {d:5.2} GB/s");
         for (k, (label, flag)) in modes.iter().enumerate() {
             drop_caches();
-            mounts += 1;
-            let log = tmp.path().join(format!("daemon{mounts}.log"));
             let t = Instant::now();
-            let m = Mounted::start(
+            let m = Mounted::separate(
                 &backing,
                 &mnt,
                 &[
@@ -119,16 +99,16 @@ fn main() {
                     "--passthrough",
                     flag,
                 ],
-                &log,
             );
+            // Its own loop, every 5 ms: the time it waits is the figure.
             while cached_complete(&m, &backing) < TOTAL {
                 assert!(t.elapsed() < TIMEOUT, "prewarm did not finish");
                 sleep(Duration::from_millis(5));
             }
-            let p = gbps(TOTAL, t.elapsed());
+            let p = gbps(TOTAL as usize, t.elapsed());
             prewarm[k].push(p);
             line.push_str(&format!("   prewarm {label} {p:5.2} GB/s"));
-            drop(m);
+            m.stop();
         }
         println!("{line}");
     }
@@ -155,9 +135,7 @@ fn main() {
                 ),
             )
             .unwrap();
-            mounts += 1;
-            let log = tmp.path().join(format!("daemon{mounts}.log"));
-            let m = Mounted::start(
+            let m = Mounted::separate(
                 &backing,
                 &mnt,
                 &[
@@ -166,13 +144,10 @@ fn main() {
                     "--passthrough",
                     flag,
                 ],
-                &log,
             );
-            let t = Instant::now();
-            while cached_complete(&m, &backing) < TOTAL {
-                assert!(t.elapsed() < TIMEOUT, "prewarm did not finish");
-                sleep(Duration::from_millis(5));
-            }
+            common::wait_until(TIMEOUT, "prewarm to finish", || {
+                cached_complete(&m, &backing) >= TOTAL
+            });
             // Grow another process until the memory left for others is under
             // the floor, and time from that moment to the cache being empty.
             // Left for others: MemAvailable, less (in copy mode) the cache's
@@ -200,7 +175,7 @@ fn main() {
             give_back[k].push(secs);
             line.push_str(&format!("   {label} {secs:.2} s"));
             drop(hog);
-            drop(m);
+            m.stop();
         }
         println!("{line}");
     }
@@ -209,19 +184,19 @@ fn main() {
         "\n== modelcache prewarm benchmark: {FILES} x {} MiB, medians of {reps} ==\n",
         FILE_SIZE >> 20
     );
-    let d = median(direct);
+    let d = median(&mut direct);
     println!(
         "| mode | direct cold GB/s | prewarm GB/s | prewarm/direct | target | give back {} GiB |",
         TOTAL >> 30
     );
     println!("|---|---:|---:|---:|---|---:|");
     for (k, (label, _)) in modes.iter().enumerate() {
-        let p = median(prewarm[k].clone());
+        let p = median(&mut prewarm[k]);
         let verdict = if p / d >= 0.9 { "met" } else { "**missed**" };
         println!(
             "| {label} | {d:.2} | {p:.2} | {:.2}x | >= 0.9x: {verdict} | {:.2} s |",
             p / d,
-            median(give_back[k].clone())
+            median(&mut give_back[k])
         );
     }
     println!(
