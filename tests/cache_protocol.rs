@@ -655,3 +655,17 @@ fn a_changed_pinned_file_held_open_is_not_counted_as_evicted_for_room() {
     ])
     .unwrap();
 }
+
+#[test]
+fn a_changed_pinned_file_that_cannot_be_reloaded_yet_is_not_counted_as_evicted_for_room() {
+    run_model(&[
+        Op::Open(0),
+        Op::Pin(1),
+        Op::Open(1),
+        Op::Open(0),
+        Op::ChangeBehind { file: 1, seed: 0 },
+        Op::Open(2),
+        Op::Open(1),
+    ])
+    .unwrap();
+}
