@@ -159,6 +159,14 @@ pub struct Holder {
 }
 
 impl Holder {
+    pub fn new(pid: u32, command: &str, holds: &[Hold]) -> Holder {
+        Holder {
+            pid,
+            command: command.into(),
+            holds: holds.to_vec(),
+        }
+    }
+
     /// "pid 1 (sh, working directory, open file)".
     pub fn short(&self) -> String {
         let what: Vec<&str> = self.holds.iter().map(|h| h.noun()).collect();

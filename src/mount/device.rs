@@ -363,14 +363,6 @@ pub(super) fn stop(mountpoint: &Path) {
 mod tests {
     use super::*;
 
-    fn holder(pid: u32, command: &str, holds: &[mountinfo::Hold]) -> mountinfo::Holder {
-        mountinfo::Holder {
-            pid,
-            command: command.into(),
-            holds: holds.to_vec(),
-        }
-    }
-
     #[test]
     fn busy_descriptions_never_pass_a_failed_scan_for_no_holder() {
         use mountinfo::Hold::*;
@@ -383,7 +375,7 @@ mod tests {
         };
         assert_eq!(describe_holders(&Ok(scan)), "no holder found");
         scan = mountinfo::Scan {
-            holders: vec![holder(7, "sleep", &[WorkingDir, OpenFile])],
+            holders: vec![mountinfo::Holder::new(7, "sleep", &[WorkingDir, OpenFile])],
             uninspected: 3,
             ..Default::default()
         };

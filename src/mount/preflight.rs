@@ -488,14 +488,6 @@ mod tests {
         assert!(unnamed.contains("Run modelcache as uid 4242"), "{unnamed}");
     }
 
-    fn holder(pid: u32, command: &str, holds: &[mountinfo::Hold]) -> mountinfo::Holder {
-        mountinfo::Holder {
-            pid,
-            command: command.into(),
-            holds: holds.to_vec(),
-        }
-    }
-
     #[test]
     fn processes_using_the_directory_are_named_in_one_line() {
         use mountinfo::Hold::*;
@@ -503,8 +495,8 @@ mod tests {
         let mut scan = mountinfo::Scan::default();
         assert_eq!(users_warning(mp, true, &scan), None);
         scan.holders = vec![
-            holder(123, "bash", &[WorkingDir]),
-            holder(456, "python3", &[OpenFile, Mapping]),
+            mountinfo::Holder::new(123, "bash", &[WorkingDir]),
+            mountinfo::Holder::new(456, "python3", &[OpenFile, Mapping]),
         ];
         assert_eq!(
             users_warning(mp, true, &scan).unwrap(),
@@ -519,7 +511,9 @@ mod tests {
              directory underneath): pid 123 (bash, working directory): restart it, or cd out and \
              back in"
         );
-        scan.holders = (0..10).map(|i| holder(i, "sh", &[WorkingDir])).collect();
+        scan.holders = (0..10)
+            .map(|i| mountinfo::Holder::new(i, "sh", &[WorkingDir]))
+            .collect();
         scan.truncated = true;
         let line = users_warning(mp, true, &scan).unwrap();
         assert!(line.starts_with("10 processes use"), "{line}");
