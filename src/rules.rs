@@ -120,11 +120,11 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
                 Err(_) => return,
             },
             recv(group_opens) -> name => {
+                // The sender lives in `live.opens`; gone, the mount is.
+                let Ok(name) = name else { return };
                 // A member of a group was opened: warm the rest of it.
-                if let Some(others) = name.ok().and_then(|n| groups.get(&n)) {
-                    for path in others {
-                        warm(live, path, "group");
-                    }
+                for path in groups.get(&name).into_iter().flatten() {
+                    warm(live, path, "group");
                 }
             },
             default(Duration::from_millis(200)) => {}
@@ -185,6 +185,8 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
     );
     *groups = by_member;
     live.opens.set_hooks(manifest.hooks.clone());
+    live.opens
+        .set_group_members(groups.keys().cloned().collect());
 
     let mut followed = Vec::new();
     for (path, kind) in pinned

@@ -133,7 +133,7 @@ impl fmt::Display for Refusal {
                 Bytes(*size),
                 Bytes(*available),
                 Bytes(*floor),
-                Bytes(floor.saturating_sub(available.saturating_sub(*size)))
+                Bytes(floor.saturating_add(*size).saturating_sub(*available))
             ),
             Refusal::CapHeld {
                 size,
@@ -206,6 +206,16 @@ mod tests {
         assert_eq!(
             floor.to_string(),
             "loading 4.0 GiB would take available memory (6.0 GiB) under the floor 3.0 GiB by 1.0 GiB"
+        );
+        let larger = Refusal::MemoryFloor {
+            size: 4 << 30,
+            available: 2 << 30,
+            floor: 1 << 30,
+        };
+        assert!(
+            larger
+                .to_string()
+                .ends_with("under the floor 1.0 GiB by 3.0 GiB")
         );
         let cap = Refusal::CapHeld {
             size: 4 << 30,

@@ -3,8 +3,10 @@
 //! the counters behind `status`. Also the daemon's own warming of a file
 //! (manifest pins, `modelcache warm`, groups), which asks the same cache.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::Sender;
 use parking_lot::RwLock;
@@ -26,9 +28,13 @@ pub struct Opens {
     /// Runs `exec` hooks.
     commands: CommandRunner,
     stats: Arc<Stats>,
-    /// Told the name of each model file opened by a class whose hook has
-    /// `warm_group`: the manifest's worker warms the rest of its groups.
+    /// Told the name of each group member opened by a class whose hook
+    /// has `warm_group`: the manifest's worker warms the rest of its groups.
     group_opens: Sender<String>,
+    /// The members of the manifest's groups (set with the manifest).
+    group_members: RwLock<Arc<HashSet<String>>>,
+    /// Whether a full queue of group opens was logged since it last had room.
+    group_queue_full: AtomicBool,
 }
 
 /// What the cache knows a backing file by.
@@ -63,6 +69,8 @@ impl Opens {
             commands,
             stats: Arc::default(),
             group_opens,
+            group_members: RwLock::default(),
+            group_queue_full: AtomicBool::new(false),
         }
     }
 
@@ -72,6 +80,11 @@ impl Opens {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The members of the manifest's groups, from now on.
+    pub fn set_group_members(&self, members: HashSet<String>) {
+        *self.group_members.write() = Arc::new(members);
     }
 
     /// Replaces the hooks (a reloaded manifest). Files already protected
@@ -118,6 +131,27 @@ impl Hold for ReadHold {
 
 impl Hold for WriteGuard {}
 
+impl Opens {
+    /// Tells the manifest's worker that a group member was opened. The
+    /// queue is bounded: past it (the worker busy with a reload's walk) the
+    /// open is dropped, logged once per time the queue fills.
+    fn group_member_opened(&self, name: &str) {
+        if !self.group_members.read().contains(name) {
+            return;
+        }
+        match self.group_opens.try_send(name.to_string()) {
+            Ok(()) => self.group_queue_full.store(false, Ordering::Relaxed),
+            Err(_) => {
+                if !self.group_queue_full.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "{name}: its group is not warmed, the manifest's worker has a full queue                          of group opens (it is applying the manifest); later opens warm it"
+                    );
+                }
+            }
+        }
+    }
+}
+
 impl Caching for Opens {
     fn may_cache(&self, size: u64) -> bool {
         self.cache.model_files().check_size(size).is_ok()
@@ -148,7 +182,7 @@ impl Caching for Opens {
         let hooks = self.hooks.read().clone();
         let hook = hooks.get(reader.class);
         if hook.warm_group {
-            let _ = self.group_opens.try_send(open.name.to_string());
+            self.group_member_opened(open.name);
         }
         let hold = ReaderHold {
             protect: hook.protect.then_some(hook.grace),
@@ -339,5 +373,25 @@ mod tests {
             24 << 20,
             "stays cached after close"
         );
+    }
+
+    #[test]
+    fn only_opens_of_group_members_reach_the_manifests_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.safetensors", "b.safetensors"] {
+            std::fs::write(dir.path().join(name), vec![1u8; 2 << 20]).unwrap();
+        }
+        let root = backing::open_root(dir.path()).unwrap();
+        let cache = Arc::new(Cache::new(CacheConfig::with_cap(64 << 20)));
+        let (group_opens, opened) = crossbeam_channel::bounded(4);
+        let commands = CommandRunner::start(dir.path().to_path_buf());
+        let opens = Arc::new(Opens::new(cache, Hooks::default(), commands, group_opens));
+        opens.set_group_members(["a.safetensors".to_string()].into());
+        let overlay = Overlay::new(root, opens.clone(), false).unwrap();
+        for name in ["b.safetensors", "a.safetensors"] {
+            let (o, _) = open(&overlay, name, libc::O_RDONLY);
+            overlay.release(o.fh);
+        }
+        assert_eq!(opened.try_iter().collect::<Vec<_>>(), ["a.safetensors"]);
     }
 }
