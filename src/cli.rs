@@ -110,15 +110,16 @@ pub enum Command {
         #[arg(long)]
         lazy: bool,
     },
-    /// Show what a mount's cache holds: files, their state, hits, memory and
-    /// counters (every reachable modelcache mount without MOUNTPOINT).
+    /// Show what the cache saved since the mount (opens from RAM, disk time
+    /// avoided), its files with where each open was served from, memory
+    /// and counters (every reachable modelcache mount without MOUNTPOINT).
     Status {
         /// A modelcache mount point (or any path in the mount).
         mountpoint: Option<PathBuf>,
         /// Print JSON ({"version":1,"mounts":[...]}, the schema in README).
         #[arg(long)]
         json: bool,
-        /// Refresh every second until Ctrl-C.
+        /// Redraw in place every second until Ctrl-C.
         #[arg(long)]
         watch: bool,
     },

@@ -129,6 +129,8 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
             },
             default(Duration::from_millis(200)) => {}
         }
+        // Opens from RAM the log held back (a line a minute per file).
+        live.opens.log_opens_from_ram();
         if prewarm
             .as_mut()
             .is_some_and(|p| p.report(live.opens.cache()))

@@ -2,19 +2,23 @@
 //! the counters, which open files the kernel serves directly) and the verbs
 //! (warm, evict, pin, unpin, reload) applied to it.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use crate::cache::policy::Key;
 use crate::cache::pressure::Sample;
-use crate::control::protocol::{self, FileState, FileStatus, Mode, MountStatus};
+use crate::control::protocol::{self, FileState, FileStatus, LastOpen, Mode, MountStatus};
 use crate::control::{Daemon, VerbError};
 use crate::fs::Overlay;
 use crate::fs::passthrough::BackingFiles;
 use crate::manifest::Tree;
 use crate::readers::ReaderClass;
 use crate::readers::opens::Opens;
+use crate::readers::payoff::disk_seconds_avoided;
+use crate::readers::source::OpenSource;
+use crate::readers::stats::FileStats;
 use crate::rules::ManifestWorker;
 
 pub struct MountService {
@@ -95,6 +99,32 @@ impl MountService {
     }
 }
 
+/// Fills in a file's open counters and where its latest open was served
+/// from.
+fn with_opens(file: &mut FileStatus, s: &FileStats, read_rate: Option<f64>) {
+    file.hits = s.opens.from_ram;
+    file.opens_from_ram = s.opens.from_ram;
+    file.opens_partial = s.opens.partial;
+    file.opens_from_disk = s.opens.from_disk;
+    file.bytes_opened_from_ram = s.opens.bytes_opened_from_ram;
+    file.disk_seconds_avoided =
+        disk_seconds_avoided(s.opens.bytes_opened_from_ram, read_rate).unwrap_or(0.0);
+    file.bytes_from_backing = s.bytes_from_backing;
+    file.last_access = s
+        .last_access
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    file.reader_classes = s.class_names();
+    file.last_open = s.last_source.as_ref().map(|source| LastOpen {
+        source: source.kind().to_string(),
+        resident_percent: match source {
+            OpenSource::Partial { resident_percent } => Some(*resident_percent),
+            _ => None,
+        },
+        reason: source.disk_reason().map(|r| r.to_string()),
+    });
+}
+
 impl Daemon for MountService {
     fn status(&self) -> MountStatus {
         let cache = self.opens.cache().status();
@@ -105,11 +135,11 @@ impl Daemon for MountService {
             .into_iter()
             .filter_map(|(node, n)| Some((self.overlay.name_of(node)?, n)))
             .collect();
-        let files = cache
+        let rate = cache.read_rate;
+        let mut files: Vec<FileStatus> = cache
             .entries
             .iter()
             .map(|e| {
-                let s = stats.file(&e.name).unwrap_or_default();
                 let state = if !e.resident {
                     FileState::Evicted
                 } else if e.loaded < e.size {
@@ -119,26 +149,38 @@ impl Daemon for MountService {
                 } else {
                     FileState::Cached
                 };
-                FileStatus {
-                    path: e.name.clone(),
+                let mut file = FileStatus {
                     size: e.size,
-                    state,
                     loaded_bytes: e.loaded,
                     pinned: e.pinned,
                     protected: e.protected,
-                    hits: s.hits,
-                    bytes_from_backing: s.bytes_from_backing,
-                    last_access: s
-                        .last_access
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map(|d| d.as_secs()),
                     open_handles: e.handles,
-                    passthrough_handles: passthrough_by_name.get(&e.name).copied().unwrap_or(0)
-                        as u64,
-                    reader_classes: s.class_names(),
+                    ..FileStatus::new(e.name.clone(), state)
+                };
+                if let Some(s) = stats.file(&e.name) {
+                    with_opens(&mut file, &s, rate);
                 }
+                file
             })
             .collect();
+        // The files opened since the mount that the cache does not hold:
+        // where their opens went, and why.
+        let listed: HashSet<String> = files.iter().map(|f| f.path.clone()).collect();
+        for (name, s) in stats.files() {
+            if !listed.contains(&name) {
+                let mut file = FileStatus {
+                    size: s.size,
+                    ..FileStatus::new(name, FileState::Uncached)
+                };
+                with_opens(&mut file, &s, rate);
+                files.push(file);
+            }
+        }
+        for file in &mut files {
+            file.passthrough_handles =
+                passthrough_by_name.get(&file.path).copied().unwrap_or(0) as u64;
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
         let c = stats.counters();
         let by_class = |values: [u64; 3]| {
             ReaderClass::ALL
@@ -166,11 +208,18 @@ impl Daemon for MountService {
             psi_some_avg10: sample.and_then(|s| s.psi_some_avg10),
             files,
             counters: protocol::Counters {
+                opens_from_ram: c.opens.from_ram,
+                opens_partial: c.opens.partial,
+                opens_from_disk: c.opens.from_disk,
+                bytes_opened_from_ram: c.opens.bytes_opened_from_ram,
+                disk_seconds_avoided: disk_seconds_avoided(c.opens.bytes_opened_from_ram, rate)
+                    .unwrap_or(0.0),
+                read_rate: rate,
                 opens_by_class: by_class(c.opens_by_class),
                 bytes_by_class: by_class(c.bytes_by_class),
                 bytes_from_backing: c.bytes_from_backing,
-                file_hits: c.file_hits,
-                file_misses: c.file_misses,
+                file_hits: c.opens.from_ram,
+                file_misses: c.opens.partial + c.opens.from_disk,
                 loads: cache.loads,
                 load_bytes: cache.load_bytes,
                 load_seconds: cache.load_seconds,

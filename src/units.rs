@@ -125,6 +125,20 @@ impl fmt::Display for Count {
     }
 }
 
+/// An estimate of seconds as a person says it: `~0.4 s`, `~41 s`,
+/// `~5 min`, `~1.5 h`.
+pub fn approx_seconds(secs: f64) -> String {
+    if secs < 10.0 {
+        format!("~{secs:.1} s")
+    } else if secs < 90.0 {
+        format!("~{secs:.0} s")
+    } else if secs < 90.0 * 60.0 {
+        format!("~{:.0} min", secs / 60.0)
+    } else {
+        format!("~{:.1} h", secs / 3600.0)
+    }
+}
+
 /// A duration as a person writes it: `10m`, `2s`, `1h30m`, `250ms`.
 pub fn show_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -181,6 +195,14 @@ mod tests {
         let rate = |bytes, secs| Rate { bytes, secs }.to_string();
         assert_eq!(rate(3 << 30, 2.0), "1.50 GiB/s");
         assert_eq!(rate(150 << 20, 1.0), "150 MiB/s");
+    }
+
+    #[test]
+    fn estimates_read_as_a_person_says_them() {
+        assert_eq!(approx_seconds(0.42), "~0.4 s");
+        assert_eq!(approx_seconds(41.2), "~41 s");
+        assert_eq!(approx_seconds(300.0), "~5 min");
+        assert_eq!(approx_seconds(5400.0), "~1.5 h");
     }
 
     #[test]

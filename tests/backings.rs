@@ -6,7 +6,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -105,73 +105,6 @@ fn a_fuse_mount_as_backing_works_in_both_modes() {
     );
     upper.unmount();
     lower.unmount();
-}
-
-/// `MAJ:MIN` of the block device that holds `path`.
-fn device_of(path: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let dev = fs::metadata(path).unwrap().dev();
-    // SAFETY: major/minor are pure arithmetic.
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    format!("{major}:{minor}")
-}
-
-/// Bytes read from the device so far (/sys/dev/block/MAJ:MIN/stat, field
-/// 3: sectors of 512 bytes). `None` where the device has no such file.
-fn device_read_bytes(dev: &str) -> Option<u64> {
-    let text = fs::read_to_string(format!("/sys/dev/block/{dev}/stat")).ok()?;
-    let sectors: u64 = text.split_whitespace().nth(2)?.parse().ok()?;
-    Some(sectors * 512)
-}
-
-/// A blkio cgroup (v1) that throttles reads of one device, removed on drop.
-struct Throttle {
-    dir: PathBuf,
-}
-
-impl Throttle {
-    fn new(dev: &str, bytes_per_sec: u64) -> Option<Throttle> {
-        let root = Path::new("/sys/fs/cgroup/blkio");
-        if !root.join("cgroup.procs").exists() {
-            return None;
-        }
-        let dir = root.join(format!("modelcache-test-{}", std::process::id()));
-        fs::create_dir(&dir).unwrap();
-        let t = Throttle { dir };
-        fs::write(
-            t.dir.join("blkio.throttle.read_bps_device"),
-            format!("{dev} {bytes_per_sec}"),
-        )
-        .unwrap();
-        Some(t)
-    }
-
-    fn add(&self, pid: u32) {
-        fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-
-    /// A shell command that joins this cgroup, then runs `command`.
-    fn run_inside(&self, command: &str) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(format!(
-            "echo $$ > '{}/cgroup.procs' && exec {command}",
-            self.dir.display()
-        ));
-        cmd
-    }
-}
-
-impl Drop for Throttle {
-    fn drop(&mut self) {
-        // Move whatever is left back to the root group, then remove it.
-        let root = self.dir.parent().unwrap().join("cgroup.procs");
-        if let Ok(procs) = fs::read_to_string(self.dir.join("cgroup.procs")) {
-            for pid in procs.lines() {
-                let _ = fs::write(&root, pid);
-            }
-        }
-        let _ = fs::remove_dir(&self.dir);
-    }
 }
 
 /// A backing disk throttled to 100 MB/s (a NAS): the first read through the

@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use modelcache::cache::{
-    Cache, CacheConfig, CacheRef, Clock, Identity, MountView, ReaderHold, Refusal,
+    Cache, CacheConfig, CacheRef, Clock, Found, Identity, MountView, ReaderHold, Refusal,
 };
 use proptest::prelude::*;
 
@@ -380,7 +380,7 @@ fn a_file_changed_behind_the_cache_gets_a_new_entry_and_its_old_pages_go() {
     );
 
     let held = open(&cache, &mount, &backing, "m.ckpt", ReaderHold::default()).unwrap();
-    assert!(!held.hit(), "a new entry");
+    assert_eq!(held.found(), Found::Admitted, "a new entry");
     assert!(
         mount
             .stale_bytes(id.ino, &backing.read("m.ckpt"))

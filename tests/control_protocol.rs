@@ -27,18 +27,19 @@ const GIB: u64 = 1 << 30;
 
 fn file(path: &str, size: u64, state: FileState, loaded: u64) -> FileStatus {
     FileStatus {
-        path: path.into(),
         size,
-        state,
         loaded_bytes: loaded,
         pinned: state == FileState::Pinned,
-        protected: false,
         hits: 3,
+        opens_from_ram: 3,
+        opens_from_disk: 1,
+        bytes_opened_from_ram: 3 * size,
+        disk_seconds_avoided: 2.5,
         bytes_from_backing: size / 4,
         last_access: Some(1_700_000_000),
         open_handles: 1,
-        passthrough_handles: 0,
         reader_classes: vec!["cuda".into()],
+        ..FileStatus::new(path.into(), state)
     }
 }
 
@@ -65,6 +66,12 @@ fn sample_status(mountpoint: &str) -> MountStatus {
             file("vae/vae.safetensors", GIB, FileState::Loading, GIB / 4),
         ],
         counters: Counters {
+            opens_from_ram: 6,
+            opens_partial: 1,
+            opens_from_disk: 2,
+            bytes_opened_from_ram: 40 * GIB,
+            disk_seconds_avoided: 80.0,
+            read_rate: Some(512.0 * 1048576.0),
             opens_by_class: [("cuda".to_string(), 7), ("cpu".to_string(), 2)].into(),
             bytes_by_class: [("cuda".to_string(), 3 * GIB), ("cpu".to_string(), GIB)].into(),
             bytes_from_backing: 4 * GIB,
@@ -554,10 +561,15 @@ fn status_json_schema_is_stable() {
         keys(&v["files"][0]),
         [
             "bytes_from_backing",
+            "bytes_opened_from_ram",
+            "disk_seconds_avoided",
             "hits",
             "last_access",
             "loaded_bytes",
             "open_handles",
+            "opens_from_disk",
+            "opens_from_ram",
+            "opens_partial",
             "passthrough_handles",
             "path",
             "pinned",
@@ -574,6 +586,8 @@ fn status_json_schema_is_stable() {
         [
             "bytes_by_class",
             "bytes_from_backing",
+            "bytes_opened_from_ram",
+            "disk_seconds_avoided",
             "evictions",
             "file_hits",
             "file_misses",
@@ -581,7 +595,11 @@ fn status_json_schema_is_stable() {
             "load_seconds",
             "loads",
             "opens_by_class",
-            "pressure_events"
+            "opens_from_disk",
+            "opens_from_ram",
+            "opens_partial",
+            "pressure_events",
+            "read_rate"
         ]
     );
     assert_eq!(v["counters"]["evictions"]["cap"], 2);
@@ -732,7 +750,27 @@ fn metrics_file_is_prometheus_text() {
         get(&format!("modelcache_read_bytes_total{{{l},class=cpu}}")),
         GIB as f64
     );
-    assert!(!text.contains("from_ram"), "{text}");
+    // The payoff: opens by source, what they saved.
+    assert_eq!(
+        get(&format!(
+            "modelcache_opens_by_source_total{{{l},source=ram}}"
+        )),
+        6.0
+    );
+    assert_eq!(
+        get(&format!(
+            "modelcache_opens_by_source_total{{{l},source=disk}}"
+        )),
+        2.0
+    );
+    assert_eq!(
+        get(&format!("modelcache_bytes_opened_from_ram_total{{{l}}}")),
+        (40 * GIB) as f64
+    );
+    assert_eq!(
+        get(&format!("modelcache_disk_seconds_avoided_total{{{l}}}")),
+        80.0
+    );
     assert_eq!(get(&format!("modelcache_file_hits_total{{{l}}}")), 6.0);
     assert_eq!(get(&format!("modelcache_file_misses_total{{{l}}}")), 3.0);
     assert_eq!(get(&format!("modelcache_load_seconds_total{{{l}}}")), 7.5);

@@ -24,8 +24,8 @@ pub struct CacheRef {
     /// `Some` until dropped: then handed to the reaper with the lock's
     /// other releases, so a last close frees no mapping on a FUSE thread.
     pub(super) entry: Option<Arc<Entry>>,
-    /// The entry was fully loaded when the file was opened.
-    pub(super) hit: bool,
+    /// How the open found the file in the cache.
+    pub(super) found: Found,
     /// The reader protects the entry: for this long after it closes.
     pub(super) protect: Option<Duration>,
 }
@@ -35,10 +35,23 @@ impl CacheRef {
         self.entry.as_deref().expect("held until drop")
     }
 
-    /// Whether the open found the file already loaded (a cache hit).
-    pub fn hit(&self) -> bool {
-        self.hit
+    /// How the open found the file in the cache.
+    pub fn found(&self) -> Found {
+        self.found
     }
+}
+
+/// How a read-open found its file in the cache: what its reads are served
+/// from at first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Wholly loaded: every read is served from RAM.
+    Loaded,
+    /// Being loaded (by a warm, a pin or another reader's open): `loaded`
+    /// of `size` bytes are in RAM.
+    Loading { loaded: u64, size: u64 },
+    /// Not cached: this open admitted it and queued its load.
+    Admitted,
 }
 
 impl Drop for CacheRef {

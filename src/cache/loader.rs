@@ -1,6 +1,7 @@
 //! The loader pool's work: reading a new entry's file into RAM (never on a
 //! FUSE thread), and locking or unlocking a loaded entry's pages.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,6 +9,7 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
+use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use super::state::Shared;
@@ -18,12 +20,66 @@ use crate::units::{Bytes, Rate};
 /// stream, small enough that a reader soon finds its range loaded.
 const LOAD_CHUNK: u64 = 8 << 20;
 
-/// Completed loads, for status.
+/// How many of the latest loads the read-rate estimate looks at: enough
+/// to smooth one odd load, few enough to follow a change of disk.
+const RECENT_LOADS: usize = 16;
+
+/// Completed loads, for status and the read-rate estimate.
 #[derive(Default)]
 pub(super) struct LoadCounters {
     pub(super) count: AtomicU64,
     pub(super) bytes: AtomicU64,
     pub(super) nanos: AtomicU64,
+    /// The latest loads, oldest first (at most `RECENT_LOADS`).
+    pub(super) recent: Mutex<VecDeque<LoadSpan>>,
+}
+
+impl LoadCounters {
+    fn finished(&self, span: LoadSpan) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(span.bytes, Ordering::Relaxed);
+        let nanos = (span.end - span.start).as_nanos() as u64;
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+        let mut recent = self.recent.lock();
+        if recent.len() == RECENT_LOADS {
+            recent.pop_front();
+        }
+        recent.push_back(span);
+    }
+}
+
+/// One finished load: its bytes, and when it ran.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LoadSpan {
+    pub(super) bytes: u64,
+    pub(super) start: Instant,
+    pub(super) end: Instant,
+}
+
+/// The rate the backing files were read at by `loads`, in bytes per second:
+/// their bytes over the time any of them was running. Loads that overlap
+/// (several loader threads) share the disk, so each one's own rate would
+/// understate it. `None` before any load took measurable time.
+pub(super) fn read_rate(loads: &[LoadSpan]) -> Option<f64> {
+    let mut spans: Vec<(Instant, Instant)> = loads.iter().map(|l| (l.start, l.end)).collect();
+    spans.sort();
+    let mut busy = std::time::Duration::ZERO;
+    let mut current: Option<(Instant, Instant)> = None;
+    for (start, end) in spans {
+        current = match current {
+            Some((s, e)) if start <= e => Some((s, e.max(end))),
+            Some((s, e)) => {
+                busy += e - s;
+                Some((start, end))
+            }
+            None => Some((start, end)),
+        };
+    }
+    if let Some((s, e)) = current {
+        busy += e - s;
+    }
+    let bytes: u64 = loads.iter().map(|l| l.bytes).sum();
+    (busy.as_secs_f64() > 0.0 && bytes > 0).then(|| bytes as f64 / busy.as_secs_f64())
 }
 
 /// Work for the loader threads.
@@ -78,13 +134,14 @@ pub(super) fn run_job(job: Job, shared: &Weak<Shared>) {
     });
     match result {
         Ok(()) => {
-            let secs = started.elapsed().as_secs_f64();
+            let span = LoadSpan {
+                bytes: entry.size(),
+                start: started,
+                end: Instant::now(),
+            };
+            let secs = (span.end - span.start).as_secs_f64();
             if let Some(shared) = shared.upgrade() {
-                let loads = &shared.loads;
-                loads.count.fetch_add(1, Ordering::Relaxed);
-                loads.bytes.fetch_add(entry.size(), Ordering::Relaxed);
-                let nanos = started.elapsed().as_nanos() as u64;
-                loads.nanos.fetch_add(nanos, Ordering::Relaxed);
+                shared.loads.finished(span);
             }
             info!(
                 "loaded {} ({}) in {secs:.2} s, {}",
@@ -110,5 +167,43 @@ pub(super) fn run_job(job: Job, shared: &Weak<Shared>) {
             }
             entry.drop_stored_pages();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn span(t0: Instant, bytes: u64, from_ms: u64, to_ms: u64) -> LoadSpan {
+        LoadSpan {
+            bytes,
+            start: t0 + Duration::from_millis(from_ms),
+            end: t0 + Duration::from_millis(to_ms),
+        }
+    }
+
+    #[test]
+    fn the_read_rate_counts_overlapping_loads_once() {
+        let t0 = Instant::now();
+        assert_eq!(read_rate(&[]), None);
+        assert_eq!(read_rate(&[span(t0, 100, 5, 5)]), None, "no time taken");
+        // One load: its own rate.
+        let one = read_rate(&[span(t0, 500 << 20, 0, 1000)]).unwrap();
+        assert!((one - (500 << 20) as f64).abs() < 1.0, "{one}");
+        // Two loads sharing the disk for the same second: 1 GiB in 1 s,
+        // not each at 512 MiB/s.
+        let both = read_rate(&[span(t0, 512 << 20, 0, 1000), span(t0, 512 << 20, 0, 1000)]);
+        assert!((both.unwrap() - (1u64 << 30) as f64).abs() < 1.0);
+        // Apart, with an idle gap: the gap is not disk time.
+        let apart = read_rate(&[
+            span(t0, 100 << 20, 0, 1000),
+            span(t0, 300 << 20, 5000, 6000),
+        ]);
+        assert!((apart.unwrap() - (200 << 20) as f64).abs() < 1.0);
+        // Partly overlapping, given out of order: busy from 0 to 3 s.
+        let partly = read_rate(&[span(t0, 300, 1000, 3000), span(t0, 300, 0, 2000)]);
+        assert!((partly.unwrap() - 200.0).abs() < 1e-6);
     }
 }

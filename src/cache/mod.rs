@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use budget::PinBudget;
 pub use entry::{Entry, Identity, LockReason, MountView};
-pub use holds::{CacheRef, ReaderHold, WriteGuard};
+pub use holds::{CacheRef, Found, ReaderHold, WriteGuard};
 use loader::{Job, LoadCounters, load_loop, run_job};
 use policy::{Admission, EvictReason, Key, Policy};
 pub use refusal::{ModelFiles, NotModelFile, Refusal};
@@ -225,14 +225,16 @@ impl Cache {
         hold: ReaderHold,
     ) -> Result<CacheRef, Refusal> {
         let mut state = self.shared.lock();
-        let (entry, hit) = match self.current(&mut state, identity)? {
+        let (entry, found) = match self.current(&mut state, identity)? {
+            Some(entry) if entry.is_complete() => (entry, Found::Loaded),
             Some(entry) => {
-                let hit = entry.is_complete();
-                (entry, hit)
+                let (loaded, size) = (entry.loaded(), entry.size());
+                (entry, Found::Loading { loaded, size })
             }
-            None if self.shared.config.admit_on_open => {
-                (self.admit(&mut state, identity, name, source)?, false)
-            }
+            None if self.shared.config.admit_on_open => (
+                self.admit(&mut state, identity, name, source)?,
+                Found::Admitted,
+            ),
             None => return Err(Refusal::ManualAdmission),
         };
         state.policy.open(entry.id);
@@ -246,7 +248,7 @@ impl Cache {
         Ok(CacheRef {
             shared: self.shared.clone(),
             entry: Some(entry),
-            hit,
+            found,
             protect: hold.protect,
         })
     }
@@ -668,7 +670,7 @@ mod tests {
         let held = cache
             .open_for_read(ida, "a.gguf", source(&a), ReaderHold::default())
             .unwrap();
-        assert!(held.hit());
+        assert_eq!(held.found(), Found::Loaded);
     }
 
     #[test]
@@ -692,7 +694,11 @@ mod tests {
         let second = cache
             .open_for_read(new, "a.ckpt", source(&a), ReaderHold::default())
             .unwrap();
-        assert!(!second.hit(), "a new entry, loaded afresh");
+        assert_eq!(
+            second.found(),
+            Found::Admitted,
+            "a new entry, loaded afresh"
+        );
         assert!(first.entry().is_cancelled(), "the old copy was let go");
         wait_loaded(&cache, (2 << 20) + 4096);
         assert_eq!(

@@ -37,10 +37,20 @@ pub struct CacheStatus {
     pub loads: u64,
     pub load_bytes: u64,
     pub load_seconds: f64,
+    /// The backing's read rate as the latest loads measured it, bytes per
+    /// second; `None` before a load finished.
+    pub read_rate: Option<f64>,
     pub pressure_events: u64,
 }
 
 impl Cache {
+    /// The rate the latest loads read the backing files at, bytes per
+    /// second (see `loader::read_rate`); `None` before a load finished.
+    pub fn read_rate(&self) -> Option<f64> {
+        let mut recent = self.shared.loads.recent.lock();
+        super::loader::read_rate(recent.make_contiguous())
+    }
+
     /// What the cache holds now.
     pub fn status(&self) -> CacheStatus {
         let mut state = self.shared.lock();
@@ -85,6 +95,7 @@ impl Cache {
             loads: loads.count.load(Ordering::Relaxed),
             load_bytes: loads.bytes.load(Ordering::Relaxed),
             load_seconds: loads.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            read_rate: self.read_rate(),
             pressure_events: self.shared.pressure_events.load(Ordering::Relaxed),
         };
         // Forget evicted entries whose last handle has closed.

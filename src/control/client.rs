@@ -12,7 +12,7 @@ use super::paths::{
 use super::protocol::{
     Line, MountStatus, PROTOCOL_VERSION, Request, Response, StatusReport, read_line_limited,
 };
-use super::render::{escape_controls, render_status};
+use super::render::{escape_controls, render_status, watch_frame};
 pub use super::warm_progress::{WarmProgress, WarmSummary, wait_for_loads};
 use crate::Error;
 use crate::mountinfo::{self, MountEntry};
@@ -399,8 +399,7 @@ pub fn status_command(mountpoint: Option<&Path>, json: bool, watch: bool) -> Res
         };
         let mut lock = out.lock();
         let written = if terminal && !json {
-            // Clear the screen and go home, then draw: one write, no flicker.
-            lock.write_all(format!("\x1b[2J\x1b[H{text}").as_bytes())
+            lock.write_all(watch_frame(&text).as_bytes())
         } else if json {
             lock.write_all(text.as_bytes())
         } else {

@@ -126,6 +126,7 @@ pub fn render_metrics(status: &MountStatus) -> String {
         FileState::Cached,
         FileState::Pinned,
         FileState::Evicted,
+        FileState::Uncached,
     ] {
         let n = status.files.iter().filter(|f| f.state == state).count();
         e.sample(
@@ -143,6 +144,34 @@ pub fn render_metrics(status: &MountStatus) -> String {
 
     let c = &status.counters;
     e.family(
+        "modelcache_opens_by_source_total",
+        "counter",
+        "Opens of model files by where they were served from: ram (wholly cached), partial (loading), disk.",
+    );
+    for (source, v) in [
+        ("ram", c.opens_from_ram),
+        ("partial", c.opens_partial),
+        ("disk", c.opens_from_disk),
+    ] {
+        e.sample(
+            "modelcache_opens_by_source_total",
+            &[("source", source)],
+            v.to_string(),
+        );
+    }
+    e.one(
+        "modelcache_bytes_opened_from_ram_total",
+        "counter",
+        "The sizes of the model files opened from RAM, summed.",
+        c.bytes_opened_from_ram,
+    );
+    e.one(
+        "modelcache_disk_seconds_avoided_total",
+        "counter",
+        "Estimated seconds of disk reads avoided: bytes opened from RAM over the read rate the cache's recent loads measured.",
+        float(c.disk_seconds_avoided),
+    );
+    e.family(
         "modelcache_opens_total",
         "counter",
         "Opens of model files, by reader class.",
@@ -153,7 +182,7 @@ pub fn render_metrics(status: &MountStatus) -> String {
     e.family(
         "modelcache_read_bytes_total",
         "counter",
-        "Bytes read from model files, by reader class.",
+        "Bytes the daemon read from backing files for readers of model files, by reader class.",
     );
     for (class, v) in &c.bytes_by_class {
         e.sample(

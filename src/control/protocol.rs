@@ -72,6 +72,9 @@ pub enum FileState {
     Pinned,
     /// Dropped from the cache; listed while open handles still hold it.
     Evicted,
+    /// Not in the cache: listed because it was opened since the mount
+    /// (`last_open` says from where, and why not from RAM).
+    Uncached,
 }
 
 impl FileState {
@@ -81,6 +84,7 @@ impl FileState {
             FileState::Cached => "cached",
             FileState::Pinned => "pinned",
             FileState::Evicted => "evicted",
+            FileState::Uncached => "uncached",
         }
     }
 }
@@ -133,8 +137,29 @@ pub struct FileStatus {
     /// or within the grace after; not evicted for room meanwhile.
     #[serde(default)]
     pub protected: bool,
-    /// Opens served from the cache.
+    /// Opens that found it wholly cached: the same as `opens_from_ram`
+    /// (kept for the clients that read it).
     pub hits: u64,
+    /// Opens by where they were served from: wholly from RAM, partly
+    /// (its load under way), from disk.
+    #[serde(default)]
+    pub opens_from_ram: u64,
+    #[serde(default)]
+    pub opens_partial: u64,
+    #[serde(default)]
+    pub opens_from_disk: u64,
+    /// Its size times its opens from RAM.
+    #[serde(default)]
+    pub bytes_opened_from_ram: u64,
+    /// `bytes_opened_from_ram` at the mount's measured read rate: an
+    /// estimate of the disk time those opens did not spend (0 before a
+    /// load measured the rate).
+    #[serde(default)]
+    pub disk_seconds_avoided: f64,
+    /// Where its latest open was served from; absent when not opened since
+    /// the mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_open: Option<LastOpen>,
     /// Bytes the daemon read from the backing file for its readers: reads
     /// the cache's page cache did not answer (while loading, or not cached).
     pub bytes_from_backing: u64,
@@ -148,18 +173,79 @@ pub struct FileStatus {
     pub reader_classes: Vec<String>,
 }
 
+impl FileStatus {
+    /// A file in `state` with nothing counted yet.
+    pub fn new(path: String, state: FileState) -> FileStatus {
+        FileStatus {
+            path,
+            size: 0,
+            state,
+            loaded_bytes: 0,
+            pinned: false,
+            protected: false,
+            hits: 0,
+            opens_from_ram: 0,
+            opens_partial: 0,
+            opens_from_disk: 0,
+            bytes_opened_from_ram: 0,
+            disk_seconds_avoided: 0.0,
+            last_open: None,
+            bytes_from_backing: 0,
+            last_access: None,
+            open_handles: 0,
+            passthrough_handles: 0,
+            reader_classes: Vec::new(),
+        }
+    }
+}
+
+/// Where an open of a model file was served from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastOpen {
+    /// `ram` (wholly cached), `partial` (its load under way) or `disk`.
+    pub source: String,
+    /// For `partial`: how much of it was in RAM, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident_percent: Option<u8>,
+    /// For `disk`: why, and the fix where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// Counters since the mount started.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
+    /// Opens of model files by where they were served from: wholly from
+    /// RAM, partly (their load under way), from disk.
+    #[serde(default)]
+    pub opens_from_ram: u64,
+    #[serde(default)]
+    pub opens_partial: u64,
+    #[serde(default)]
+    pub opens_from_disk: u64,
+    /// The sizes of the files opened from RAM, summed.
+    #[serde(default)]
+    pub bytes_opened_from_ram: u64,
+    /// `bytes_opened_from_ram` ÷ `read_rate`: an estimate of the seconds of
+    /// disk reads the cache saved (0 before a load measured the rate).
+    #[serde(default)]
+    pub disk_seconds_avoided: f64,
+    /// The backing's read rate, bytes per second, as the cache's recent
+    /// loads of this mount measured it; absent before a load finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_rate: Option<f64>,
     /// Opens of model files by reader class (`cuda`, `rocm`, `cpu`).
     pub opens_by_class: BTreeMap<String, u64>,
-    /// Bytes read from model files by reader class.
+    /// Bytes the daemon read from backing files for readers of model
+    /// files, by reader class (see `bytes_from_backing`).
     pub bytes_by_class: BTreeMap<String, u64>,
     /// Bytes the daemon read from backing files for readers of model files:
     /// reads the cache's page cache did not answer (while loading, or not
     /// cached).
     pub bytes_from_backing: u64,
-    /// Opens of a cacheable file found in the cache, and not.
+    /// Opens of a model file found wholly cached, and not: the same as
+    /// `opens_from_ram`, and `opens_partial + opens_from_disk` (kept for
+    /// the clients that read them).
     pub file_hits: u64,
     pub file_misses: u64,
     /// Whole-file loads finished, their bytes and time.

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::protocol::{EVICTION_REASONS, FileState, FileStatus, MountStatus};
-use crate::units::Bytes;
+use super::protocol::{Counters, EVICTION_REASONS, FileState, FileStatus, MountStatus};
+use crate::units::{Bytes, Count, approx_seconds};
 
 /// `text` with control characters written as escapes (`\n`, `\t`,
 /// `\u{1b}`…): file names and daemon messages may hold anything a user put in
@@ -27,6 +27,20 @@ pub fn escape_controls(text: &str) -> String {
             c => out.push(c),
         }
     }
+    out
+}
+
+/// One screen of `status --watch` on a terminal: drawn over the last one
+/// in place, as top does (cursor home, each line then the rest of its
+/// old line erased, then everything below), so nothing flickers.
+pub fn watch_frame(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    out.push_str("\x1b[H");
+    for line in text.lines() {
+        out.push_str(line);
+        out.push_str("\x1b[K\n");
+    }
+    out.push_str("\x1b[J");
     out
 }
 
@@ -59,6 +73,40 @@ pub fn state_label(f: &FileStatus) -> String {
     }
 }
 
+/// Where a file's latest open was served from: `ram`, `partial 37%`,
+/// `disk`; `-` when not opened since the mount.
+pub fn last_open_label(f: &FileStatus) -> String {
+    match &f.last_open {
+        None => "-".into(),
+        Some(o) => match o.resident_percent {
+            Some(pct) if o.source == "partial" => format!("partial {pct}%"),
+            _ => o.source.clone(),
+        },
+    }
+}
+
+/// What the cache saved since the mount, the line status leads with:
+/// `since mount: 42 opens from RAM (312.0 GiB), ~5 min of disk reads
+/// avoided`.
+pub fn payoff_line(c: &Counters) -> String {
+    if c.opens_from_ram == 0 {
+        return "since mount: no opens from RAM yet".into();
+    }
+    let saved = if c.read_rate.is_some() {
+        format!(
+            ", {} of disk reads avoided",
+            approx_seconds(c.disk_seconds_avoided)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "since mount: {} from RAM ({}){saved}",
+        Count(c.opens_from_ram, "open"),
+        Bytes(c.bytes_opened_from_ram)
+    )
+}
+
 fn ratio(n: f64, d: f64) -> Option<f64> {
     (d > 0.0).then(|| n / d)
 }
@@ -84,6 +132,7 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
         escape_controls(&s.backing),
         s.mode.as_str()
     );
+    let _ = writeln!(out, "  {}", payoff_line(&s.counters));
     // Shown only when in use: most mounts protect nothing and lock nothing.
     let mut kept = String::new();
     if s.protected_bytes > 0 {
@@ -120,13 +169,14 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
             "FILE",
             "SIZE",
             "STATE",
-            "HITS",
-            "FROM BACKING",
+            "FROM RAM",
+            "LAST",
+            "FROM DISK",
             "OPEN",
             "LAST ACCESS",
             "READERS",
         ];
-        let rows: Vec<[String; 8]> = files
+        let rows: Vec<[String; 9]> = files
             .iter()
             .map(|f| {
                 let open = if f.passthrough_handles > 0 {
@@ -138,7 +188,8 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
                     escape_controls(&f.path),
                     Bytes(f.size).to_string(),
                     state_label(f),
-                    f.hits.to_string(),
+                    f.opens_from_ram.to_string(),
+                    last_open_label(f),
                     Bytes(f.bytes_from_backing).to_string(),
                     open,
                     ago(f.last_access, now),
@@ -157,7 +208,7 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
             }
         }
         // Numbers right-aligned, words left-aligned; no trailing blanks.
-        let right = [false, true, false, true, true, true, false, false];
+        let right = [false, true, false, true, false, true, true, false, false];
         let line = |cells: &[String]| {
             let mut l = String::from(" ");
             for (i, cell) in cells.iter().enumerate() {
@@ -178,30 +229,55 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
         for row in &rows {
             let _ = writeln!(out, "{}", line(row));
         }
+        // Why the latest open of a file went to the disk, in full.
+        let reasons: Vec<String> = files
+            .iter()
+            .filter_map(|f| {
+                let why = f.last_open.as_ref()?.reason.as_ref()?;
+                Some(format!(
+                    "    {}: {}",
+                    escape_controls(&f.path),
+                    escape_controls(why)
+                ))
+            })
+            .collect();
+        if !reasons.is_empty() {
+            out.push_str("\n  last opened from disk, because:\n");
+            for r in reasons {
+                let _ = writeln!(out, "{r}");
+            }
+        }
     }
     out.push('\n');
 
     let c = &s.counters;
     let _ = writeln!(
         out,
-        "  opens      {}",
+        "  opens      {} from RAM, {} partial, {} from disk; by reader: {}",
+        c.opens_from_ram,
+        c.opens_partial,
+        c.opens_from_disk,
         by_class(&c.opens_by_class, |v| v.to_string())
-    );
-    let _ = writeln!(
-        out,
-        "  read       {}",
-        by_class(&c.bytes_by_class, |v| Bytes(v).to_string())
     );
     // What the daemon read from backing files: the reads the page cache
     // did not answer.
-    let _ = writeln!(out, "  backing    read {}", Bytes(c.bytes_from_backing));
+    let by_reader = if c.bytes_by_class.values().any(|v| *v > 0) {
+        format!(
+            " ({})",
+            by_class(&c.bytes_by_class, |v| Bytes(v).to_string())
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "  files      hits {}, misses {}",
-        c.file_hits, c.file_misses
+        "  from disk  {} read for readers{by_reader}",
+        Bytes(c.bytes_from_backing)
     );
-    let rate = ratio(c.load_bytes as f64, c.load_seconds)
-        .map(|r| format!(" ({}/s)", Bytes(r as u64)))
+    // The rate the estimate of disk time avoided divides by.
+    let rate = c
+        .read_rate
+        .map(|r| format!("; recent loads read at {}/s", Bytes(r as u64)))
         .unwrap_or_default();
     let _ = writeln!(
         out,
@@ -238,7 +314,7 @@ mod tests {
         );
         assert_eq!(escape_controls("\u{9b}2J"), "\\u{9b}2J");
     }
-    use crate::control::protocol::{Counters, Mode};
+    use crate::control::protocol::{LastOpen, Mode};
 
     pub(crate) fn sample() -> MountStatus {
         let gib = 1u64 << 30;
@@ -256,35 +332,54 @@ mod tests {
             psi_some_avg10: Some(0.25),
             files: vec![
                 FileStatus {
-                    path: "vae/wan_2.1_vae.safetensors".into(),
                     size: 1000,
-                    state: FileState::Loading,
                     loaded_bytes: 376,
-                    pinned: false,
-                    protected: false,
-                    hits: 0,
-                    bytes_from_backing: 0,
-                    last_access: None,
-                    open_handles: 0,
-                    passthrough_handles: 0,
-                    reader_classes: vec![],
+                    ..FileStatus::new("vae/wan_2.1_vae.safetensors".into(), FileState::Loading)
                 },
                 FileStatus {
-                    path: "diffusion_models/high.safetensors".into(),
                     size: 13 * gib,
-                    state: FileState::Pinned,
                     loaded_bytes: 13 * gib,
                     pinned: true,
-                    protected: false,
                     hits: 12,
+                    opens_from_ram: 12,
+                    opens_from_disk: 1,
+                    bytes_opened_from_ram: 156 * gib,
+                    disk_seconds_avoided: 312.0,
+                    last_open: Some(LastOpen {
+                        source: "ram".into(),
+                        resident_percent: None,
+                        reason: None,
+                    }),
                     bytes_from_backing: 6 * gib + gib / 2,
                     last_access: Some(1_000_000 - 12),
                     open_handles: 2,
-                    passthrough_handles: 0,
                     reader_classes: vec!["cuda".into()],
+                    ..FileStatus::new(
+                        "diffusion_models/high.safetensors".into(),
+                        FileState::Pinned,
+                    )
+                },
+                FileStatus {
+                    size: 60 * gib,
+                    opens_from_disk: 2,
+                    last_open: Some(LastOpen {
+                        source: "disk".into(),
+                        resident_percent: None,
+                        reason: Some("60.0 GiB is larger than the cap (48.0 GiB)".into()),
+                    }),
+                    bytes_from_backing: gib / 2,
+                    last_access: Some(1_000_000 - 300),
+                    reader_classes: vec!["cpu".into()],
+                    ..FileStatus::new("huge.gguf".into(), FileState::Uncached)
                 },
             ],
             counters: Counters {
+                opens_from_ram: 12,
+                opens_partial: 0,
+                opens_from_disk: 3,
+                bytes_opened_from_ram: 156 * gib,
+                disk_seconds_avoided: 312.0,
+                read_rate: Some(512.0 * 1048576.0),
                 opens_by_class: [("cuda".to_string(), 12), ("cpu".to_string(), 3)].into(),
                 bytes_by_class: [
                     ("cuda".to_string(), 6 * gib + gib / 2),
@@ -301,6 +396,16 @@ mod tests {
                 pressure_events: 4,
             },
         }
+    }
+
+    #[test]
+    fn watch_frames_overwrite_the_last_in_place() {
+        assert_eq!(
+            watch_frame("a\nbb\n"),
+            "\x1b[Ha\x1b[K\nbb\x1b[K\n\x1b[J",
+            "home, each line clears its old tail, then the rest below"
+        );
+        assert!(!watch_frame("x").contains("\x1b[2J"), "no full clear");
     }
 
     #[test]
@@ -322,6 +427,11 @@ mod tests {
             lines[0],
             "/home/me/ComfyUI/models  (backing /home/me/ComfyUI/models, copy mode)"
         );
+        // The payoff first.
+        assert_eq!(
+            lines[1],
+            "  since mount: 12 opens from RAM (156.0 GiB), ~5 min of disk reads avoided"
+        );
         assert!(
             text.contains("cap 48.0 GiB, cached 27.0 GiB, pinned 26.0 GiB, held by open files 0 B"),
             "{text}"
@@ -334,8 +444,9 @@ mod tests {
         for col in [
             "SIZE",
             "STATE",
-            "HITS",
-            "FROM BACKING",
+            "FROM RAM",
+            "LAST",
+            "FROM DISK",
             "LAST ACCESS",
             "READERS",
         ] {
@@ -343,34 +454,59 @@ mod tests {
         }
         // Sorted by path; the columns line up.
         let high = lines[header + 1];
-        let vae = lines[header + 2];
+        let huge = lines[header + 2];
+        let vae = lines[header + 3];
         assert!(high.contains("diffusion_models/high.safetensors"), "{text}");
-        for want in ["13.0 GiB", "pinned", " 12 ", "6.5 GiB", "12s ago", "cuda"] {
+        for want in [
+            "13.0 GiB", "pinned", " 12 ", " ram ", "6.5 GiB", "12s ago", "cuda",
+        ] {
             assert!(high.contains(want), "{want:?} in {high:?}");
         }
+        for want in [
+            "60.0 GiB",
+            "uncached",
+            " 0 ",
+            " disk ",
+            "512.0 MiB",
+            "5m ago",
+        ] {
+            assert!(huge.contains(want), "{want:?} in {huge:?}");
+        }
         assert!(vae.contains("loading 37%"), "{vae}");
+        assert!(vae.contains(" - "), "not opened: {vae}");
         assert_eq!(
             high.find("pinned").unwrap(),
             vae.find("loading").unwrap(),
             "{text}"
         );
-        // The bytes read from backing, right-aligned under their header.
+        // Opens from RAM, right-aligned under their header.
         let end = |line: &str, cell: &str| line.find(cell).unwrap() + cell.len();
+        assert_eq!(end(high, " 12"), end(lines[header], "FROM RAM"), "{text}");
         assert_eq!(
             end(high, "6.5 GiB"),
-            end(lines[header], "FROM BACKING"),
+            end(lines[header], "FROM DISK"),
             "{text}"
         );
         assert_eq!(end(vae, " 0 B"), end(high, "6.5 GiB"), "{text}");
-        assert!(text.contains("opens      cpu 3, cuda 12"), "{text}");
+        // Why the uncached file was read from disk, in full.
         assert!(
-            text.contains("read       cpu 512.0 MiB, cuda 6.5 GiB\n"),
+            text.contains(
+                "last opened from disk, because:\n    huge.gguf: 60.0 GiB is larger than the cap (48.0 GiB)\n"
+            ),
             "{text}"
         );
-        assert!(text.contains("backing    read 7.0 GiB\n"), "{text}");
-        assert!(text.contains("files      hits 12, misses 3"), "{text}");
         assert!(
-            text.contains("loads      2, 26.0 GiB in 13.0 s (2.0 GiB/s)"),
+            text.contains(
+                "opens      12 from RAM, 0 partial, 3 from disk; by reader: cpu 3, cuda 12"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("from disk  7.0 GiB read for readers (cpu 512.0 MiB, cuda 6.5 GiB)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("loads      2, 26.0 GiB in 13.0 s; recent loads read at 512.0 MiB/s"),
             "{text}"
         );
         assert!(
@@ -382,6 +518,21 @@ mod tests {
     }
 
     #[test]
+    fn the_payoff_line_before_any_open_from_ram_and_without_a_measured_rate() {
+        let mut c = Counters::default();
+        assert_eq!(payoff_line(&c), "since mount: no opens from RAM yet");
+        c.opens_from_ram = 1;
+        c.bytes_opened_from_ram = 1 << 30;
+        assert_eq!(payoff_line(&c), "since mount: 1 open from RAM (1.0 GiB)");
+        c.read_rate = Some((1u64 << 30) as f64 / 41.0);
+        c.disk_seconds_avoided = 41.0;
+        assert_eq!(
+            payoff_line(&c),
+            "since mount: 1 open from RAM (1.0 GiB), ~41 s of disk reads avoided"
+        );
+    }
+
+    #[test]
     fn renders_an_empty_cache() {
         let mut s = sample();
         s.files.clear();
@@ -390,8 +541,12 @@ mod tests {
         let text = render_status(&s, 0);
         assert!(text.contains("no files in the cache"), "{text}");
         assert!(text.contains("PSI some avg10 n/a"), "{text}");
-        assert!(text.contains("opens      none"), "{text}");
-        assert!(text.contains("backing    read 0 B\n"), "{text}");
+        assert!(text.contains("no opens from RAM yet"), "{text}");
+        assert!(
+            text.contains("opens      0 from RAM, 0 partial, 0 from disk; by reader: none"),
+            "{text}"
+        );
+        assert!(text.contains("from disk  0 B read for readers\n"), "{text}");
         assert!(text.contains("loads      0, 0 B in 0.0 s\n"), "{text}");
     }
 

@@ -11,11 +11,13 @@ use super::inodes::InodeKey;
 
 /// What the filesystem asks of caching and tells it.
 pub trait Caching: Send + Sync {
-    /// Whether a regular file of `size` bytes could be cached. Asked first
-    /// because the question after it needs the file's name (a readlink).
-    fn may_cache(&self, size: u64) -> bool;
+    /// Whether a regular file of `size` bytes may be a model file, which
+    /// caching wants to see opened. Asked first because the question after
+    /// it needs the file's name (a readlink).
+    fn is_model_size(&self, size: u64) -> bool;
 
-    /// A regular file that `may_cache` let through was opened for reading.
+    /// A regular file that `is_model_size` let through was opened for
+    /// reading.
     fn open_for_read(&self, open: ReadOpen<'_>) -> ReadOpened;
 
     /// A file is about to be opened for writing (or was just created): it
@@ -76,7 +78,7 @@ pub trait Hold: Send + Sync {
 pub struct NoCaching;
 
 impl Caching for NoCaching {
-    fn may_cache(&self, _size: u64) -> bool {
+    fn is_model_size(&self, _size: u64) -> bool {
         false
     }
 

@@ -405,7 +405,7 @@ impl Overlay {
         // The name costs a readlink: only regular files caching could take
         // by size need it.
         let opened = if st.st_mode & libc::S_IFMT == libc::S_IFREG
-            && self.caching.may_cache(st.st_size as u64)
+            && self.caching.is_model_size(st.st_size as u64)
         {
             let name = self.relative_name(&node);
             self.caching.open_for_read(ReadOpen {

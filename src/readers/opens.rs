@@ -7,12 +7,16 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use parking_lot::RwLock;
+use tracing::info;
 
 use super::exec::CommandRunner;
 use super::hooks::Hooks;
+use super::payoff::from_ram_line;
+use super::source::{DiskReason, OpenSource};
 use super::stats::{FileCounters, Stats};
 use super::{Classifier, ReaderClass};
 use crate::cache::{Cache, CacheRef, Identity, NotModelFile, ReaderHold, Refusal, WriteGuard};
@@ -132,6 +136,52 @@ impl Hold for ReadHold {
 impl Hold for WriteGuard {}
 
 impl Opens {
+    /// Counts an open of a model file where it was served from, logs it if
+    /// it came from RAM (at most a line a minute per file), and returns
+    /// what the open keeps.
+    fn counted(
+        &self,
+        name: &str,
+        size: u64,
+        class: ReaderClass,
+        source: OpenSource,
+        cached: Option<CacheRef>,
+    ) -> ReadHold {
+        match &source {
+            OpenSource::Disk(why) => tracing::debug!("{name}: opened from disk: {why}"),
+            OpenSource::Partial { resident_percent } => {
+                tracing::debug!("{name}: opened while loading, {resident_percent}% in RAM")
+            }
+            OpenSource::Ram => {}
+        }
+        let (counters, log_now) = self.stats.opened(name, size, class, source, Instant::now());
+        if let Some(opens) = log_now {
+            info!(
+                "{}",
+                from_ram_line(name, size, opens, self.cache.read_rate())
+            );
+        }
+        ReadHold {
+            _cached: cached,
+            counters,
+            class,
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// Logs the opens from RAM held back from the log whose minute has
+    /// passed (called now and then, off the FUSE threads).
+    pub fn log_opens_from_ram(&self) {
+        let due = self.stats.from_ram_due(Instant::now());
+        if due.is_empty() {
+            return;
+        }
+        let rate = self.cache.read_rate();
+        for (name, size, opens) in due {
+            info!("{}", from_ram_line(&name, size, opens, rate));
+        }
+    }
+
     /// Tells the manifest's worker that a group member was opened. The
     /// queue is bounded: past it (the worker busy with a reload's walk) the
     /// open is dropped, logged once per time the queue fills.
@@ -153,20 +203,18 @@ impl Opens {
 }
 
 impl Caching for Opens {
-    fn may_cache(&self, size: u64) -> bool {
-        self.cache.model_files().check_size(size).is_ok()
+    fn is_model_size(&self, size: u64) -> bool {
+        // Files over the cap are seen too: their opens count as from disk.
+        size >= self.cache.config().min_file_size && self.cache.config().max_size > 0
     }
 
     fn open_for_read(&self, open: ReadOpen<'_>) -> ReadOpened {
         let size = open.stat.st_size as u64;
-        if self
-            .cache
-            .model_files()
-            .check(Path::new(open.name), size)
-            .is_err()
-        {
-            return ReadOpened::uncached();
-        }
+        let over_cap = match self.cache.model_files().check(Path::new(open.name), size) {
+            Ok(()) => None,
+            Err(larger @ NotModelFile::Larger { .. }) => Some(larger),
+            Err(_) => return ReadOpened::uncached(),
+        };
         if is_own_thread(open.pid) {
             // A loader opening the file through the mount, to map its page
             // cache: not a reader, and its open keeps that page cache.
@@ -179,6 +227,17 @@ impl Caching for Opens {
         // Classification reads /proc and never fails: an unreadable
         // process is a CPU reader.
         let reader = self.classifier.classify(open.pid);
+        if let Some(larger) = over_cap {
+            // A model file the cache can never hold: served as any file,
+            // counted as opened from disk, with the reason.
+            let source = OpenSource::Disk(DiskReason::Refused(Refusal::NotModelFile(larger)));
+            let hold = self.counted(open.name, size, reader.class, source, None);
+            return ReadOpened {
+                cacheable: false,
+                keep_cache: false,
+                hold: Some(Box::new(hold)),
+            };
+        }
         let hooks = self.hooks.read().clone();
         let hook = hooks.get(reader.class);
         if hook.warm_group {
@@ -192,13 +251,15 @@ impl Caching for Opens {
             .cache
             .open_for_read(identity(open.stat), open.name, open.reopen, hold);
         // Refused (open for writing, no room): served from the backing file.
-        let cached = cached.ok();
-        let hit = cached.as_ref().is_some_and(|c| c.hit());
-        let counters = self.stats.opened(open.name, reader.class, hit);
+        let source = match &cached {
+            Ok(c) => OpenSource::of(c.found()),
+            Err(why) => OpenSource::Disk(DiskReason::Refused(why.clone())),
+        };
         if let Some(argv) = &hook.exec {
             self.commands
                 .first_open(open.name, reader, argv, hook.timeout);
         }
+        let cached = cached.ok();
         let keep_cache = cached.as_ref().is_some_and(|c| c.entry().is_in_mount());
         if let Some(cached) = &cached {
             // Pages of the file the kernel kept from before this entry may
@@ -207,15 +268,11 @@ impl Caching for Opens {
             // the manifest may still wait for a loader).
             cached.entry().drop_old_pages(open.node);
         }
+        let hold = self.counted(open.name, size, reader.class, source, cached);
         ReadOpened {
             cacheable: true,
             keep_cache,
-            hold: Some(Box::new(ReadHold {
-                _cached: cached,
-                counters,
-                class: reader.class,
-                stats: self.stats.clone(),
-            })),
+            hold: Some(Box::new(hold)),
         }
     }
 

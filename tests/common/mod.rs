@@ -483,10 +483,12 @@ pub fn write_safetensors(
         .collect()
 }
 
-/// Drops a file's pages from the page cache (so tests start cold).
+/// Drops a file's pages from the page cache (so tests start cold). Written
+/// back first: the kernel keeps dirty pages (a file the test just wrote).
 pub fn drop_from_page_cache(path: &Path) {
     use std::os::fd::AsRawFd;
     let f = File::open(path).unwrap();
+    f.sync_all().unwrap();
     // SAFETY: advice on a valid fd.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
@@ -817,4 +819,74 @@ pub fn run_within(cmd: &mut Command, limit: Duration) -> Option<Finished> {
         stdout,
         stderr,
     })
+}
+
+/// `MAJ:MIN` of the block device that holds `path`.
+pub fn device_of(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).unwrap().dev();
+    // SAFETY: major/minor are pure arithmetic.
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    format!("{major}:{minor}")
+}
+
+/// Bytes read from the device so far (/sys/dev/block/MAJ:MIN/stat, field
+/// 3: sectors of 512 bytes). `None` where the device has no such file.
+pub fn device_read_bytes(dev: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/sys/dev/block/{dev}/stat")).ok()?;
+    let sectors: u64 = text.split_whitespace().nth(2)?.parse().ok()?;
+    Some(sectors * 512)
+}
+
+/// A blkio cgroup (v1) that throttles reads of one device, removed on drop.
+pub struct Throttle {
+    dir: PathBuf,
+}
+
+impl Throttle {
+    pub fn new(dev: &str, bytes_per_sec: u64) -> Option<Throttle> {
+        let root = Path::new("/sys/fs/cgroup/blkio");
+        if !root.join("cgroup.procs").exists() {
+            return None;
+        }
+        // Unique per test, as tests of one binary run at once.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = root.join(format!("modelcache-test-{}-{n}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let t = Throttle { dir };
+        std::fs::write(
+            t.dir.join("blkio.throttle.read_bps_device"),
+            format!("{dev} {bytes_per_sec}"),
+        )
+        .unwrap();
+        Some(t)
+    }
+
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// A shell command that joins this cgroup, then runs `command`.
+    pub fn run_inside(&self, command: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "echo $$ > '{}/cgroup.procs' && exec {command}",
+            self.dir.display()
+        ));
+        cmd
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        // Move whatever is left back to the root group, then remove it.
+        let root = self.dir.parent().unwrap().join("cgroup.procs");
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(&root, pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
