@@ -2,14 +2,16 @@
 //! the counters, which open files the kernel serves directly) and the verbs
 //! (warm, evict, pin, unpin, reload) applied to it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use crate::cache::policy::Key;
+use crate::cache::EntryStatus;
 use crate::cache::pressure::Sample;
-use crate::control::protocol::{self, FileState, FileStatus, LastOpen, Mode, MountStatus};
+use crate::control::protocol::{
+    self, Action, FileOutcome, FileState, FileStatus, LastOpen, Mode, MountStatus, VerbReport,
+};
 use crate::control::{Daemon, VerbError};
 use crate::fs::Overlay;
 use crate::fs::passthrough::BackingFiles;
@@ -35,7 +37,8 @@ pub struct MountService {
 impl MountService {
     /// The files a request names: a file, or every file under a directory
     /// (listed through the mount, as a reader sees it).
-    fn expand(&self, paths: &[String]) -> Result<Vec<PathBuf>, VerbError> {
+    /// Each with its size.
+    fn expand(&self, paths: &[String]) -> Result<Vec<(PathBuf, u64)>, VerbError> {
         let mut out = Vec::new();
         for p in paths {
             // Requests carry names as names::shown writes them.
@@ -73,29 +76,82 @@ impl MountService {
                         why: format!("{}; nothing was done", tree.warnings.join("; ")),
                     });
                 }
-                out.extend(tree.files.iter().map(|f| rel.join(&f.path)));
+                out.extend(tree.files.iter().map(|f| (rel.join(&f.path), f.size)));
             } else {
-                out.push(rel);
+                out.push((rel, meta.len()));
             }
         }
         Ok(out)
     }
 
-    /// Warms files, naming those that cannot be cached.
-    fn warm_files(&self, files: &[PathBuf]) -> Result<Vec<Key>, VerbError> {
-        let mut keys = Vec::new();
+    /// Warms files, naming those that cannot be cached. `action` is what
+    /// is done to each file that can.
+    fn warm_files(
+        &self,
+        files: &[(PathBuf, u64)],
+        action: Action,
+    ) -> Result<VerbReport, VerbError> {
+        let before = self.entries();
+        let mut done = Vec::new();
         let mut refused = Vec::new();
-        for f in files {
+        for (f, size) in files {
+            let name = crate::names::shown(f);
             match self.opens.warm(&self.overlay, f) {
-                Ok(key) => keys.push(key),
-                Err(why) => refused.push((crate::names::shown(f), why.to_string())),
+                Ok(_) => {
+                    let loaded = before.get(&name).is_some_and(|e| e.loaded == e.size);
+                    let action = match action {
+                        Action::Warming if loaded => Action::AlreadyCached,
+                        other => other,
+                    };
+                    done.push((name, *size, action));
+                }
+                Err(why) => refused.push((name, why.to_string())),
             }
         }
+        let done = self.outcomes(done);
         if refused.is_empty() {
-            Ok(keys)
+            Ok(VerbReport::files(done))
         } else {
-            Err(VerbError::Refused(refused))
+            Err(VerbError::Refused { refused, done })
         }
+    }
+
+    /// The cache's entries now, by name.
+    fn entries(&self) -> HashMap<String, EntryStatus> {
+        self.opens
+            .cache()
+            .status()
+            .entries
+            .into_iter()
+            .filter(|e| e.resident)
+            .map(|e| (e.name.clone(), e))
+            .collect()
+    }
+
+    /// What was done to each file, with where it stands now.
+    fn outcomes(&self, done: Vec<(String, u64, Action)>) -> Vec<FileOutcome> {
+        let now = self.entries();
+        done.into_iter()
+            .map(|(path, size, action)| FileOutcome {
+                state: now.get(&path).map_or(FileState::Uncached, state_of),
+                size: now.get(&path).map_or(size, |e| e.size),
+                path,
+                action,
+            })
+            .collect()
+    }
+}
+
+/// A cache entry's state as status shows it.
+fn state_of(e: &EntryStatus) -> FileState {
+    if !e.resident {
+        FileState::Evicted
+    } else if e.loaded < e.size {
+        FileState::Loading
+    } else if e.pinned {
+        FileState::Pinned
+    } else {
+        FileState::Cached
     }
 }
 
@@ -140,15 +196,7 @@ impl Daemon for MountService {
             .entries
             .iter()
             .map(|e| {
-                let state = if !e.resident {
-                    FileState::Evicted
-                } else if e.loaded < e.size {
-                    FileState::Loading
-                } else if e.pinned {
-                    FileState::Pinned
-                } else {
-                    FileState::Cached
-                };
+                let state = state_of(e);
                 let mut file = FileStatus {
                     size: e.size,
                     loaded_bytes: e.loaded,
@@ -237,42 +285,63 @@ impl Daemon for MountService {
         }
     }
 
-    fn warm(&self, paths: &[String]) -> Result<(), VerbError> {
-        self.warm_files(&self.expand(paths)?).map(|_| ())
+    fn warm(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
+        self.warm_files(&self.expand(paths)?, Action::Warming)
     }
 
-    fn evict(&self, paths: &[String]) -> Result<(), VerbError> {
-        let missing: Vec<String> = self
-            .expand(paths)?
-            .iter()
-            .map(|f| crate::names::shown(f))
-            .filter(|name| !self.opens.cache().evict_by_name(name))
-            .collect();
+    fn evict(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
+        let before = self.entries();
+        let mut done = Vec::new();
+        let mut missing = Vec::new();
+        for (f, size) in self.expand(paths)? {
+            let name = crate::names::shown(&f);
+            if self.opens.cache().evict_by_name(&name) {
+                let size = before.get(&name).map_or(size, |e| e.size);
+                done.push((name, size, Action::Evicted));
+            } else {
+                missing.push(name);
+            }
+        }
         if missing.is_empty() {
-            Ok(())
+            Ok(VerbReport::files(self.outcomes(done)))
         } else {
             Err(VerbError::NotCached(missing))
         }
     }
 
-    fn pin(&self, paths: &[String]) -> Result<(), VerbError> {
+    fn pin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         let files = self.expand(paths)?;
-        for f in &files {
+        for (f, _) in &files {
             self.opens.cache().set_pinned(&crate::names::shown(f), true);
         }
-        self.warm_files(&files).map(|_| ())
+        self.warm_files(&files, Action::Pinned)
     }
 
-    fn unpin(&self, paths: &[String]) -> Result<(), VerbError> {
-        for f in self.expand(paths)? {
-            self.opens
-                .cache()
-                .set_pinned(&crate::names::shown(&f), false);
+    fn unpin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
+        let before = self.entries();
+        let mut done = Vec::new();
+        for (f, size) in self.expand(paths)? {
+            let name = crate::names::shown(&f);
+            let was_pinned = self.opens.cache().is_pinned(&name);
+            self.opens.cache().set_pinned(&name, false);
+            let size = before.get(&name).map_or(size, |e| e.size);
+            let action = if was_pinned {
+                Action::Unpinned
+            } else {
+                Action::NotPinned
+            };
+            done.push((name, size, action));
         }
-        Ok(())
+        Ok(VerbReport::files(self.outcomes(done)))
     }
 
-    fn reload(&self) -> Result<String, VerbError> {
-        self.rules.reload().map_err(|e| VerbError::Reload(e.0))
+    fn reload(&self) -> Result<VerbReport, VerbError> {
+        self.rules
+            .reload()
+            .map(|message| VerbReport {
+                message: Some(message),
+                ..VerbReport::default()
+            })
+            .map_err(|e| VerbError::Reload(e.0))
     }
 }

@@ -17,7 +17,8 @@ use modelcache::control::paths::MountPaths;
 use modelcache::control::server::{ServerOptions, serve_with};
 use modelcache::control::{
     ClientError, Counters, Daemon, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION,
-    Request, Response, VerbError, serve, socket_file_name, spawn_metrics_writer, write_metrics,
+    Request, Response, VerbError, VerbReport, serve, socket_file_name, spawn_metrics_writer,
+    write_metrics,
 };
 use modelcache::mountinfo::MountEntry;
 use parking_lot::Mutex;
@@ -102,7 +103,7 @@ impl FakeDaemon {
         })
     }
 
-    fn record(&self, verb: &str, paths: &[String]) -> Result<(), VerbError> {
+    fn record(&self, verb: &str, paths: &[String]) -> Result<VerbReport, VerbError> {
         if paths.iter().any(|p| p.contains("panic")) {
             panic!("fake daemon asked to panic");
         }
@@ -113,7 +114,7 @@ impl FakeDaemon {
             });
         }
         self.calls.lock().push((verb.into(), paths.to_vec()));
-        Ok(())
+        Ok(VerbReport::default())
     }
 }
 
@@ -122,21 +123,24 @@ impl Daemon for FakeDaemon {
         self.status_calls.fetch_add(1, Ordering::SeqCst);
         self.status.lock().clone()
     }
-    fn warm(&self, paths: &[String]) -> Result<(), VerbError> {
+    fn warm(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         self.record("warm", paths)
     }
-    fn evict(&self, paths: &[String]) -> Result<(), VerbError> {
+    fn evict(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         self.record("evict", paths)
     }
-    fn pin(&self, paths: &[String]) -> Result<(), VerbError> {
+    fn pin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         self.record("pin", paths)
     }
-    fn unpin(&self, paths: &[String]) -> Result<(), VerbError> {
+    fn unpin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         self.record("unpin", paths)
     }
-    fn reload(&self) -> Result<String, VerbError> {
+    fn reload(&self) -> Result<VerbReport, VerbError> {
         self.record("reload", &[])?;
-        Ok("manifest reloaded: 1 pinned, 2 warm".into())
+        Ok(VerbReport {
+            message: Some("manifest reloaded: 1 pinned, 2 warm".into()),
+            ..VerbReport::default()
+        })
     }
 }
 
@@ -920,19 +924,19 @@ impl Daemon for LoadingDaemon {
         }
         s.clone()
     }
-    fn warm(&self, paths: &[String]) -> Result<(), VerbError> {
+    fn warm(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         self.inner.warm(paths)
     }
-    fn evict(&self, paths: &[String]) -> Result<(), VerbError> {
+    fn evict(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         self.inner.evict(paths)
     }
-    fn pin(&self, paths: &[String]) -> Result<(), VerbError> {
+    fn pin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         self.inner.pin(paths)
     }
-    fn unpin(&self, paths: &[String]) -> Result<(), VerbError> {
+    fn unpin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         self.inner.unpin(paths)
     }
-    fn reload(&self) -> Result<String, VerbError> {
+    fn reload(&self) -> Result<VerbReport, VerbError> {
         self.inner.reload()
     }
 }

@@ -512,6 +512,11 @@ impl Cache {
         }
     }
 
+    /// Whether `name` is pinned (by the manifest or a command).
+    pub fn is_pinned(&self, name: &str) -> bool {
+        self.shared.lock().pins.contains(name)
+    }
+
     /// (bytes loaded, size) of the resident entry of `key`, if any.
     pub fn progress(&self, key: Key) -> Option<(u64, u64)> {
         let state = self.shared.lock();

@@ -12,7 +12,7 @@ use super::paths::{
 use super::protocol::{
     Line, MountStatus, PROTOCOL_VERSION, Request, Response, StatusReport, read_line_limited,
 };
-use super::render::{escape_controls, render_status, watch_frame};
+use super::render::{escape_controls, outcome_line, render_status, watch_frame};
 pub use super::warm_progress::{WarmProgress, WarmSummary, wait_for_loads};
 use crate::Error;
 use crate::mountinfo::{self, MountEntry};
@@ -414,7 +414,8 @@ pub fn status_command(mountpoint: Option<&Path>, json: bool, watch: bool) -> Res
     }
 }
 
-/// Sends `make(paths)` to each mount's daemon. Failures are reported per
+/// Sends `make(paths)` to each mount's daemon, printing what it did to
+/// each file (also when it failed for others). Failures are reported per
 /// mount; the last is returned, the others printed.
 fn for_each_mount(
     ctx: &Context,
@@ -432,8 +433,18 @@ fn for_each_mount(
                 continue;
             }
         };
-        match client.call(&make(g.paths.clone())) {
-            Ok(_) => done.push((g.clone(), client)),
+        match client.request(&make(g.paths.clone())) {
+            Ok(r) => {
+                for file in &r.files {
+                    println!("{}", outcome_line(file));
+                }
+                if r.ok {
+                    done.push((g.clone(), client));
+                } else {
+                    let why = r.error.unwrap_or_else(|| "failed (no reason given)".into());
+                    errors.push(format!("{mp}: {why}"));
+                }
+            }
             Err(e) => errors.push(format!("{mp}: {e}")),
         }
     }
@@ -488,11 +499,19 @@ pub fn reload_command(mountpoint: Option<&Path>) -> Result<(), Error> {
     for mp in targets {
         let shown = mp.display();
         match ctx.connect(&mp) {
-            Ok((mut client, _)) => match client.call(&Request::Reload) {
-                Ok(r) => println!(
-                    "{shown}: {}",
-                    escape_controls(&r.message.unwrap_or_else(|| "reloaded".into()))
-                ),
+            Ok((mut client, _)) => match client.request(&Request::Reload) {
+                Ok(r) => {
+                    if let Some(message) = &r.message {
+                        println!("{shown}: {}", escape_controls(message));
+                    }
+                    for warning in &r.warnings {
+                        eprintln!("warning: {shown}: {}", escape_controls(warning));
+                    }
+                    if !r.ok {
+                        let why = r.error.unwrap_or_else(|| "failed (no reason given)".into());
+                        errors.push(format!("{shown}: {why}"));
+                    }
+                }
                 Err(e) => errors.push(format!("{shown}: {e}")),
             },
             Err(e) => errors.push(e.message().to_string()),

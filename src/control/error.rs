@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::protocol::PROTOCOL_VERSION;
+use super::protocol::{FileOutcome, PROTOCOL_VERSION};
 
 /// A request line the daemon does not accept.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,8 +64,12 @@ pub enum VerbError {
     Path { path: String, why: String },
     /// A folder the request names could not be walked.
     Walk(String),
-    /// Files that were not done, each with its reason.
-    Refused(Vec<(String, String)>),
+    /// Files that were not done, each with its reason, and what was done
+    /// to the others.
+    Refused {
+        refused: Vec<(String, String)>,
+        done: Vec<FileOutcome>,
+    },
     /// Files `evict` found not cached.
     NotCached(Vec<String>),
     /// The manifest could not be applied again; the one in force stays.
@@ -77,9 +81,11 @@ impl fmt::Display for VerbError {
         match self {
             VerbError::Path { path, why } => write!(f, "{path}: {why}"),
             VerbError::Walk(why) => f.write_str(why),
-            VerbError::Refused(files) => {
-                let each: Vec<String> =
-                    files.iter().map(|(n, why)| format!("{n}: {why}")).collect();
+            VerbError::Refused { refused, .. } => {
+                let each: Vec<String> = refused
+                    .iter()
+                    .map(|(n, why)| format!("{n}: {why}"))
+                    .collect();
                 f.write_str(&each.join("; "))
             }
             VerbError::NotCached(names) => write!(f, "not cached: {}", names.join(", ")),

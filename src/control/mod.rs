@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 pub use error::{ClientError, PathProblem, RequestError, VerbError};
 pub use metrics::{MetricsHandle, spawn_metrics_writer, write_metrics};
 pub use protocol::{
-    Counters, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION, Request, Response,
-    StatusReport,
+    Action, Counters, FileOutcome, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION,
+    Request, Response, StatusReport, VerbReport,
 };
 pub use server::{ServerHandle, client_gone, serve};
 
@@ -54,17 +54,18 @@ pub trait Daemon: Send + Sync + 'static {
     /// returns `Ok`, every file it accepted is listed by [`Daemon::status`]
     /// (state `loading` until loaded), which is how `modelcache warm` waits.
     /// `Err` names what cannot be warmed (missing, not a model file, over the
-    /// cap…).
-    fn warm(&self, paths: &[String]) -> Result<(), VerbError>;
+    /// cap…). Each verb reports what it did to each file.
+    fn warm(&self, paths: &[String]) -> Result<VerbReport, VerbError>;
     /// Drop the files from the cache (manual eviction), pinned ones included.
-    fn evict(&self, paths: &[String]) -> Result<(), VerbError>;
+    fn evict(&self, paths: &[String]) -> Result<VerbReport, VerbError>;
     /// Pin the files (loading them if needed): never evicted for the cap.
-    fn pin(&self, paths: &[String]) -> Result<(), VerbError>;
+    fn pin(&self, paths: &[String]) -> Result<VerbReport, VerbError>;
     /// Unpin the files: they stay cached and are evicted like any other.
-    fn unpin(&self, paths: &[String]) -> Result<(), VerbError>;
+    fn unpin(&self, paths: &[String]) -> Result<VerbReport, VerbError>;
     /// Read the manifest again and apply it; `Ok` carries a one-line summary
-    /// for the user (`"manifest /x.toml: 2 pinned, 3 warm"`).
-    fn reload(&self) -> Result<String, VerbError>;
+    /// for the user (`"manifest /x.toml: 2 pinned, 3 warm"`) and the
+    /// warnings of applying it (a rule that matches no file…).
+    fn reload(&self) -> Result<VerbReport, VerbError>;
 }
 
 /// Where a `sun_path` must fit, its terminating NUL included.

@@ -16,11 +16,15 @@
 //! fields are ignored. Each request gets one response line:
 //!
 //! ```text
-//! {"version":1,"ok":true}                           warm, evict, pin, unpin
+//! {"version":1,"ok":true,"files":[...]}             warm, evict, pin, unpin
 //! {"version":1,"ok":true,"status":{...}}            status (a MountStatus)
-//! {"version":1,"ok":true,"message":"..."}           reload
-//! {"version":1,"ok":false,"error":"..."}            anything that failed
+//! {"version":1,"ok":true,"message":"...","warnings":[...]}   reload
+//! {"version":1,"ok":false,"error":"...","files":[...]}       anything that failed
 //! ```
+//!
+//! `files` says what a verb did to each file ([`FileOutcome`]), also when
+//! it failed for others; `warnings` what the daemon warned of while doing
+//! it. Both are absent when empty.
 
 use std::collections::BTreeMap;
 
@@ -388,6 +392,50 @@ pub fn normalize_path(path: &str) -> Result<String, RequestError> {
     Ok(parts.join("/"))
 }
 
+/// What a verb did to one file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOutcome {
+    /// Relative to the mount root.
+    pub path: String,
+    pub size: u64,
+    pub action: Action,
+    /// Where it stands in the cache now.
+    pub state: FileState,
+}
+
+/// What a verb did to a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// `warm`: its load is queued (or under way).
+    Warming,
+    /// `warm`: it was loaded already.
+    AlreadyCached,
+    Pinned,
+    Unpinned,
+    /// `unpin`: it was not pinned.
+    NotPinned,
+    Evicted,
+}
+
+/// What a verb did, for its answer: a line for `reload`, each file, and
+/// what the daemon warned of meanwhile.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VerbReport {
+    pub message: Option<String>,
+    pub files: Vec<FileOutcome>,
+    pub warnings: Vec<String>,
+}
+
+impl VerbReport {
+    pub fn files(files: Vec<FileOutcome>) -> VerbReport {
+        VerbReport {
+            files,
+            ..VerbReport::default()
+        }
+    }
+}
+
 /// A response line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Response {
@@ -399,6 +447,10 @@ pub struct Response {
     pub status: Option<MountStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileOutcome>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Response {
@@ -409,6 +461,8 @@ impl Response {
             error: None,
             status: None,
             message: None,
+            files: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -433,9 +487,12 @@ impl Response {
         }
     }
 
-    pub fn with_message(message: impl Into<String>) -> Response {
+    /// The answer of a verb that did what `report` says.
+    pub fn with_report(report: VerbReport) -> Response {
         Response {
-            message: Some(message.into()),
+            message: report.message,
+            files: report.files,
+            warnings: report.warnings,
             ..Response::ok()
         }
     }
@@ -612,11 +669,30 @@ mod tests {
         for r in [
             Response::ok(),
             Response::error("no such file"),
-            Response::with_message("reloaded"),
+            Response::with_report(VerbReport {
+                message: Some("reloaded".into()),
+                files: vec![FileOutcome {
+                    path: "a.gguf".into(),
+                    size: 7,
+                    action: Action::Pinned,
+                    state: FileState::Loading,
+                }],
+                warnings: vec!["rule 2 matches no file".into()],
+            }),
         ] {
             assert_eq!(Response::parse(&r.to_line()), Ok(r.clone()));
         }
         assert_eq!(Response::ok().to_line(), r#"{"version":1,"ok":true}"#);
+        let pinned = Response::with_report(VerbReport::files(vec![FileOutcome {
+            path: "a.gguf".into(),
+            size: 7,
+            action: Action::AlreadyCached,
+            state: FileState::Pinned,
+        }]));
+        assert_eq!(
+            pinned.to_line(),
+            r#"{"version":1,"ok":true,"files":[{"path":"a.gguf","size":7,"action":"already_cached","state":"pinned"}]}"#
+        );
         assert_eq!(
             Response::error("x").to_line(),
             r#"{"version":1,"ok":false,"error":"x"}"#

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::protocol::{Counters, EVICTION_REASONS, FileState, FileStatus, MountStatus};
+use super::protocol::{
+    Action, Counters, EVICTION_REASONS, FileOutcome, FileState, FileStatus, MountStatus,
+};
 use crate::units::{Bytes, Count, approx_seconds};
 
 /// `text` with control characters written as escapes (`\n`, `\t`,
@@ -28,6 +30,26 @@ pub fn escape_controls(text: &str) -> String {
         }
     }
     out
+}
+
+/// What a verb did to a file, as one line: `pinned
+/// checkpoints/x.safetensors (6.5 GiB), loading`.
+pub fn outcome_line(o: &FileOutcome) -> String {
+    let file = format!("{} ({})", escape_controls(&o.path), Bytes(o.size));
+    let now = match o.state {
+        FileState::Loading => ", loading",
+        FileState::Cached | FileState::Pinned => ", in RAM",
+        FileState::Evicted => ", held in RAM until its open handles close",
+        FileState::Uncached => "",
+    };
+    match o.action {
+        Action::Warming => format!("warming {file}{now}"),
+        Action::AlreadyCached => format!("{file} is already in RAM"),
+        Action::Pinned => format!("pinned {file}{now}"),
+        Action::Unpinned => format!("unpinned {file}{now}"),
+        Action::NotPinned => format!("{file} was not pinned"),
+        Action::Evicted => format!("evicted {file}{now}"),
+    }
 }
 
 /// One screen of `status --watch` on a terminal: drawn over the last one
@@ -395,6 +417,53 @@ mod tests {
                 evictions: [("cap".to_string(), 1)].into(),
                 pressure_events: 4,
             },
+        }
+    }
+
+    #[test]
+    fn each_outcome_reads_as_what_was_done() {
+        let o = |action, state| FileOutcome {
+            path: "checkpoints/x.safetensors".into(),
+            size: 6 << 30,
+            action,
+            state,
+        };
+        let cases = [
+            (
+                o(Action::Pinned, FileState::Loading),
+                "pinned checkpoints/x.safetensors (6.0 GiB), loading",
+            ),
+            (
+                o(Action::Pinned, FileState::Pinned),
+                "pinned checkpoints/x.safetensors (6.0 GiB), in RAM",
+            ),
+            (
+                o(Action::Unpinned, FileState::Cached),
+                "unpinned checkpoints/x.safetensors (6.0 GiB), in RAM",
+            ),
+            (
+                o(Action::NotPinned, FileState::Uncached),
+                "checkpoints/x.safetensors (6.0 GiB) was not pinned",
+            ),
+            (
+                o(Action::Evicted, FileState::Uncached),
+                "evicted checkpoints/x.safetensors (6.0 GiB)",
+            ),
+            (
+                o(Action::Evicted, FileState::Evicted),
+                "evicted checkpoints/x.safetensors (6.0 GiB), held in RAM until its open handles close",
+            ),
+            (
+                o(Action::Warming, FileState::Loading),
+                "warming checkpoints/x.safetensors (6.0 GiB), loading",
+            ),
+            (
+                o(Action::AlreadyCached, FileState::Cached),
+                "checkpoints/x.safetensors (6.0 GiB) is already in RAM",
+            ),
+        ];
+        for (outcome, want) in cases {
+            assert_eq!(outcome_line(&outcome), want);
         }
     }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::Daemon;
+use super::error::VerbError;
 use super::protocol::{Line, MAX_REQUEST_LINE, Request, Response, read_line_limited};
 
 /// Limits of a control server.
@@ -493,14 +494,19 @@ pub fn answer(line: &str, daemon: &dyn Daemon) -> Response {
     let verb = request.verb();
     let result = catch_unwind(AssertUnwindSafe(|| match request {
         Request::Status => Ok(Response::with_status(daemon.status())),
-        Request::Warm { paths } => daemon.warm(&paths).map(|()| Response::ok()),
-        Request::Evict { paths } => daemon.evict(&paths).map(|()| Response::ok()),
-        Request::Pin { paths } => daemon.pin(&paths).map(|()| Response::ok()),
-        Request::Unpin { paths } => daemon.unpin(&paths).map(|()| Response::ok()),
-        Request::Reload => daemon.reload().map(Response::with_message),
+        Request::Warm { paths } => daemon.warm(&paths).map(Response::with_report),
+        Request::Evict { paths } => daemon.evict(&paths).map(Response::with_report),
+        Request::Pin { paths } => daemon.pin(&paths).map(Response::with_report),
+        Request::Unpin { paths } => daemon.unpin(&paths).map(Response::with_report),
+        Request::Reload => daemon.reload().map(Response::with_report),
     }));
     match result {
         Ok(Ok(response)) => response,
+        // What was done to the other files is said too.
+        Ok(Err(VerbError::Refused { refused, done })) => Response {
+            files: done.clone(),
+            ..Response::error(VerbError::Refused { refused, done }.to_string())
+        },
         Ok(Err(e)) => Response::error(e.to_string()),
         Err(_) => {
             tracing::error!("control socket: the daemon panicked while handling {verb}");
