@@ -13,6 +13,7 @@ use crate::control::{Daemon, VerbError};
 use crate::fs::Overlay;
 use crate::fs::passthrough::BackingFiles;
 use crate::manifest::Tree;
+use crate::pins::Pins;
 use crate::readers::ReaderClass;
 use crate::readers::opens::Opens;
 use crate::rules::ManifestWorker;
@@ -24,6 +25,8 @@ pub struct MountService {
     pub opens: Arc<Opens>,
     pub backing_files: Arc<BackingFiles>,
     pub rules: Arc<ManifestWorker>,
+    /// Which files are pinned, and why.
+    pub pins: Arc<Pins>,
     /// The pressure monitor's latest sample.
     pub memory: Arc<dyn Fn() -> Option<Sample> + Send + Sync>,
 }
@@ -136,6 +139,7 @@ impl Daemon for MountService {
                     passthrough_handles: passthrough_by_name.get(&e.name).copied().unwrap_or(0)
                         as u64,
                     reader_classes: s.class_names(),
+                    pin_origin: e.pinned.then(|| self.pins.origin(&e.name)).flatten(),
                 }
             })
             .collect();
@@ -208,19 +212,27 @@ impl Daemon for MountService {
 
     fn pin(&self, paths: &[String]) -> Result<(), VerbError> {
         let files = self.expand(paths)?;
-        for f in &files {
-            self.opens.cache().set_pinned(&crate::names::shown(f), true);
-        }
-        self.warm_files(&files).map(|_| ())
+        let names: Vec<String> = files.iter().map(|f| crate::names::shown(f)).collect();
+        // Refused whole (too many), or pinned and maybe not saved.
+        let saved = match self.pins.pin(&names) {
+            Err(e @ crate::pins::PinError::TooMany { .. }) => {
+                return Err(VerbError::Pins(e.to_string()));
+            }
+            other => other,
+        };
+        self.warm_files(&files)?;
+        saved.map_err(|e| VerbError::Pins(e.to_string()))
     }
 
     fn unpin(&self, paths: &[String]) -> Result<(), VerbError> {
-        for f in self.expand(paths)? {
-            self.opens
-                .cache()
-                .set_pinned(&crate::names::shown(&f), false);
-        }
-        Ok(())
+        let names: Vec<String> = self
+            .expand(paths)?
+            .iter()
+            .map(|f| crate::names::shown(f))
+            .collect();
+        self.pins
+            .unpin(&names)
+            .map_err(|e| VerbError::Pins(e.to_string()))
     }
 
     fn reload(&self) -> Result<String, VerbError> {

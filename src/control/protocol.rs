@@ -146,6 +146,27 @@ pub struct FileStatus {
     pub passthrough_handles: u64,
     /// The classes (`cuda`, `rocm`, `cpu`) of the processes that opened it.
     pub reader_classes: Vec<String>,
+    /// Why it is pinned (absent when it is not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_origin: Option<PinOrigin>,
+}
+
+/// Who pinned a file: the manifest's `[[pin]]`, or `modelcache pin`
+/// (kept in the mount's state file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinOrigin {
+    Manifest,
+    Runtime,
+}
+
+impl PinOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinOrigin::Manifest => "manifest",
+            PinOrigin::Runtime => "runtime",
+        }
+    }
 }
 
 /// Counters since the mount started.
