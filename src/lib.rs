@@ -14,6 +14,7 @@ pub mod mount;
 pub mod mountinfo;
 pub mod names;
 pub mod notify;
+pub mod pins;
 pub mod readers;
 pub mod rules;
 pub mod service;

@@ -3,7 +3,10 @@
 //! the manifest's order), opening a member of a `[[group]]` warms the other
 //! members, and `reload` (SIGHUP, `modelcache reload`) applies an edited
 //! manifest without remounting: new pins load, removed pins become ordinary
-//! entries.
+//! entries. Runtime pins (`modelcache pin`, kept in the mount's state file)
+//! load at mount after the manifest's pins and stay pinned across reloads.
+//! Files released under critical memory pressure load again once memory
+//! has stayed back (`cache::comeback`), pins first.
 //!
 //! Files are matched by walking the mount itself, so names and symlinks
 //! resolve exactly as a reader of the mount sees them. All of it runs on
@@ -23,6 +26,7 @@ use crate::cache::Cache;
 use crate::cache::Refusal;
 use crate::fs::Overlay;
 use crate::manifest::{self, Manifest, RuleKind};
+use crate::pins::Pins;
 use crate::readers::opens::Opens;
 use crate::units::{Bytes, Count, Rate};
 
@@ -32,6 +36,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 enum Job {
     /// Apply a (new) manifest: pins, warm files, groups.
     Apply(Box<Manifest>),
+    /// No manifest: load the runtime pins alone.
+    RuntimePins,
 }
 
 pub struct ManifestWorker {
@@ -47,6 +53,8 @@ pub struct LiveMount {
     pub overlay: Arc<Overlay>,
     pub opens: Arc<Opens>,
     pub mountpoint: PathBuf,
+    /// The manifest's and the runtime pins.
+    pub pins: Arc<Pins>,
 }
 
 /// Group member -> the other members of its groups.
@@ -67,9 +75,10 @@ impl ManifestWorker {
             .name("manifest".into())
             .spawn(move || work(rx, group_opens, &live))
             .expect("spawn the manifest worker");
-        if let Some(m) = manifest {
-            let _ = tx.send(Job::Apply(Box::new(m)));
-        }
+        let _ = tx.send(match manifest {
+            Some(m) => Job::Apply(Box::new(m)),
+            None => Job::RuntimePins,
+        });
         Arc::new(ManifestWorker {
             jobs: Some(tx),
             worker: Some(worker),
@@ -117,6 +126,10 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
                 Ok(Job::Apply(manifest)) => {
                     prewarm = apply(&manifest, live, &mut groups);
                 }
+                Ok(Job::RuntimePins) => {
+                    live.pins.reapply();
+                    prewarm = prewarm_files(live, &[], &[], "the state file");
+                }
                 Err(_) => return,
             },
             recv(group_opens) -> name => {
@@ -131,6 +144,7 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
         }
         // Opens from RAM the log held back (a line a minute per file).
         live.opens.log_opens_from_ram();
+        reload_released(live);
         if prewarm
             .as_mut()
             .is_some_and(|p| p.report(live.opens.cache()))
@@ -146,7 +160,9 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
         Ok(m) => m,
         Err(e) => {
             warn!("manifest {}: {e}", manifest.origin.display());
-            return None;
+            // The pins in force hold, runtime ones included.
+            live.pins.reapply();
+            return prewarm_files(live, &[], &[], "the state file");
         }
     };
     for w in matches
@@ -179,22 +195,42 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
     dedup(&mut pinned);
     warm_only.retain(|p| !pinned.contains(p));
     dedup(&mut warm_only);
-    live.opens.cache().set_pins(
-        pinned
-            .iter()
-            .map(|p| crate::names::shown(p))
-            .collect::<HashSet<_>>(),
-    );
+    live.pins
+        .set_manifest(pinned.iter().map(|p| crate::names::shown(p)));
     *groups = by_member;
     live.opens.set_hooks(manifest.hooks.clone());
     live.opens
         .set_group_members(groups.keys().cloned().collect());
+    prewarm_files(
+        live,
+        &pinned,
+        &warm_only,
+        &manifest.origin.display().to_string(),
+    )
+}
 
+/// Queues the loads of the manifest's pins, then the runtime pins, then
+/// `warm_only`, and follows them (`None` when all are loaded already).
+fn prewarm_files(
+    live: &LiveMount,
+    pinned: &[PathBuf],
+    warm_only: &[PathBuf],
+    from: &str,
+) -> Option<Prewarm> {
+    let runtime: Vec<PathBuf> = live
+        .pins
+        .runtime()
+        .iter()
+        .map(|n| crate::names::path_of(n))
+        .filter(|p| !pinned.contains(p))
+        .collect();
+    let warm_only = warm_only.iter().filter(|p| !runtime.contains(p));
     let mut followed = Vec::new();
     for (path, kind) in pinned
         .iter()
         .map(|p| (p, "pinned"))
-        .chain(warm_only.iter().map(|p| (p, "warm")))
+        .chain(runtime.iter().map(|p| (p, "pinned")))
+        .chain(warm_only.map(|p| (p, "warm")))
     {
         if let Some(key) = warm(live, path, kind) {
             followed.push((path.clone(), key));
@@ -216,10 +252,9 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
         return None;
     }
     info!(
-        "prewarm: loading {} ({}) from {}, pins first",
+        "prewarm: loading {} ({}) from {from}, pins first",
         Count(followed.len() as u64, "file"),
         Bytes(total),
-        manifest.origin.display()
     );
     // On a terminal a progress bar; under systemd or in a log file, lines.
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -238,6 +273,25 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
         last_report: Instant::now(),
         bar,
     })
+}
+
+/// Files released under critical pressure, once memory has stayed back:
+/// queued again, pins first.
+fn reload_released(live: &LiveMount) {
+    let Some(back) = live.opens.cache().take_returning() else {
+        return;
+    };
+    info!(
+        "memory is back ({} available for {} s): reloading {} released under critical \
+         pressure, pins first",
+        Bytes(back.available),
+        back.back_for.as_secs(),
+        Count(back.files.len() as u64, "file")
+    );
+    for file in &back.files {
+        let kind = if file.pinned { "pinned" } else { "protected" };
+        warm(live, &crate::names::path_of(&file.name), kind);
+    }
 }
 
 fn dedup(paths: &mut Vec<PathBuf>) {

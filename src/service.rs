@@ -16,6 +16,7 @@ use crate::control::{Daemon, VerbError};
 use crate::fs::Overlay;
 use crate::fs::passthrough::BackingFiles;
 use crate::manifest::Tree;
+use crate::pins::Pins;
 use crate::readers::ReaderClass;
 use crate::readers::opens::Opens;
 use crate::readers::payoff::disk_seconds_avoided;
@@ -30,6 +31,8 @@ pub struct MountService {
     pub opens: Arc<Opens>,
     pub backing_files: Arc<BackingFiles>,
     pub rules: Arc<ManifestWorker>,
+    /// Which files are pinned, and why.
+    pub pins: Arc<Pins>,
     /// The pressure monitor's latest sample.
     pub memory: Arc<dyn Fn() -> Option<Sample> + Send + Sync>,
 }
@@ -203,6 +206,7 @@ impl Daemon for MountService {
                     pinned: e.pinned,
                     protected: e.protected,
                     open_handles: e.handles,
+                    pin_origin: e.pinned.then(|| self.pins.origin(&e.name)).flatten(),
                     ..FileStatus::new(e.name.clone(), state)
                 };
                 if let Some(s) = stats.file(&e.name) {
@@ -311,27 +315,37 @@ impl Daemon for MountService {
 
     fn pin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         let files = self.expand(paths)?;
-        for (f, _) in &files {
-            self.opens.cache().set_pinned(&crate::names::shown(f), true);
-        }
-        self.warm_files(&files, Action::Pinned)
+        let names: Vec<String> = files.iter().map(|(f, _)| crate::names::shown(f)).collect();
+        // Refused whole (too many), or pinned and maybe not saved.
+        let saved = match self.pins.pin(&names) {
+            Err(e @ crate::pins::PinError::TooMany { .. }) => {
+                return Err(VerbError::Pins(e.to_string()));
+            }
+            other => other,
+        };
+        let report = self.warm_files(&files, Action::Pinned)?;
+        saved.map_err(|e| VerbError::Pins(e.to_string()))?;
+        Ok(report)
     }
 
     fn unpin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
         let before = self.entries();
         let mut done = Vec::new();
+        let mut names = Vec::new();
         for (f, size) in self.expand(paths)? {
             let name = crate::names::shown(&f);
-            let was_pinned = self.opens.cache().is_pinned(&name);
-            self.opens.cache().set_pinned(&name, false);
-            let size = before.get(&name).map_or(size, |e| e.size);
-            let action = if was_pinned {
+            let action = if self.pins.origin(&name).is_some() {
                 Action::Unpinned
             } else {
                 Action::NotPinned
             };
-            done.push((name, size, action));
+            let size = before.get(&name).map_or(size, |e| e.size);
+            done.push((name.clone(), size, action));
+            names.push(name);
         }
+        self.pins
+            .unpin(&names)
+            .map_err(|e| VerbError::Pins(e.to_string()))?;
         Ok(VerbReport::files(self.outcomes(done)))
     }
 

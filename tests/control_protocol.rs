@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use modelcache::control::client::{Client, Context, Unreachable, WarmProgress, wait_for_loads};
 use modelcache::control::paths::MountPaths;
+use modelcache::control::protocol::PinOrigin;
 use modelcache::control::server::{ServerOptions, serve_with};
 use modelcache::control::{
     ClientError, Counters, Daemon, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION,
@@ -40,6 +41,7 @@ fn file(path: &str, size: u64, state: FileState, loaded: u64) -> FileStatus {
         last_access: Some(1_700_000_000),
         open_handles: 1,
         reader_classes: vec!["cuda".into()],
+        pin_origin: (state == FileState::Pinned).then_some(PinOrigin::Manifest),
         ..FileStatus::new(path.into(), state)
     }
 }
@@ -576,6 +578,7 @@ fn status_json_schema_is_stable() {
             "opens_partial",
             "passthrough_handles",
             "path",
+            "pin_origin",
             "pinned",
             "protected",
             "reader_classes",
@@ -584,7 +587,12 @@ fn status_json_schema_is_stable() {
         ]
     );
     assert_eq!(v["files"][0]["state"], "pinned");
+    assert_eq!(v["files"][0]["pin_origin"], "manifest");
     assert_eq!(v["files"][1]["state"], "loading");
+    assert!(
+        v["files"][1].get("pin_origin").is_none(),
+        "absent when not pinned"
+    );
     assert_eq!(
         keys(&v["counters"]),
         [
@@ -625,7 +633,13 @@ fn status_json_schema_is_stable() {
         .as_object_mut()
         .unwrap()
         .remove("protected");
-    assert_eq!(serde_json::from_value::<MountStatus>(older).unwrap(), s2);
+    older["files"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("pin_origin");
+    let mut want = s2.clone();
+    want.files[0].pin_origin = None;
+    assert_eq!(serde_json::from_value::<MountStatus>(older).unwrap(), want);
 
     // Floats JSON cannot carry never make an answer unreadable.
     s2.psi_some_avg10 = Some(f64::NAN);

@@ -62,6 +62,8 @@ impl Drop for Helper {
 /// returns it. Should it mount instead, the daemon is killed and the mount
 /// points in `unmount` are detached before the test fails.
 fn one_error_line(mut cmd: Command, unmount: &[&Path]) -> String {
+    let state = StateDir::new();
+    state.apply(&mut cmd);
     let Some(done) = run_within(&mut cmd, Duration::from_secs(20)) else {
         for p in unmount {
             force_unmount(&p.canonicalize().unwrap_or_else(|_| p.to_path_buf()));

@@ -432,10 +432,12 @@ fn a_copy_mode_mount_with_cached_files_unmounts_both_ways() {
 fn background_mode_returns_once_the_mount_is_live() {
     let (_tmp, backing, mnt) = dirs();
     fs::write(backing.join("x.bin"), b"x").unwrap();
+    let state = StateDir::new();
     let status = Command::new(bin())
         .args(["mount", "--background", "--backing"])
         .arg(&backing)
         .arg(&mnt)
+        .env("STATE_DIRECTORY", &state.path)
         .stderr(Stdio::null())
         .status()
         .unwrap();
@@ -535,6 +537,8 @@ fn sigterm_on_a_busy_mount_reports_the_holder_and_finishes_after_it_closes() {
 /// Runs `modelcache ARGS` (optionally as another user, or with a changed
 /// environment) and expects a one-line error containing `needle`.
 fn expect_error(mut cmd: Command, needle: &str) {
+    let state = StateDir::new();
+    state.apply(&mut cmd);
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "should fail: {err}");

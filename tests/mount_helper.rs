@@ -379,6 +379,7 @@ trap 'exit 1' HUP INT TERM
             .env("SRC", &self.src)
             .env("MNT", &self.mnt)
             .env("T", self.tmp.path())
+            .env("STATE_DIRECTORY", self.tmp.path().join("state"))
             .output()
             .unwrap();
         self.reap_daemons();

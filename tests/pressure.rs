@@ -199,3 +199,74 @@ fn copy_mode_keeps_the_floor_beside_its_own_pages() {
     assert!(hog.release(), "the hog was killed");
     m.unmount();
 }
+
+/// A pin released under critical pressure loads again once memory has
+/// stayed back (at `min_available` plus its margin) for 30 s, and the log
+/// says so.
+#[test]
+fn a_pin_released_under_critical_pressure_comes_back_with_memory() {
+    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+    let (tmp, backing, mnt) = dirs();
+    fs::write(
+        backing.join("pinned.safetensors"),
+        pseudo_random(32 * MIB as usize, 5),
+    )
+    .unwrap();
+    // Memory is back at min_available plus an eighth of it: the floor is
+    // set low enough for that to be reached once the hog is gone, the
+    // critical floor under it by 512 MiB.
+    let available = mem_available();
+    let min = (available.saturating_sub(768 * MIB) / 9 * 8) / MIB * MIB;
+    let critical = min - 512 * MIB;
+    let hog = available - critical + 256 * MIB;
+    if hog > 14 << 30 {
+        eprintln!(
+            "skipped: a hog of {} MiB is too much for this test",
+            hog >> 20
+        );
+        return;
+    }
+    let manifest = floors_manifest(
+        tmp.path(),
+        "1GiB",
+        min,
+        critical,
+        "[[pin]]\npaths = [\"pinned.safetensors\"]\n",
+    );
+    let m = Mounted::separate(&backing, &mnt, &["--manifest", manifest.to_str().unwrap()]);
+    let state =
+        || status_file(&mount_status(&mnt), "pinned.safetensors").map(|f| f["state"].clone());
+    wait_until(Duration::from_secs(20), "the pin loaded", || {
+        state().is_some_and(|s| s == "pinned")
+    });
+
+    let mut critical_hog = Hog::new();
+    critical_hog.grow_until_available_below(critical - 256 * MIB);
+    wait_until(Duration::from_secs(20), "the pin released", || {
+        state().is_none()
+    });
+    assert!(
+        m.log_text().contains("releasing pinned pinned.safetensors"),
+        "{}",
+        m.log_text()
+    );
+    assert!(critical_hog.release(), "the hog was killed");
+    let gone = std::time::Instant::now();
+    let back = wait_for(Duration::from_secs(60), || {
+        let s = mount_status(&mnt);
+        status_file(&s, "pinned.safetensors")
+            .is_some_and(|f| f["state"] == "pinned" && f["pin_origin"] == "manifest")
+    });
+    let log = m.log_text();
+    assert!(back, "never came back:\n{log}");
+    assert!(
+        gone.elapsed() >= Duration::from_secs(30),
+        "back after {:?}, before memory had stayed back 30 s",
+        gone.elapsed()
+    );
+    assert!(
+        log.contains("for 30 s): reloading 1 file released under critical pressure, pins first"),
+        "{log}"
+    );
+    m.unmount();
+}

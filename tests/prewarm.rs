@@ -197,6 +197,7 @@ fn a_bad_manifest_is_refused_at_mount_with_its_line_and_column() {
     let out = Command::new(bin())
         .args(["mount", "--manifest"])
         .arg(&manifest)
+        .env("STATE_DIRECTORY", tmp.path().join("state"))
         .arg("--backing")
         .arg(&backing)
         .arg(&mnt)

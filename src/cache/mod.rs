@@ -5,6 +5,7 @@
 //! pool. Readers hold a `CacheRef` per open file, writers a `WriteGuard`.
 
 pub mod budget;
+pub mod comeback;
 pub mod entry;
 mod holds;
 mod loader;
@@ -35,8 +36,6 @@ use policy::{Admission, EvictReason, Key, Policy};
 pub use refusal::{ModelFiles, NotModelFile, Refusal};
 use state::{Shared, State, Why};
 pub use status::{CacheStatus, EntryStatus};
-
-use crate::units::Bytes;
 
 /// Smaller files are not worth an entry (configs, tokenizers, previews).
 pub const DEFAULT_MIN_FILE_SIZE: u64 = 1 << 20;
@@ -128,6 +127,8 @@ impl Cache {
     pub fn with_clock(config: CacheConfig, clock: Arc<dyn Clock>) -> Self {
         let lockable = budget::memlock_allowance().min(config.pin_budget.unwrap_or(u64::MAX));
         let (reaper, released) = crossbeam_channel::unbounded::<Vec<Arc<Entry>>>();
+        // Memory is back where pressure relief aims: the floor and its margin.
+        let config_floor = config.min_available;
         // Ends when the last sender (Shared) is gone.
         std::thread::Builder::new()
             .name("reaper".into())
@@ -151,6 +152,10 @@ impl Cache {
             pressure_events: AtomicU64::new(0),
             budget: Arc::new(Mutex::new(PinBudget::new(lockable))),
             clock,
+            comeback: Mutex::new(comeback::Comeback::new(
+                pressure::Thresholds::new(config_floor, 0).target(),
+                comeback::HOLD,
+            )),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let loaders = (0..shared.config.loader_threads)
@@ -423,44 +428,6 @@ impl Cache {
         state.pins = names;
     }
 
-    /// The memory monitor's latest MemAvailable (or cgroup headroom).
-    pub fn note_available(&self, bytes: u64) {
-        self.shared.mem_available.store(bytes, Ordering::Relaxed);
-    }
-
-    /// Evicts entries in the policy's order until `to_free` bytes are
-    /// released or nothing evictable is left; pinned entries only when
-    /// `include_pinned` (critical pressure). Returns the bytes released.
-    /// Protected entries count as pinned here.
-    pub fn relieve_pressure(&self, to_free: u64, include_pinned: bool) -> u64 {
-        let mut state = self.shared.lock();
-        state.policy.expire_protection(self.shared.clock.now());
-        let mut freed = 0;
-        while freed < to_free {
-            let Some(id) = state.policy.evict_lru_for_pressure(include_pinned) else {
-                break;
-            };
-            let Some(entry) = state.resident.get(&id).cloned() else {
-                continue;
-            };
-            if state.pins.contains(&entry.name) {
-                warn!(
-                    "releasing pinned {} ({}): memory is critically low",
-                    entry.name,
-                    Bytes(entry.size())
-                );
-            }
-            Shared::drop_resident(&mut state, Some(id), Why::Room("memory pressure"));
-            // Given back even while open handles hold it: its pages, unlocked
-            // now, are page cache that memory reclaim may take.
-            freed += entry.size();
-        }
-        if freed > 0 {
-            self.shared.pressure_events.fetch_add(1, Ordering::Relaxed);
-        }
-        freed
-    }
-
     /// Evicts the file named `name` now (`modelcache evict`). Returns false
     /// if it is not cached.
     pub fn evict_by_name(&self, name: &str) -> bool {
@@ -510,11 +477,6 @@ impl Cache {
         if let Some(entry) = entry {
             self.pin_entry(&mut state, &entry, pinned);
         }
-    }
-
-    /// Whether `name` is pinned (by the manifest or a command).
-    pub fn is_pinned(&self, name: &str) -> bool {
-        self.shared.lock().pins.contains(name)
     }
 
     /// (bytes loaded, size) of the resident entry of `key`, if any.

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use tracing::info;
 
 use super::budget::PinBudget;
+use super::comeback::Comeback;
 use super::loader::LoadCounters;
 use super::policy::{EntryId, EvictReason, Key, Policy};
 use super::{CacheConfig, Clock, Entry, MountView};
@@ -73,6 +74,9 @@ pub(super) struct Shared {
     /// To the reaper thread, which drops released entries.
     pub(super) reaper: Sender<Vec<Arc<Entry>>>,
     pub(super) clock: Arc<dyn Clock>,
+    /// Files released under critical pressure, until memory is back.
+    /// Locked after `state`, never before it.
+    pub(super) comeback: Mutex<Comeback>,
 }
 
 /// The cache's lock. Entries released while it is held go to the reaper

@@ -74,6 +74,8 @@ pub enum VerbError {
     NotCached(Vec<String>),
     /// The manifest could not be applied again; the one in force stays.
     Reload(String),
+    /// Runtime pins refused (too many), or applied but not saved.
+    Pins(String),
 }
 
 impl fmt::Display for VerbError {
@@ -89,7 +91,7 @@ impl fmt::Display for VerbError {
                 f.write_str(&each.join("; "))
             }
             VerbError::NotCached(names) => write!(f, "not cached: {}", names.join(", ")),
-            VerbError::Reload(why) => f.write_str(why),
+            VerbError::Reload(why) | VerbError::Pins(why) => f.write_str(why),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod paths;
 pub mod protocol;
 pub mod render;
 pub mod server;
+pub mod status;
 mod warm_progress;
 
 use std::ffi::OsString;

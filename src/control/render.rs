@@ -81,8 +81,9 @@ pub fn ago(then: Option<u64>, now: u64) -> String {
     }
 }
 
-/// A file's state: `cached`, `pinned`, `protected` (cached and kept by a
-/// GPU reader), `evicted`, or `loading 37%`.
+/// A file's state: `cached`, `pinned` (with its origin: `pinned (runtime)`),
+/// `protected` (cached and kept by a GPU reader), `evicted`, or
+/// `loading 37%`.
 pub fn state_label(f: &FileStatus) -> String {
     match f.state {
         FileState::Loading => {
@@ -91,6 +92,9 @@ pub fn state_label(f: &FileStatus) -> String {
             format!("loading {}%", pct.floor() as u64)
         }
         FileState::Cached if f.protected => "protected".into(),
+        FileState::Pinned if let Some(origin) = f.pin_origin => {
+            format!("pinned ({})", origin.as_str())
+        }
         s => s.as_str().to_string(),
     }
 }
@@ -635,6 +639,8 @@ mod tests {
         assert_eq!(state_label(&s.files[0]), "protected");
         s.files[1].protected = true;
         assert_eq!(state_label(&s.files[1]), "pinned", "a pin shows as a pin");
+        s.files[1].pin_origin = Some(crate::control::protocol::PinOrigin::Runtime);
+        assert_eq!(state_label(&s.files[1]), "pinned (runtime)", "and why");
         let text = render_status(&s, 1_000_000);
         assert!(
             text.contains("pinned 26.0 GiB, protected 13.0 GiB, locked 2.0 GiB, held"),

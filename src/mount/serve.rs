@@ -25,6 +25,7 @@ use crate::fs::backing;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::passthrough::{self, BackingFiles, Passthrough};
 use crate::mountinfo;
+use crate::pins::{Pins, StateFile};
 use crate::readers::exec::CommandRunner;
 use crate::readers::opens::Opens;
 use crate::rules::{LiveMount, ManifestWorker};
@@ -75,6 +76,9 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     crate::descriptors::raise_limit();
     let backing_files = Arc::new(BackingFiles::new(passthrough_wanted));
     let cache = Arc::new(Cache::new(settings.cache.clone()));
+    // Read before mounting: the state directory could be under the mount
+    // point (in place). Nothing is pinned until the manifest's worker runs.
+    let pins = Arc::new(Pins::load(cache.clone(), StateFile::for_mount(&mountpoint)));
     // Opens of a group's member reach the manifest's worker through this
     // (bounded: warming a group is best effort).
     let (group_opens, opened_members) = crossbeam_channel::bounded(GROUP_OPENS_QUEUED);
@@ -162,6 +166,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
             overlay: overlay.clone(),
             opens: opens.clone(),
             mountpoint: mountpoint.clone(),
+            pins: pins.clone(),
         },
         settings.manifest,
         settings.manifest_arg,
@@ -175,6 +180,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         opens,
         backing_files: backing_files.clone(),
         rules: rules.clone(),
+        pins,
         memory: Arc::new(move || monitor.as_ref().and_then(|m| m.latest())),
     });
     let socket = control::socket_path_for(&mountpoint);

@@ -117,6 +117,30 @@ pub struct Mounted {
     mount: Option<(u64, (u32, u32))>,
     child: Option<Child>,
     log: PathBuf,
+    /// The daemon's `$STATE_DIRECTORY`, unless the test gave its own.
+    state: Option<StateDir>,
+}
+
+/// A `$STATE_DIRECTORY` for test daemons, so that none reads or writes the
+/// real one (`/var/lib/modelcache`, `~/.local/state/modelcache`): `path`
+/// does not exist yet, in a temp dir where any user's daemon may create it.
+pub struct StateDir {
+    _tmp: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl StateDir {
+    pub fn new() -> StateDir {
+        let tmp = tempfile::tempdir().unwrap();
+        set_mode(tmp.path(), 0o1777);
+        let path = tmp.path().join("state");
+        StateDir { _tmp: tmp, path }
+    }
+
+    /// Gives `cmd` this state directory.
+    pub fn apply(&self, cmd: &mut Command) {
+        cmd.env("STATE_DIRECTORY", &self.path);
+    }
 }
 
 impl Mounted {
@@ -142,6 +166,11 @@ impl Mounted {
     /// the mount answers.
     pub fn start(mut cmd: Command, mountpoint: &Path) -> Self {
         let mountpoint = mountpoint.canonicalize().unwrap();
+        let state = (!cmd.get_envs().any(|(k, _)| k == "STATE_DIRECTORY")).then(|| {
+            let state = StateDir::new();
+            state.apply(&mut cmd);
+            state
+        });
         let before: Vec<(u64, (u32, u32))> = modelcache::mountinfo::mounts()
             .into_iter()
             .filter(|m| m.mountpoint == mountpoint && m.is_modelcache())
@@ -162,6 +191,7 @@ impl Mounted {
             mount: None,
             child: Some(child),
             log,
+            state,
         };
         m.wait_live(&before);
         m
@@ -201,6 +231,11 @@ impl Mounted {
                 self.log_text()
             );
         }
+    }
+
+    /// The daemon's `$STATE_DIRECTORY`, when `start` chose it.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state.as_ref().map(|s| s.path.as_path())
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,665 @@
+//! The state file of a mount: what the daemon keeps across reloads and
+//! remounts (runtime pins), one JSON file per mount point.
+//!
+//! Where: `$STATE_DIRECTORY` (set by systemd's `StateDirectory=`), else
+//! `/var/lib/modelcache` for root, else `$XDG_STATE_HOME/modelcache` or
+//! `~/.local/state/modelcache`. The directory is the daemon's own (owned by
+//! its effective uid, writable by no one else) or it is not used. The file
+//! is read without blocking or following a link, type-checked and bounded;
+//! one that cannot be trusted or read is set aside (renamed
+//! `<name>.bad-<unix time>`) with one warning, never fatal. It is written
+//! atomically: a temporary file in the same directory, fsynced, renamed
+//! over the old one, and the directory fsynced.
+
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::Bytes;
+
+/// The format written; a file of another version is set aside.
+pub const STATE_VERSION: u32 = 1;
+
+/// The largest state file read (10,000 pins of long names fit well).
+pub const MAX_STATE_FILE: u64 = 4 << 20;
+
+/// What a mount's state file holds. Fields added later take serde
+/// defaults, so a file written before them still reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MountState {
+    pub version: u32,
+    /// The canonical mount point, as `names::shown` writes it.
+    pub mountpoint: String,
+    /// Runtime pins (`modelcache pin`), relative to the mount root.
+    pub pins: Vec<String>,
+}
+
+/// The state directory for a daemon, given what it sees: its effective
+/// uid, `$STATE_DIRECTORY`, `$XDG_STATE_HOME` and `$HOME`. `None` when none
+/// can be named (a user without a home).
+pub fn state_dir(
+    euid: u32,
+    state_directory: Option<OsString>,
+    xdg_state_home: Option<OsString>,
+    home: Option<OsString>,
+) -> Option<PathBuf> {
+    let absolute = |v: Option<OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    // systemd may list several, colon-separated: the first is this one's.
+    let systemd = state_directory.and_then(|v| {
+        let first = v.as_bytes().split(|b| *b == b':').next()?.to_vec();
+        absolute(Some(OsString::from(std::ffi::OsStr::from_bytes(&first))))
+    });
+    if systemd.is_some() {
+        return systemd;
+    }
+    if euid == 0 {
+        return Some(PathBuf::from("/var/lib/modelcache"));
+    }
+    absolute(xdg_state_home)
+        .or_else(|| absolute(home).map(|h| h.join(".local/state")))
+        .map(|d| d.join("modelcache"))
+}
+
+/// The state file's name for a mount point: `mount-<16 hex digits>.json`,
+/// the hash of the control socket's name.
+pub fn state_file_name(mountpoint: &Path) -> String {
+    format!(
+        "mount-{:016x}.json",
+        crate::control::fnv1a64(mountpoint.as_os_str().as_bytes())
+    )
+}
+
+/// What reading the state file gave: the state (empty if none could be
+/// used), and the one warning to log if the file was not usable.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub state: MountState,
+    pub warning: Option<String>,
+}
+
+/// One mount's state file.
+#[derive(Clone, Debug)]
+pub struct StateFile {
+    dir: PathBuf,
+    name: String,
+    mountpoint: String,
+}
+
+impl StateFile {
+    /// The state file of the mount at `mountpoint` (canonical) in `dir`.
+    pub fn new(dir: PathBuf, mountpoint: &Path) -> Self {
+        Self {
+            name: state_file_name(mountpoint),
+            mountpoint: crate::names::shown(mountpoint),
+            dir,
+        }
+    }
+
+    /// Where this process keeps the state of the mount at `mountpoint`.
+    pub fn for_mount(mountpoint: &Path) -> Option<Self> {
+        let dir = state_dir(
+            euid(),
+            std::env::var_os("STATE_DIRECTORY").filter(|v| !v.is_empty()),
+            std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()),
+            std::env::var_os("HOME").filter(|v| !v.is_empty()),
+        )?;
+        Some(Self::new(dir, mountpoint))
+    }
+
+    /// The mount point, as the file records it.
+    pub fn mountpoint(&self) -> &str {
+        &self.mountpoint
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    /// Reads the state. Never fails: a file that is missing gives an empty
+    /// state; one that cannot be used gives an empty state and a warning
+    /// (and is set aside when it is the daemon's own).
+    pub fn load(&self) -> Loaded {
+        let shown = self.path().display().to_string();
+        let dir = match open_dir(&self.dir, false) {
+            Ok(Some(dir)) => dir,
+            Ok(None) => return Loaded::default(),
+            Err(why) => {
+                return Loaded {
+                    state: MountState::default(),
+                    warning: Some(format!("state file {shown} not read: {why}")),
+                };
+            }
+        };
+        self.remove_stale_temporaries();
+        match self.read_in(&dir) {
+            Ok(state) => Loaded {
+                state: state.unwrap_or_default(),
+                warning: None,
+            },
+            Err(Unusable { why, set_aside }) => {
+                let aside = if set_aside {
+                    match self.set_aside(&dir) {
+                        Ok(to) => format!("set aside as {to}"),
+                        Err(e) => format!("could not be set aside: {e}"),
+                    }
+                } else {
+                    "left as it is".to_string()
+                };
+                Loaded {
+                    state: MountState::default(),
+                    warning: Some(format!(
+                        "state file {shown} not used ({why}); {aside}, and the mount goes on \
+                         without its runtime pins"
+                    )),
+                }
+            }
+        }
+    }
+
+    fn read_in(&self, dir: &OwnedFd) -> Result<Option<MountState>, Unusable> {
+        let aside = |why: String| Unusable {
+            why,
+            set_aside: true,
+        };
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY;
+        let mut file = match openat(dir, &self.name, flags, 0) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(aside("it is a symbolic link".into()));
+            }
+            Err(e) => {
+                return Err(Unusable {
+                    why: format!("cannot open it: {e}"),
+                    set_aside: false,
+                });
+            }
+        };
+        let meta = file.metadata().map_err(|e| Unusable {
+            why: format!("cannot stat it: {e}"),
+            set_aside: false,
+        })?;
+        if !meta.file_type().is_file() {
+            return Err(aside("it is not a regular file".into()));
+        }
+        if meta.uid() != euid() {
+            return Err(Unusable {
+                why: format!(
+                    "it is owned by uid {}, not by this daemon's uid {}",
+                    meta.uid(),
+                    euid()
+                ),
+                set_aside: false,
+            });
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(aside(format!(
+                "others may write it (mode {:04o})",
+                meta.mode() & 0o7777
+            )));
+        }
+        if meta.len() > MAX_STATE_FILE {
+            return Err(aside(format!(
+                "it is {}, over the {} a state file may be",
+                Bytes(meta.len()),
+                Bytes(MAX_STATE_FILE)
+            )));
+        }
+        let mut text = Vec::new();
+        (&mut file)
+            .take(MAX_STATE_FILE + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| Unusable {
+                why: format!("cannot read it: {e}"),
+                set_aside: false,
+            })?;
+        let state: MountState = serde_json::from_slice(&text)
+            .map_err(|e| aside(format!("it is not a state file's JSON: {e}")))?;
+        if state.version != STATE_VERSION {
+            return Err(aside(format!(
+                "it is version {}, this release reads version {STATE_VERSION}",
+                state.version
+            )));
+        }
+        if state.mountpoint != self.mountpoint {
+            return Err(aside(format!(
+                "it is the state of {}, not of {}",
+                state.mountpoint, self.mountpoint
+            )));
+        }
+        if state.pins.len() > super::MAX_RUNTIME_PINS {
+            return Err(aside(format!(
+                "it names {} pins, over the {} a mount may have",
+                state.pins.len(),
+                super::MAX_RUNTIME_PINS
+            )));
+        }
+        if let Some(bad) = state.pins.iter().find(|p| !is_relative_name(p)) {
+            return Err(aside(format!(
+                "pin {bad:?} is not a path relative to the mount root"
+            )));
+        }
+        Ok(Some(state))
+    }
+
+    /// Renames the file `<name>.bad-<unix time>`; returns the new name.
+    fn set_aside(&self, dir: &OwnedFd) -> io::Result<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let to = format!("{}.bad-{now}", self.name);
+        renameat(dir, &self.name, &to)?;
+        Ok(to)
+    }
+
+    /// Replaces the file with `state`, atomically: a reader (or a crash)
+    /// sees the old file whole or the new one whole. The directory is
+    /// made (0700) if missing.
+    pub fn save(&self, state: &MountState) -> Result<(), String> {
+        let shown = self.path().display().to_string();
+        let dir = match open_dir(&self.dir, true) {
+            Ok(Some(dir)) => dir,
+            Ok(None) => return Err(format!("cannot create {}", self.dir.display())),
+            Err(why) => return Err(why),
+        };
+        let text = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
+        static SAVES: AtomicU64 = AtomicU64::new(0);
+        let temp = format!(
+            ".{}.tmp-{}-{}",
+            self.name,
+            std::process::id(),
+            SAVES.fetch_add(1, Ordering::Relaxed)
+        );
+        let written = (|| {
+            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+            let mut file = openat(&dir, &temp, flags, 0o600)?;
+            file.write_all(&text)?;
+            file.write_all(b"\n")?;
+            file.sync_all()?;
+            renameat(&dir, &temp, &self.name)?;
+            // The rename itself must reach the disk.
+            File::from(dir.try_clone()?).sync_all()
+        })();
+        written.map_err(|e| {
+            let _ = unlinkat(&dir, &temp);
+            format!("cannot write the state file {shown}: {e}")
+        })
+    }
+
+    /// Temporary files a crash left behind (only this mount's).
+    fn remove_stale_temporaries(&self) {
+        let prefix = format!(".{}.tmp-", self.name);
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        // Bounded: the directory is the daemon's own, but a listing is not
+        // worth more than this.
+        for entry in entries.take(10_000).flatten() {
+            if entry.file_name().as_bytes().starts_with(prefix.as_bytes()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Why a state file was not used, and whether it is to be set aside.
+struct Unusable {
+    why: String,
+    set_aside: bool,
+}
+
+/// A relative name within the mount: not empty, not absolute, no `.` or
+/// `..` component, no NUL.
+fn is_relative_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('/')
+        && !name.contains('\0')
+        && name
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// Opens the state directory without following a link, and checks that it
+/// is the daemon's own: owned by its effective uid, writable by no one
+/// else. `Ok(None)`: it does not exist (and `create` is false). `create`
+/// makes it, mode 0700, and its parents as needed.
+fn open_dir(dir: &Path, create: bool) -> Result<Option<OwnedFd>, String> {
+    let shown = dir.display();
+    let c = CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let open = || {
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: a NUL-terminated path; the fd returned is owned below.
+        let fd = unsafe { libc::open(c.as_ptr(), flags) };
+        if fd < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            // SAFETY: a new descriptor that nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+    };
+    let fd = match open() {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
+            use std::os::unix::fs::DirBuilderExt;
+            if let Some(parent) = dir.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("cannot create {shown}: {e}")),
+            }
+            open().map_err(|e| format!("cannot open {shown}: {e}"))?
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENOTDIR) || e.raw_os_error() == Some(libc::ELOOP) =>
+        {
+            return Err(format!(
+                "{shown} is not a directory (a file or a symbolic link): remove it, or set \
+                 $STATE_DIRECTORY to a directory of this daemon's own"
+            ));
+        }
+        Err(e) => return Err(format!("cannot open {shown}: {e}")),
+    };
+    let meta = File::from(fd.try_clone().map_err(|e| e.to_string())?)
+        .metadata()
+        .map_err(|e| format!("cannot stat {shown}: {e}"))?;
+    if meta.uid() != euid() {
+        return Err(format!(
+            "the state directory {shown} is owned by uid {}, not by this daemon's uid {}: \
+             `chown {} {shown}`, or set $STATE_DIRECTORY to a directory of its own",
+            meta.uid(),
+            euid(),
+            euid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "the state directory {shown} is writable by others (mode {:04o}): `chmod go-w {shown}`",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(Some(fd))
+}
+
+fn name_c(name: &str) -> io::Result<CString> {
+    CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+fn openat(dir: &OwnedFd, name: &str, flags: i32, mode: libc::mode_t) -> io::Result<File> {
+    let c = name_c(name)?;
+    // SAFETY: a valid directory fd and NUL-terminated name; the fd returned
+    // is owned by the File.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn renameat(dir: &OwnedFd, from: &str, to: &str) -> io::Result<()> {
+    let (from, to) = (name_c(from)?, name_c(to)?);
+    // SAFETY: a valid directory fd and NUL-terminated names.
+    let ret =
+        unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn unlinkat(dir: &OwnedFd, name: &str) -> io::Result<()> {
+    let c = name_c(name)?;
+    // SAFETY: a valid directory fd and NUL-terminated name.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const MP: &str = "/home/me/ComfyUI/models";
+
+    fn state(pins: &[&str]) -> MountState {
+        MountState {
+            version: STATE_VERSION,
+            mountpoint: MP.into(),
+            pins: pins.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    /// A state file in a fresh directory `state` under a temp dir.
+    fn fixture() -> (tempfile::TempDir, StateFile) {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = StateFile::new(tmp.path().join("state"), Path::new(MP));
+        (tmp, file)
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    /// The names in the state directory, sorted.
+    fn listing(file: &StateFile) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&file.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Loads, expecting one warning that names the file and `cause`, and
+    /// an empty state.
+    fn load_refused(file: &StateFile, cause: &str) -> String {
+        let loaded = file.load();
+        assert_eq!(loaded.state, MountState::default());
+        let warning = loaded.warning.expect("one warning");
+        assert!(
+            warning.contains(&file.path().display().to_string()) && warning.contains(cause),
+            "{warning}"
+        );
+        warning
+    }
+
+    #[test]
+    fn the_state_directory_follows_systemd_then_root_then_xdg() {
+        let d = |euid, sd: Option<&str>, xdg: Option<&str>, home: Option<&str>| {
+            state_dir(
+                euid,
+                sd.map(Into::into),
+                xdg.map(Into::into),
+                home.map(Into::into),
+            )
+        };
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(d(0, Some("/var/lib/mc:/x"), None, None), p("/var/lib/mc"));
+        assert_eq!(d(1000, Some("/st"), Some("/xdg"), None), p("/st"));
+        assert_eq!(
+            d(0, None, Some("/xdg"), Some("/root")),
+            p("/var/lib/modelcache")
+        );
+        assert_eq!(
+            d(1000, None, Some("/xdg"), Some("/h")),
+            p("/xdg/modelcache")
+        );
+        assert_eq!(
+            d(1000, Some("relative"), Some("rel"), Some("/h")),
+            p("/h/.local/state/modelcache")
+        );
+        assert_eq!(d(1000, None, None, None), None);
+        assert_eq!(
+            state_file_name(Path::new("/mnt/models")),
+            "mount-4b8cf20ebc651986.json",
+            "the control socket's hash"
+        );
+    }
+
+    #[test]
+    fn saved_state_reads_back_from_a_private_file() {
+        let (_tmp, file) = fixture();
+        assert_eq!(file.load().state, MountState::default(), "no file yet");
+        assert!(!file.dir.exists(), "reading creates nothing");
+        let s = state(&["a/b.safetensors", "c.gguf"]);
+        file.save(&s).unwrap();
+        assert_eq!(mode(&file.dir), 0o700);
+        assert_eq!(mode(&file.path()), 0o600);
+        let loaded = file.load();
+        assert_eq!(loaded.warning, None);
+        assert_eq!(loaded.state, s);
+        file.save(&state(&["c.gguf"])).unwrap();
+        assert_eq!(file.load().state, state(&["c.gguf"]));
+        assert_eq!(listing(&file), vec![file.name.clone()], "no temporary left");
+        // Fields a later release adds are ignored; a missing list is empty.
+        std::fs::write(
+            file.path(),
+            format!(r#"{{"version":1,"mountpoint":"{MP}","working_set":[]}}"#),
+        )
+        .unwrap();
+        assert_eq!(file.load().state, state(&[]));
+    }
+
+    #[test]
+    fn a_crash_before_the_rename_leaves_the_old_file_whole() {
+        let (_tmp, file) = fixture();
+        let s = state(&["old.safetensors"]);
+        file.save(&s).unwrap();
+        // What a crash mid-save leaves: a partly written temporary.
+        let temp = file.dir.join(format!(".{}.tmp-99999-0", file.name));
+        std::fs::write(&temp, b"{\"version\":1,\"mount").unwrap();
+        let loaded = file.load();
+        assert_eq!(loaded.warning, None);
+        assert_eq!(loaded.state, s);
+        assert!(!temp.exists(), "the stale temporary is cleared");
+    }
+
+    #[test]
+    fn a_corrupt_file_is_set_aside_whole() {
+        let (_tmp, file) = fixture();
+        file.save(&state(&[])).unwrap();
+        std::fs::write(file.path(), b"{not json").unwrap();
+        load_refused(&file, "not a state file's JSON");
+        let names = listing(&file);
+        assert_eq!(names.len(), 1);
+        assert!(
+            names[0].starts_with(&format!("{}.bad-", file.name)),
+            "{names:?}"
+        );
+        assert_eq!(
+            std::fs::read(file.dir.join(&names[0])).unwrap(),
+            b"{not json"
+        );
+        assert_eq!(
+            file.load().warning,
+            None,
+            "once set aside, no more warnings"
+        );
+    }
+
+    #[test]
+    fn another_version_or_mount_or_a_bad_name_is_set_aside() {
+        for (text, cause) in [
+            (
+                format!(r#"{{"version":2,"mountpoint":"{MP}","pins":[]}}"#),
+                "version 2, this release reads version 1",
+            ),
+            (
+                r#"{"version":1,"mountpoint":"/elsewhere","pins":[]}"#.to_string(),
+                "the state of /elsewhere",
+            ),
+            (
+                format!(r#"{{"version":1,"mountpoint":"{MP}","pins":["../../etc/shadow"]}}"#),
+                "not a path relative to the mount root",
+            ),
+        ] {
+            let (_tmp, file) = fixture();
+            file.save(&state(&[])).unwrap();
+            std::fs::write(file.path(), &text).unwrap();
+            load_refused(&file, cause);
+            assert!(!file.path().exists(), "set aside: {cause}");
+        }
+    }
+
+    #[test]
+    fn a_fifo_or_a_symlink_at_the_path_is_set_aside_without_blocking() {
+        let (tmp, file) = fixture();
+        file.save(&state(&[])).unwrap();
+        std::fs::remove_file(file.path()).unwrap();
+        let c = CString::new(file.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        load_refused(&file, "not a regular file");
+        assert!(!file.path().exists());
+
+        let target = tmp.path().join("elsewhere.json");
+        std::fs::write(
+            &target,
+            format!(r#"{{"version":1,"mountpoint":"{MP}","pins":["x.gguf"]}}"#),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&target, file.path()).unwrap();
+        load_refused(&file, "symbolic link");
+        assert!(target.exists(), "the link's target is untouched");
+    }
+
+    #[test]
+    fn a_file_others_may_write_is_set_aside_and_a_foreign_one_left_alone() {
+        let (_tmp, file) = fixture();
+        file.save(&state(&["a.gguf"])).unwrap();
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o666)).unwrap();
+        load_refused(&file, "others may write it (mode 0666)");
+        assert!(!file.path().exists());
+
+        if euid() != 0 {
+            return; // Making another user's file needs root.
+        }
+        file.save(&state(&["a.gguf"])).unwrap();
+        std::os::unix::fs::chown(file.path(), Some(65534), None).unwrap();
+        load_refused(&file, "owned by uid 65534");
+        assert!(file.path().exists(), "left as it is");
+    }
+
+    #[test]
+    fn a_directory_others_may_write_is_not_used() {
+        let (_tmp, file) = fixture();
+        file.save(&state(&["a.gguf"])).unwrap();
+        std::fs::set_permissions(&file.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let warning = file.load().warning.expect("a warning");
+        assert!(warning.contains("chmod go-w"), "{warning}");
+        let err = file.save(&state(&[])).unwrap_err();
+        assert!(err.contains("writable by others (mode 0777)"), "{err}");
+        assert!(file.path().exists(), "nothing is lost");
+    }
+}
