@@ -131,13 +131,14 @@ fn warm_evict_pin_unpin_and_reload_work_end_to_end() {
     let manifest = tmp.path().join("manifest.toml");
     fs::write(&manifest, "").unwrap();
     let m = Mounted::separate(&backing, &mnt, &["--manifest", manifest.to_str().unwrap()]);
-    let ok = |args: &[&str]| {
+    let ok = |args: &[&str]| -> String {
         let out = modelcache(args);
         assert!(
             out.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8(out.stdout).unwrap()
     };
 
     // warm a directory (relative to the working directory), waiting.
@@ -151,26 +152,51 @@ fn warm_evict_pin_unpin_and_reload_work_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Each file, what was done to it.
+    let said = String::from_utf8_lossy(&out.stdout);
+    for line in ["warming sub/a.safetensors (32.0 MiB)", "warming sub/b.gguf (16.0 MiB)"] {
+        assert!(said.contains(line), "{line:?} in {said}");
+    }
     let s = mount_status(&mnt);
     for p in ["sub/a.safetensors", "sub/b.gguf"] {
         assert_eq!(status_file(&s, p).unwrap()["state"], "cached", "{s:#}");
     }
     assert!(status_file(&s, "c.safetensors").is_none());
 
-    // pin, then evict: a pinned file is evicted on request too.
-    ok(&["pin", m.path("sub/a.safetensors").to_str().unwrap()]);
+    // pin, then evict: a pinned file is evicted on request too. Each verb
+    // says what it did.
+    let a = m.path("sub/a.safetensors");
+    let a = a.to_str().unwrap();
+    assert_eq!(
+        ok(&["warm", a]).lines().next(),
+        Some("sub/a.safetensors (32.0 MiB) is already in RAM")
+    );
+    assert_eq!(
+        ok(&["pin", a]),
+        "pinned sub/a.safetensors (32.0 MiB), in RAM\n"
+    );
     let s = mount_status(&mnt);
     assert_eq!(
         status_file(&s, "sub/a.safetensors").unwrap()["state"],
         "pinned"
     );
     assert_eq!(s["pinned_bytes"], 32 * MIB);
-    ok(&["unpin", m.path("sub/a.safetensors").to_str().unwrap()]);
+    assert_eq!(
+        ok(&["unpin", a]),
+        "unpinned sub/a.safetensors (32.0 MiB), in RAM\n"
+    );
     assert_eq!(
         status_file(&mount_status(&mnt), "sub/a.safetensors").unwrap()["state"],
         "cached"
     );
-    ok(&["evict", m.path("sub/b.gguf").to_str().unwrap()]);
+    assert_eq!(
+        ok(&["unpin", a]),
+        "sub/a.safetensors (32.0 MiB) was not pinned\n"
+    );
+    assert_eq!(
+        ok(&["evict", m.path("sub/b.gguf").to_str().unwrap()]),
+        "evicted sub/b.gguf (16.0 MiB)\n"
+    );
     let s = mount_status(&mnt);
     assert!(status_file(&s, "sub/b.gguf").is_none(), "{s:#}");
     assert_eq!(s["counters"]["evictions"]["manual"], 1);
