@@ -133,7 +133,7 @@ impl Classifier {
 }
 
 /// The `Tgid:` of /proc/PID/status: the process a thread belongs to.
-fn thread_group(status: &str) -> Option<u32> {
+pub(super) fn thread_group(status: &str) -> Option<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Tgid:"))?
