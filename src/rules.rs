@@ -124,7 +124,7 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
                 let Ok(name) = name else { return };
                 // A member of a group was opened: warm the rest of it.
                 for path in groups.get(&name).into_iter().flatten() {
-                    warm(live, path, "group");
+                    let _ = warm(live, path, "group");
                 }
             },
             default(Duration::from_millis(200)) => {}
@@ -189,21 +189,30 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
         .set_group_members(groups.keys().cloned().collect());
 
     let mut followed = Vec::new();
+    let mut refused = Vec::new();
     for (path, kind) in pinned
         .iter()
         .map(|p| (p, "pinned"))
         .chain(warm_only.iter().map(|p| (p, "warm")))
     {
-        if let Some(key) = warm(live, path, kind) {
-            followed.push((path.clone(), key));
+        match warm(live, path, kind) {
+            Ok(key) => followed.push(Followed {
+                name: crate::names::shown(path),
+                key,
+                size: live.opens.cache().progress(key).map(|(_, size)| size),
+                loaded: false,
+            }),
+            Err(why) => refused.push((crate::names::shown(path), why.to_string())),
         }
     }
     let progress: Vec<(u64, u64)> = followed
         .iter()
-        .filter_map(|(_, k)| live.opens.cache().progress(*k))
+        .filter_map(|f| live.opens.cache().progress(f.key))
         .collect();
     let total = progress.iter().map(|(_, size)| size).sum();
-    if progress.iter().all(|(done, size)| done == size) {
+    let all_cached =
+        progress.len() == followed.len() && progress.iter().all(|(done, size)| done == size);
+    if all_cached && refused.is_empty() {
         if !followed.is_empty() {
             info!(
                 "prewarm: all {} ({}) already in the cache",
@@ -213,12 +222,14 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
         }
         return None;
     }
-    info!(
-        "prewarm: loading {} ({}) from {}, pins first",
-        Count(followed.len() as u64, "file"),
-        Bytes(total),
-        manifest.origin.display()
-    );
+    if !followed.is_empty() {
+        info!(
+            "prewarm: loading {} ({}) from {}, pins first",
+            Count(followed.len() as u64, "file"),
+            Bytes(total),
+            manifest.origin.display()
+        );
+    }
     // On a terminal a progress bar; under systemd or in a log file, lines.
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(total);
@@ -231,6 +242,7 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
     });
     Some(Prewarm {
         files: followed,
+        refused,
         total,
         started: Instant::now(),
         last_report: Instant::now(),
@@ -243,41 +255,61 @@ fn dedup(paths: &mut Vec<PathBuf>) {
     paths.retain(|p| seen.insert(p.clone()));
 }
 
-/// Queues one file's load; returns its key to follow, or `None` (logged).
-fn warm(live: &LiveMount, path: &Path, kind: &str) -> Option<crate::cache::policy::Key> {
-    match live.opens.warm(&live.overlay, path) {
-        Ok(key) => Some(key),
-        Err(Refusal::NotModelFile(_)) => None,
-        Err(why) => {
-            warn!("cannot cache {kind} file {}: {why}", path.display());
-            None
-        }
-    }
+/// Queues one file's load; returns its key to follow, or why the cache
+/// refused it (logged: a file the manifest names is never left out
+/// silently).
+fn warm(live: &LiveMount, path: &Path, kind: &str) -> Result<crate::cache::policy::Key, Refusal> {
+    live.opens.warm(&live.overlay, path).inspect_err(|why| {
+        warn!("cannot cache {kind} file {}: {why}", path.display());
+    })
 }
 
-/// The loads a prewarm queued, followed until done.
+/// A file whose load a prewarm queued.
+struct Followed {
+    name: String,
+    key: crate::cache::policy::Key,
+    /// `None`: it left the cache before it was first looked at.
+    size: Option<u64>,
+    /// Seen fully loaded (it may be evicted later: it still loaded).
+    loaded: bool,
+}
+
+/// The loads a prewarm queued, followed until done, and the files it named
+/// that the cache refused.
 struct Prewarm {
-    files: Vec<(PathBuf, crate::cache::policy::Key)>,
+    files: Vec<Followed>,
+    /// (name, why) of each file refused when queued.
+    refused: Vec<(String, String)>,
     total: u64,
     started: Instant,
     last_report: Instant,
     bar: Option<indicatif::ProgressBar>,
 }
 
+/// Why a followed file that left the cache did not load. The cache logs
+/// each eviction with its reason; this names where to look.
+const LEFT_THE_CACHE: &str = "left the cache before it finished loading (the log's \
+                              \"evicted\" line for it says why)";
+
 impl Prewarm {
     /// Logs progress now and then; returns true (after the final line)
     /// once every followed file is loaded or has left the cache.
     fn report(&mut self, cache: &Cache) -> bool {
         let (mut loaded, mut pending) = (0u64, 0usize);
-        for (_, key) in &self.files {
-            if let Some((done, size)) = cache.progress(*key) {
-                loaded += done;
-                if done < size {
-                    pending += 1;
+        for file in &mut self.files {
+            match cache.progress(file.key) {
+                Some((done, size)) => {
+                    loaded += done;
+                    if done < size {
+                        pending += 1;
+                    } else {
+                        file.loaded = true;
+                    }
                 }
+                None if file.loaded => loaded += file.size.unwrap_or(0),
+                None => {}
             }
         }
-        let secs = self.started.elapsed().as_secs_f64();
         if let Some(bar) = &self.bar {
             bar.set_position(loaded);
             if pending == 0 {
@@ -285,15 +317,25 @@ impl Prewarm {
             }
         }
         if pending == 0 {
-            info!(
-                "prewarm: all loaded ({}, {} in {secs:.1} s, {})",
-                Count(self.files.len() as u64, "file"),
-                Bytes(loaded),
-                Rate {
-                    bytes: loaded,
-                    secs
-                }
+            let dropped = self
+                .files
+                .iter()
+                .filter(|f| !f.loaded)
+                .map(|f| (f.name.clone(), LEFT_THE_CACHE.to_string()));
+            let not_loaded: Vec<(String, String)> =
+                self.refused.iter().cloned().chain(dropped).collect();
+            let done = self.files.iter().filter(|f| f.loaded).count();
+            let line = summary(
+                done,
+                &not_loaded,
+                loaded,
+                self.started.elapsed().as_secs_f64(),
             );
+            if not_loaded.is_empty() {
+                info!("{line}");
+            } else {
+                warn!("{line}");
+            }
             return true;
         }
         if self.bar.is_none() && self.last_report.elapsed() >= PROGRESS_EVERY {
@@ -306,5 +348,52 @@ impl Prewarm {
             );
         }
         false
+    }
+}
+
+/// The prewarm's last line: it counts only the files that loaded, and
+/// names each that did not, with why.
+fn summary(loaded: usize, not_loaded: &[(String, String)], bytes: u64, secs: f64) -> String {
+    let how = format!("{} in {secs:.1} s, {}", Bytes(bytes), Rate { bytes, secs });
+    if not_loaded.is_empty() {
+        return format!(
+            "prewarm: all loaded ({}, {how})",
+            Count(loaded as u64, "file")
+        );
+    }
+    let named = loaded + not_loaded.len();
+    let why: Vec<String> = not_loaded
+        .iter()
+        .map(|(name, why)| format!("{name}: {why}"))
+        .collect();
+    format!(
+        "prewarm: {loaded} of {} loaded ({how}); not loaded: {}",
+        Count(named as u64, "file"),
+        why.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prewarm_summary_counts_only_what_loaded() {
+        assert_eq!(
+            summary(3, &[], 12 << 20, 2.0),
+            "prewarm: all loaded (3 files, 12.0 MiB in 2.0 s, 6 MiB/s)"
+        );
+        let refused = [(
+            "big.safetensors".to_string(),
+            "20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: raise --max-size or max_size"
+                .to_string(),
+        )];
+        assert_eq!(
+            summary(2, &refused, 4 << 20, 1.0),
+            "prewarm: 2 of 3 files loaded (4.0 MiB in 1.0 s, 4 MiB/s); not loaded: \
+             big.safetensors: 20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: \
+             raise --max-size or max_size"
+        );
+        assert!(summary(0, &refused, 0, 0.0).starts_with("prewarm: 0 of 1 file loaded"));
     }
 }

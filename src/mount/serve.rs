@@ -157,6 +157,8 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         }
     };
     drop(fuse_dev);
+    // Before the manifest's prewarm: its admissions must see the floor.
+    let monitor = start_pressure_monitor(&cache, &settings_floor);
     let rules = ManifestWorker::start(
         LiveMount {
             overlay: overlay.clone(),
@@ -167,7 +169,6 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         settings.manifest_arg,
         opened_members,
     );
-    let monitor = start_pressure_monitor(&cache, &settings_floor);
     let service = Arc::new(MountService {
         mountpoint: mountpoint.clone(),
         backing: backing.clone(),
@@ -233,6 +234,11 @@ const GROUP_OPENS_QUEUED: usize = 256;
 /// too under `critical_available`. `None` (with a warning) where memory
 /// cannot be read.
 fn start_pressure_monitor(cache: &Arc<Cache>, floor: &Thresholds) -> Option<Arc<Monitor>> {
+    // Once now: the monitor's first sample comes from its own thread, after
+    // the prewarm that starts next may have admitted files past the floor.
+    if let Ok(sample) = Sample::read() {
+        cache.note_available(sample.available());
+    }
     let (sampled, relieved) = (cache.clone(), cache.clone());
     let (min, critical) = (floor.min_available, floor.critical_available);
     let started = Monitor::with_sampler(
