@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::cache::Cache;
 use crate::cache::Refusal;
 use crate::fs::Overlay;
-use crate::manifest::{self, Manifest, RuleKind};
+use crate::manifest::{self, CapFrom, Manifest, RuleKind};
 use crate::readers::opens::Opens;
 use crate::units::{Bytes, Count, Rate};
 
@@ -32,6 +32,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 enum Job {
     /// Apply a (new) manifest: pins, warm files, groups.
     Apply(Box<Manifest>),
+    /// Apply a reloaded manifest if its pins fit the cap, else keep the
+    /// one in force; the verdict goes back to the reload.
+    Reload(Box<Manifest>, Sender<Result<(), crate::Error>>),
 }
 
 pub struct ManifestWorker {
@@ -77,8 +80,9 @@ impl ManifestWorker {
         })
     }
 
-    /// Reads the manifest again and applies it. On an error the manifest in
-    /// force stays, and the error says what to fix.
+    /// Reads the manifest again and applies it, once the worker has found
+    /// that its pins fit the cap. On an error the manifest in force stays,
+    /// and the error says what to fix.
     pub fn reload(&self) -> Result<String, crate::Error> {
         let path = self
             .manifest_path
@@ -90,11 +94,16 @@ impl ManifestWorker {
                 )
             })?;
         let manifest = Manifest::load(&path, manifest::Reader::Daemon)?;
-        let summary = format!("reloading {}", path.display());
+        let (verdict, answer) = crossbeam_channel::bounded(1);
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(Job::Apply(Box::new(manifest)));
+            let _ = jobs.send(Job::Reload(Box::new(manifest), verdict));
         }
-        Ok(summary)
+        // The worker answers once it has matched the manifest (a bounded
+        // walk of the mount); gone, the mount is going away.
+        answer
+            .recv()
+            .map_err(|_| crate::Error("the mount is going away: nothing was reloaded".into()))??;
+        Ok(format!("reloading {}", path.display()))
     }
 }
 
@@ -114,8 +123,15 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
     loop {
         crossbeam_channel::select! {
             recv(jobs) -> job => match job {
-                Ok(Job::Apply(manifest)) => {
-                    prewarm = apply(&manifest, live, &mut groups);
+                Ok(Job::Apply(manifest)) => match apply(&manifest, live, &mut groups, false) {
+                    Ok(started) => prewarm = started,
+                    Err(e) => warn!("{e}"),
+                },
+                Ok(Job::Reload(manifest, verdict)) => {
+                    // Refused, the manifest in force stays, and its prewarm.
+                    let applied = apply(&manifest, live, &mut groups, true)
+                        .map(|started| prewarm = started);
+                    let _ = verdict.send(applied);
                 }
                 Err(_) => return,
             },
@@ -138,15 +154,24 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
     }
 }
 
-/// Applies a manifest: pin set, groups, and the prewarm queue.
-fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<Prewarm> {
-    let matches = match manifest.matches(&live.mountpoint) {
-        Ok(m) => m,
-        Err(e) => {
-            warn!("manifest {}: {e}", manifest.origin.display());
-            return None;
-        }
-    };
+/// Applies a manifest: pin set, groups, and the prewarm queue. Refused
+/// (nothing applied) when the mount cannot be walked, or, for a reload
+/// (`reload`), when the pins cannot fit under the cap: the mount checked
+/// its first manifest before mounting.
+fn apply(
+    manifest: &Manifest,
+    live: &LiveMount,
+    groups: &mut Groups,
+    reload: bool,
+) -> Result<Option<Prewarm>, crate::Error> {
+    let matches = manifest
+        .matches(&live.mountpoint)
+        .map_err(|e| crate::Error(format!("manifest {}: {e}", manifest.origin.display())))?;
+    if reload {
+        let cap = live.opens.cache().config().max_size;
+        let ram = crate::cache::pressure::total_ram();
+        manifest.pins_fit(&matches, cap, CapFrom::Mounted, ram)?;
+    }
     for w in matches
         .warnings
         .iter()
@@ -220,7 +245,7 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
                 Bytes(total)
             );
         }
-        return None;
+        return Ok(None);
     }
     if !followed.is_empty() {
         info!(
@@ -240,14 +265,14 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
         }
         bar
     });
-    Some(Prewarm {
+    Ok(Some(Prewarm {
         files: followed,
         refused,
         total,
         started: Instant::now(),
         last_report: Instant::now(),
         bar,
-    })
+    }))
 }
 
 fn dedup(paths: &mut Vec<PathBuf>) {

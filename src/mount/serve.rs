@@ -42,6 +42,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         backing,
         mountpoint,
     } = check(&config)?;
+    config.settings.check_pins(&backing)?;
     // Open the backing directory *before* mounting: in place, it is about to
     // be hidden under the mount.
     let root = backing::open_root(&backing)
