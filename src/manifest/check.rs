@@ -8,6 +8,7 @@ use super::file::{Reader, read_manifest_file};
 use super::matching::Matches;
 use super::values::{DEFAULT_MAX_SIZE, Limits, RuleKind, show_spec};
 use crate::Error;
+use crate::cache::NotModelFile;
 use crate::units::{Bytes, SizeSpec};
 
 /// `modelcache check`: what the manifest takes under `root`, and whether
@@ -63,15 +64,15 @@ fn report(
             let _ = writeln!(out, "  {path:<width$}  {}", Bytes(file.size));
             // Oversized pins are reported as a whole, below.
             if file.size > limits.max_size && rule.kind != RuleKind::Pin {
-                too_big.push(path);
+                let why = NotModelFile::Larger {
+                    size: file.size,
+                    cap: limits.max_size,
+                };
+                too_big.push(format!("{path} will not be cached: {why}"));
             }
         }
-        for path in too_big {
-            let _ = writeln!(
-                out,
-                "  warning: {path} is larger than the cap ({}): it will not be cached",
-                Bytes(limits.max_size)
-            );
+        for warning in too_big {
+            let _ = writeln!(out, "  warning: {warning}");
         }
         if !rule.skipped.is_empty() {
             let bytes: u64 = rule.skipped.iter().map(|f| f.size).sum();
@@ -231,6 +232,25 @@ mod tests {
         assert!(
             over_the_cap(CapFrom::Flag, 10 * MIB)
                 .ends_with("pin fewer files: they are more than this machine's RAM (10.0 MiB)")
+        );
+    }
+
+    #[test]
+    fn a_warm_file_over_the_cap_is_reported_with_the_caches_own_reason() {
+        let manifest = Manifest::parse(
+            "[cache]\nmax_size = \"8MiB\"\n\n[[warm]]\npaths = [\"big.gguf\"]\n",
+            Path::new("/m.toml"),
+        )
+        .unwrap();
+        let matches = manifest.match_tree(&Tree::from_files([("big.gguf", 10 * MIB)]));
+        let limits = manifest.limits(64 << 30).unwrap();
+        let text = report(&manifest, Path::new("/models"), &matches, &limits, 64 << 30);
+        assert!(
+            text.contains(
+                "  warning: big.gguf will not be cached: 10.0 MiB is larger than the cap \
+                 (8.0 MiB) by 2.0 MiB: raise --max-size or max_size\n"
+            ),
+            "{text}"
         );
     }
 
