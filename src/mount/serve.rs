@@ -215,9 +215,19 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         &mountpoint,
         ours,
         session,
-        &|| match rules.reload() {
-            Ok(what) => info!("{what}"),
-            Err(e) => warn!("reload failed, the manifest in force stays: {e}"),
+        &|| {
+            // A reload waits for the worker's walk of the mount: off the
+            // loop that answers a stop signal.
+            let rules = rules.clone();
+            let spawned = std::thread::Builder::new()
+                .name("reload".into())
+                .spawn(move || match rules.reload() {
+                    Ok(what) => info!("{what}"),
+                    Err(e) => warn!("reload failed, the manifest in force stays: {e}"),
+                });
+            if let Err(e) = spawned {
+                warn!("reload failed, the manifest in force stays: cannot start its thread: {e}");
+            }
         },
         &|| cache.release_all(),
     )
