@@ -215,28 +215,27 @@ fn apply(
 
     let mut followed = Vec::new();
     let mut refused = Vec::new();
+    let mut all_cached = true;
     for (path, kind) in pinned
         .iter()
         .map(|p| (p, "pinned"))
         .chain(warm_only.iter().map(|p| (p, "warm")))
     {
         match warm(live, path, kind) {
-            Ok(key) => followed.push(Followed {
-                name: crate::names::shown(path),
-                key,
-                size: live.opens.cache().progress(key).map(|(_, size)| size),
-                loaded: false,
-            }),
+            Ok(key) => {
+                let progress = live.opens.cache().progress(key);
+                all_cached &= progress.is_some_and(|(done, size)| done == size);
+                followed.push(Followed {
+                    name: crate::names::shown(path),
+                    key,
+                    size: progress.map(|(_, size)| size),
+                    loaded: false,
+                });
+            }
             Err(why) => refused.push((crate::names::shown(path), why.to_string())),
         }
     }
-    let progress: Vec<(u64, u64)> = followed
-        .iter()
-        .filter_map(|f| live.opens.cache().progress(f.key))
-        .collect();
-    let total = progress.iter().map(|(_, size)| size).sum();
-    let all_cached =
-        progress.len() == followed.len() && progress.iter().all(|(done, size)| done == size);
+    let total = followed.iter().filter_map(|f| f.size).sum();
     if all_cached && refused.is_empty() {
         if !followed.is_empty() {
             info!(
