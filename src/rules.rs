@@ -6,7 +6,9 @@
 //! entries. Runtime pins (`modelcache pin`, kept in the mount's state file)
 //! load at mount after the manifest's pins and stay pinned across reloads.
 //! Files released under critical memory pressure load again once memory
-//! has stayed back (`cache::comeback`), pins first.
+//! has stayed back (`cache::comeback`), pins first. Applying a manifest
+//! answers with what it warned of, for `modelcache reload` and for the
+//! mount's readiness (`--background` prints it).
 //!
 //! Files are matched by walking the mount itself, so names and symlinks
 //! resolve exactly as a reader of the mount sees them. All of it runs on
@@ -25,7 +27,7 @@ use tracing::{info, warn};
 use crate::cache::Cache;
 use crate::cache::Refusal;
 use crate::fs::Overlay;
-use crate::manifest::{self, Manifest, RuleKind};
+use crate::manifest::{self, CapFrom, Manifest, RuleKind};
 use crate::pins::Pins;
 use crate::readers::opens::Opens;
 use crate::units::{Bytes, Count, Rate};
@@ -33,11 +35,24 @@ use crate::units::{Bytes, Count, Rate};
 /// How often prewarm progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-enum Job {
-    /// Apply a (new) manifest: pins, warm files, groups.
-    Apply(Box<Manifest>),
-    /// No manifest: load the runtime pins alone.
-    RuntimePins,
+/// Work for the manifest's worker: apply a manifest (or, with none, the
+/// runtime pins alone), and answer what came of it.
+struct Job {
+    manifest: Option<Box<Manifest>>,
+    /// A reload: refused if its pins cannot fit the cap (the mount checked
+    /// its first manifest before mounting), keeping the one in force.
+    reload: bool,
+    done: Sender<Result<Applied, crate::Error>>,
+}
+
+/// What applying a manifest came to.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub pinned: usize,
+    pub warm: usize,
+    /// What it warned of (also logged): rules that match no file, files
+    /// the cache refused, with why.
+    pub warnings: Vec<String>,
 }
 
 pub struct ManifestWorker {
@@ -46,6 +61,8 @@ pub struct ManifestWorker {
     /// Where the manifest comes from: the --manifest file, else the default
     /// path (looked at again on every reload).
     manifest_path: Option<PathBuf>,
+    /// The answer of the mount's first application, until waited for.
+    first: parking_lot::Mutex<Option<Receiver<Result<Applied, crate::Error>>>>,
 }
 
 /// The live mount the rules act on.
@@ -75,20 +92,35 @@ impl ManifestWorker {
             .name("manifest".into())
             .spawn(move || work(rx, group_opens, &live))
             .expect("spawn the manifest worker");
-        let _ = tx.send(match manifest {
-            Some(m) => Job::Apply(Box::new(m)),
-            None => Job::RuntimePins,
+        let (done, first) = crossbeam_channel::bounded(1);
+        let _ = tx.send(Job {
+            manifest: manifest.map(Box::new),
+            reload: false,
+            done,
         });
         Arc::new(ManifestWorker {
             jobs: Some(tx),
             worker: Some(worker),
             manifest_path,
+            first: parking_lot::Mutex::new(Some(first)),
         })
     }
 
-    /// Reads the manifest again and applies it. On an error the manifest in
-    /// force stays, and the error says what to fix.
-    pub fn reload(&self) -> Result<String, crate::Error> {
+    /// Waits (at most `limit`) until the mount's first manifest is applied:
+    /// its warnings are then in the log, before the mount reports itself
+    /// ready. False if it took longer (a walk of a slow folder).
+    pub fn wait_first_applied(&self, limit: Duration) -> bool {
+        let Some(first) = self.first.lock().take() else {
+            return true;
+        };
+        first.recv_timeout(limit).is_ok()
+    }
+
+    /// Reads the manifest again and applies it, once the worker has found
+    /// that its pins fit the cap. On an error the manifest in force stays,
+    /// and the error says what to fix. Returns a line for the user and the
+    /// warnings of applying it.
+    pub fn reload(&self) -> Result<(String, Vec<String>), crate::Error> {
         let path = self
             .manifest_path
             .clone()
@@ -99,11 +131,27 @@ impl ManifestWorker {
                 )
             })?;
         let manifest = Manifest::load(&path, manifest::Reader::Daemon)?;
-        let summary = format!("reloading {}", path.display());
+        let (done, answer) = crossbeam_channel::bounded(1);
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(Job::Apply(Box::new(manifest)));
+            let _ = jobs.send(Job {
+                manifest: Some(Box::new(manifest)),
+                reload: true,
+                done,
+            });
         }
-        Ok(summary)
+        // The worker answers once it has matched the manifest (a bounded
+        // walk of the mount) and queued its loads; gone, the mount is
+        // going away.
+        let applied = answer
+            .recv()
+            .map_err(|_| crate::Error("the mount is going away: nothing was reloaded".into()))??;
+        let line = format!(
+            "reloaded {}: {} pinned, {} warm, loading in the background",
+            path.display(),
+            applied.pinned,
+            applied.warm
+        );
+        Ok((line, applied.warnings))
     }
 }
 
@@ -122,22 +170,40 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
     let mut prewarm: Option<Prewarm> = None;
     loop {
         crossbeam_channel::select! {
-            recv(jobs) -> job => match job {
-                Ok(Job::Apply(manifest)) => {
-                    prewarm = apply(&manifest, live, &mut groups);
-                }
-                Ok(Job::RuntimePins) => {
-                    live.pins.reapply();
-                    prewarm = prewarm_files(live, &[], &[], "the state file");
-                }
-                Err(_) => return,
+            recv(jobs) -> job => {
+                let Ok(job) = job else { return };
+                let mut warnings = Vec::new();
+                let applied = match &job.manifest {
+                    Some(manifest) => apply(manifest, live, &mut groups, job.reload, &mut warnings),
+                    None => Err(crate::Error("no manifest".into())),
+                };
+                let answer = match applied {
+                    Ok((started, pinned, warm)) => {
+                        prewarm = started;
+                        Ok(Applied { pinned, warm, warnings })
+                    }
+                    // Refused, a reload keeps the manifest in force, and
+                    // its prewarm.
+                    Err(e) if job.reload => Err(e),
+                    // At mount, the pins in force hold: runtime ones.
+                    Err(e) => {
+                        if job.manifest.is_some() {
+                            warn!("{e}");
+                            warnings.push(e.0);
+                        }
+                        live.pins.reapply();
+                        prewarm = prewarm_files(live, &[], &[], "the state file", &mut warnings);
+                        Ok(Applied { pinned: 0, warm: 0, warnings })
+                    }
+                };
+                let _ = job.done.send(answer);
             },
             recv(group_opens) -> name => {
                 // The sender lives in `live.opens`; gone, the mount is.
                 let Ok(name) = name else { return };
                 // A member of a group was opened: warm the rest of it.
                 for path in groups.get(&name).into_iter().flatten() {
-                    warm(live, path, "group");
+                    let _ = warm(live, path, "group");
                 }
             },
             default(Duration::from_millis(200)) => {}
@@ -154,23 +220,34 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
     }
 }
 
-/// Applies a manifest: pin set, groups, and the prewarm queue.
-fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<Prewarm> {
-    let matches = match manifest.matches(&live.mountpoint) {
-        Ok(m) => m,
-        Err(e) => {
-            warn!("manifest {}: {e}", manifest.origin.display());
-            // The pins in force hold, runtime ones included.
-            live.pins.reapply();
-            return prewarm_files(live, &[], &[], "the state file");
-        }
-    };
+/// Applies a manifest: pin set, groups, and the prewarm queue. Refused
+/// (nothing applied) when the mount cannot be walked, or, for a reload
+/// (`reload`), when the pins cannot fit under the cap: the mount checked
+/// its first manifest before mounting. Returns the prewarm to follow and
+/// the counts of pinned and warm files; warnings go to `warnings`.
+fn apply(
+    manifest: &Manifest,
+    live: &LiveMount,
+    groups: &mut Groups,
+    reload: bool,
+    warnings: &mut Vec<String>,
+) -> Result<(Option<Prewarm>, usize, usize), crate::Error> {
+    let matches = manifest
+        .matches(&live.mountpoint)
+        .map_err(|e| crate::Error(format!("manifest {}: {e}", manifest.origin.display())))?;
+    if reload {
+        let cap = live.opens.cache().config().max_size;
+        let ram = crate::cache::pressure::total_ram();
+        manifest.pins_fit(&matches, cap, CapFrom::Mounted, ram)?;
+    }
     for w in matches
         .warnings
         .iter()
         .chain(matches.rules.iter().flat_map(|r| &r.warnings))
     {
-        warn!("manifest {}: {w}", manifest.origin.display());
+        let w = format!("manifest {}: {w}", manifest.origin.display());
+        warn!("{w}");
+        warnings.push(w);
     }
     let mut pinned: Vec<PathBuf> = Vec::new();
     let mut warm_only: Vec<PathBuf> = Vec::new();
@@ -201,21 +278,25 @@ fn apply(manifest: &Manifest, live: &LiveMount, groups: &mut Groups) -> Option<P
     live.opens.set_hooks(manifest.hooks.clone());
     live.opens
         .set_group_members(groups.keys().cloned().collect());
-    prewarm_files(
+    let prewarm = prewarm_files(
         live,
         &pinned,
         &warm_only,
         &manifest.origin.display().to_string(),
-    )
+        warnings,
+    );
+    Ok((prewarm, pinned.len(), warm_only.len()))
 }
 
 /// Queues the loads of the manifest's pins, then the runtime pins, then
 /// `warm_only`, and follows them (`None` when all are loaded already).
+/// Each file the cache refuses is a warning, with why.
 fn prewarm_files(
     live: &LiveMount,
     pinned: &[PathBuf],
     warm_only: &[PathBuf],
     from: &str,
+    warnings: &mut Vec<String>,
 ) -> Option<Prewarm> {
     let runtime: Vec<PathBuf> = live
         .pins
@@ -226,22 +307,36 @@ fn prewarm_files(
         .collect();
     let warm_only = warm_only.iter().filter(|p| !runtime.contains(p));
     let mut followed = Vec::new();
+    let mut refused = Vec::new();
+    let mut all_cached = true;
     for (path, kind) in pinned
         .iter()
         .map(|p| (p, "pinned"))
         .chain(runtime.iter().map(|p| (p, "pinned")))
         .chain(warm_only.map(|p| (p, "warm")))
     {
-        if let Some(key) = warm(live, path, kind) {
-            followed.push((path.clone(), key));
+        match warm(live, path, kind) {
+            Ok(key) => {
+                let progress = live.opens.cache().progress(key);
+                all_cached &= progress.is_some_and(|(done, size)| done == size);
+                followed.push(Followed {
+                    name: crate::names::shown(path),
+                    key,
+                    size: progress.map(|(_, size)| size),
+                    loaded: false,
+                });
+            }
+            Err(why) => {
+                warnings.push(format!(
+                    "cannot cache {kind} file {}: {why}",
+                    crate::names::shown(path)
+                ));
+                refused.push((crate::names::shown(path), why.to_string()));
+            }
         }
     }
-    let progress: Vec<(u64, u64)> = followed
-        .iter()
-        .filter_map(|(_, k)| live.opens.cache().progress(*k))
-        .collect();
-    let total = progress.iter().map(|(_, size)| size).sum();
-    if progress.iter().all(|(done, size)| done == size) {
+    let total = followed.iter().filter_map(|f| f.size).sum();
+    if all_cached && refused.is_empty() {
         if !followed.is_empty() {
             info!(
                 "prewarm: all {} ({}) already in the cache",
@@ -251,11 +346,13 @@ fn prewarm_files(
         }
         return None;
     }
-    info!(
-        "prewarm: loading {} ({}) from {from}, pins first",
-        Count(followed.len() as u64, "file"),
-        Bytes(total),
-    );
+    if !followed.is_empty() {
+        info!(
+            "prewarm: loading {} ({}) from {from}, pins first",
+            Count(followed.len() as u64, "file"),
+            Bytes(total),
+        );
+    }
     // On a terminal a progress bar; under systemd or in a log file, lines.
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(total);
@@ -268,6 +365,7 @@ fn prewarm_files(
     });
     Some(Prewarm {
         files: followed,
+        refused,
         total,
         started: Instant::now(),
         last_report: Instant::now(),
@@ -290,7 +388,7 @@ fn reload_released(live: &LiveMount) {
     );
     for file in &back.files {
         let kind = if file.pinned { "pinned" } else { "protected" };
-        warm(live, &crate::names::path_of(&file.name), kind);
+        let _ = warm(live, &crate::names::path_of(&file.name), kind);
     }
 }
 
@@ -299,41 +397,61 @@ fn dedup(paths: &mut Vec<PathBuf>) {
     paths.retain(|p| seen.insert(p.clone()));
 }
 
-/// Queues one file's load; returns its key to follow, or `None` (logged).
-fn warm(live: &LiveMount, path: &Path, kind: &str) -> Option<crate::cache::policy::Key> {
-    match live.opens.warm(&live.overlay, path) {
-        Ok(key) => Some(key),
-        Err(Refusal::NotModelFile(_)) => None,
-        Err(why) => {
-            warn!("cannot cache {kind} file {}: {why}", path.display());
-            None
-        }
-    }
+/// Queues one file's load; returns its key to follow, or why the cache
+/// refused it (logged: a file the manifest names is never left out
+/// silently).
+fn warm(live: &LiveMount, path: &Path, kind: &str) -> Result<crate::cache::policy::Key, Refusal> {
+    live.opens.warm(&live.overlay, path).inspect_err(|why| {
+        warn!("cannot cache {kind} file {}: {why}", path.display());
+    })
 }
 
-/// The loads a prewarm queued, followed until done.
+/// A file whose load a prewarm queued.
+struct Followed {
+    name: String,
+    key: crate::cache::policy::Key,
+    /// `None`: it left the cache before it was first looked at.
+    size: Option<u64>,
+    /// Seen fully loaded (it may be evicted later: it still loaded).
+    loaded: bool,
+}
+
+/// The loads a prewarm queued, followed until done, and the files it named
+/// that the cache refused.
 struct Prewarm {
-    files: Vec<(PathBuf, crate::cache::policy::Key)>,
+    files: Vec<Followed>,
+    /// (name, why) of each file refused when queued.
+    refused: Vec<(String, String)>,
     total: u64,
     started: Instant,
     last_report: Instant,
     bar: Option<indicatif::ProgressBar>,
 }
 
+/// Why a followed file that left the cache did not load. The cache logs
+/// each eviction with its reason; this names where to look.
+const LEFT_THE_CACHE: &str = "left the cache before it finished loading (the log's \
+                              \"evicted\" line for it says why)";
+
 impl Prewarm {
     /// Logs progress now and then; returns true (after the final line)
     /// once every followed file is loaded or has left the cache.
     fn report(&mut self, cache: &Cache) -> bool {
         let (mut loaded, mut pending) = (0u64, 0usize);
-        for (_, key) in &self.files {
-            if let Some((done, size)) = cache.progress(*key) {
-                loaded += done;
-                if done < size {
-                    pending += 1;
+        for file in &mut self.files {
+            match cache.progress(file.key) {
+                Some((done, size)) => {
+                    loaded += done;
+                    if done < size {
+                        pending += 1;
+                    } else {
+                        file.loaded = true;
+                    }
                 }
+                None if file.loaded => loaded += file.size.unwrap_or(0),
+                None => {}
             }
         }
-        let secs = self.started.elapsed().as_secs_f64();
         if let Some(bar) = &self.bar {
             bar.set_position(loaded);
             if pending == 0 {
@@ -341,15 +459,25 @@ impl Prewarm {
             }
         }
         if pending == 0 {
-            info!(
-                "prewarm: all loaded ({}, {} in {secs:.1} s, {})",
-                Count(self.files.len() as u64, "file"),
-                Bytes(loaded),
-                Rate {
-                    bytes: loaded,
-                    secs
-                }
+            let dropped = self
+                .files
+                .iter()
+                .filter(|f| !f.loaded)
+                .map(|f| (f.name.clone(), LEFT_THE_CACHE.to_string()));
+            let not_loaded: Vec<(String, String)> =
+                self.refused.iter().cloned().chain(dropped).collect();
+            let done = self.files.iter().filter(|f| f.loaded).count();
+            let line = summary(
+                done,
+                &not_loaded,
+                loaded,
+                self.started.elapsed().as_secs_f64(),
             );
+            if not_loaded.is_empty() {
+                info!("{line}");
+            } else {
+                warn!("{line}");
+            }
             return true;
         }
         if self.bar.is_none() && self.last_report.elapsed() >= PROGRESS_EVERY {
@@ -362,5 +490,52 @@ impl Prewarm {
             );
         }
         false
+    }
+}
+
+/// The prewarm's last line: it counts only the files that loaded, and
+/// names each that did not, with why.
+fn summary(loaded: usize, not_loaded: &[(String, String)], bytes: u64, secs: f64) -> String {
+    let how = format!("{} in {secs:.1} s, {}", Bytes(bytes), Rate { bytes, secs });
+    if not_loaded.is_empty() {
+        return format!(
+            "prewarm: all loaded ({}, {how})",
+            Count(loaded as u64, "file")
+        );
+    }
+    let named = loaded + not_loaded.len();
+    let why: Vec<String> = not_loaded
+        .iter()
+        .map(|(name, why)| format!("{name}: {why}"))
+        .collect();
+    format!(
+        "prewarm: {loaded} of {} loaded ({how}); not loaded: {}",
+        Count(named as u64, "file"),
+        why.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prewarm_summary_counts_only_what_loaded() {
+        assert_eq!(
+            summary(3, &[], 12 << 20, 2.0),
+            "prewarm: all loaded (3 files, 12.0 MiB in 2.0 s, 6 MiB/s)"
+        );
+        let refused = [(
+            "big.safetensors".to_string(),
+            "20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: raise --max-size or max_size"
+                .to_string(),
+        )];
+        assert_eq!(
+            summary(2, &refused, 4 << 20, 1.0),
+            "prewarm: 2 of 3 files loaded (4.0 MiB in 1.0 s, 4 MiB/s); not loaded: \
+             big.safetensors: 20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: \
+             raise --max-size or max_size"
+        );
+        assert!(summary(0, &refused, 0, 0.0).starts_with("prewarm: 0 of 1 file loaded"));
     }
 }

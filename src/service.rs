@@ -352,8 +352,9 @@ impl Daemon for MountService {
     fn reload(&self) -> Result<VerbReport, VerbError> {
         self.rules
             .reload()
-            .map(|message| VerbReport {
+            .map(|(message, warnings)| VerbReport {
                 message: Some(message),
+                warnings,
                 ..VerbReport::default()
             })
             .map_err(|e| VerbError::Reload(e.0))

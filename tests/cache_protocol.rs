@@ -17,9 +17,17 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use modelcache::cache::{
-    Cache, CacheConfig, CacheRef, Clock, Found, Identity, MountView, ReaderHold, Refusal,
+    Cache, CacheConfig, CacheRef, Clock, Found, Identity, MountView, ReaderHold, Refusal, Writer,
 };
 use proptest::prelude::*;
+
+/// The process writing through the mount, as the cache is told.
+fn this_writer() -> Writer {
+    Writer {
+        pid: std::process::id(),
+        command: None,
+    }
+}
 
 /// What the stand-in saw, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -304,7 +312,7 @@ fn a_writer_waits_for_a_store_in_flight_and_no_store_follows() {
     mount.wait_for_held_store();
     let writer = {
         let cache = cache.clone();
-        std::thread::spawn(move || cache.open_for_write(id.key()))
+        std::thread::spawn(move || cache.open_for_write(id.key(), this_writer()))
     };
     std::thread::sleep(Duration::from_millis(100));
     assert!(
@@ -550,7 +558,7 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Write { file, offset, seed } => {
                 let name = FILES[file];
                 let id = backing.identity(name);
-                let guard = cache.open_for_write(id.key());
+                let guard = cache.open_for_write(id.key(), this_writer());
                 let data = pattern(4096, seed);
                 let f = File::options()
                     .write(true)

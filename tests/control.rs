@@ -154,7 +154,10 @@ fn warm_evict_pin_unpin_and_reload_work_end_to_end() {
     );
     // Each file, what was done to it.
     let said = String::from_utf8_lossy(&out.stdout);
-    for line in ["warming sub/a.safetensors (32.0 MiB)", "warming sub/b.gguf (16.0 MiB)"] {
+    for line in [
+        "warming sub/a.safetensors (32.0 MiB)",
+        "warming sub/b.gguf (16.0 MiB)",
+    ] {
         assert!(said.contains(line), "{line:?} in {said}");
     }
     let s = mount_status(&mnt);
@@ -201,10 +204,42 @@ fn warm_evict_pin_unpin_and_reload_work_end_to_end() {
     assert!(status_file(&s, "sub/b.gguf").is_none(), "{s:#}");
     assert_eq!(s["counters"]["evictions"]["manual"], 1);
 
-    // reload picks up a new pin.
-    fs::write(&manifest, "[[pin]]\npaths = [\"c.safetensors\"]\n").unwrap();
-    ok(&["reload", mnt.to_str().unwrap()]);
+    // reload picks up a new pin, says what it applied, and prints the
+    // manifest's warnings (a rule that matches nothing) with exit status 0.
+    fs::write(
+        &manifest,
+        "[[pin]]\npaths = [\"c.safetensors\"]\n\n[[warm]]\npaths = [\"nothing/*.gguf\"]\n",
+    )
+    .unwrap();
+    let out = modelcache(&["reload", mnt.to_str().unwrap()]);
+    let (said, warned) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{warned}");
+    assert!(
+        said.contains(&format!(
+            "reloaded {}: 1 pinned, 0 warm, loading in the background",
+            manifest.display()
+        )),
+        "{said}"
+    );
+    assert!(
+        warned.starts_with("warning: ") && warned.contains(r#""nothing/*.gguf" matches no file"#),
+        "{warned}"
+    );
     wait_state(&mnt, "c.safetensors", "pinned");
+    // A manifest that cannot be read: the error, non-zero, and the one in
+    // force stays.
+    fs::write(&manifest, "[[pin]]\npaths = \"c.safetensors\n").unwrap();
+    let out = modelcache(&["reload", mnt.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("line 2"), "{err}");
+    assert_eq!(
+        status_file(&mount_status(&mnt), "c.safetensors").unwrap()["state"],
+        "pinned"
+    );
 
     // Paths outside any mount, and files that are not cached: one clear
     // line, non-zero.

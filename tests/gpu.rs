@@ -1,6 +1,8 @@
 //! GPU readers and their hooks on real mounts, without a GPU: a process
-//! counts as a CUDA reader by what it maps, so a helper process that maps
-//! a file named `libcudart.so.12` (any bytes) is one. Its file is protected
+//! counts as a CUDA reader when it holds an NVIDIA device node, so a helper
+//! process that holds `/dev/nvidiactl` open is one (a plain file there, in a
+//! mount namespace of its own); mapping the CUDA runtime (a file named
+//! `libcudart.so.12`, any bytes) does not make one. Its file is protected
 //! under cap pressure while open and for the grace after; `exec` commands
 //! see their environment, are killed past their time limit and never break
 //! a read; `mlock` locks within the pin budget.
@@ -29,7 +31,8 @@ const HELPER_ENV: &str = "MODELCACHE_TEST_GPU_HELPER";
 /// harness's own lines):
 /// - `map PATH`: maps PATH into memory, as a process loading it as a library would;
 /// - `open PATH`: opens PATH, reads it whole and keeps it open;
-/// - `close`: closes every file it keeps open.
+/// - `close`: closes every file it keeps open;
+/// - `cuda-context`: holds `/dev/nvidiactl` open, as a CUDA context does.
 #[test]
 fn gpu_reader_helper() {
     if std::env::var_os(HELPER_ENV).is_none() {
@@ -37,6 +40,7 @@ fn gpu_reader_helper() {
     }
     let mut open: Vec<File> = Vec::new();
     let mut maps = Vec::new();
+    let mut device: Option<File> = None;
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
         match line.split_once(' ').unwrap_or((&line, "")) {
@@ -65,10 +69,48 @@ fn gpu_reader_helper() {
                 open.push(f);
             }
             ("close", _) => open.clear(),
+            ("cuda-context", _) => device = Some(fake_nvidiactl()),
             (other, _) => panic!("unknown helper command {other:?}"),
         }
         eprintln!("helper: ok");
     }
+    drop(device);
+}
+
+/// `/dev/nvidiactl` opened, without a GPU: a plain file there, seen only by
+/// a thread in a mount namespace of its own (a tmpfs over its `/dev`). The
+/// descriptor is the process's, and the daemon reads its path as
+/// `/dev/nvidiactl`. The thread stays, parked, to keep the namespace.
+fn fake_nvidiactl() -> File {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: plain system calls with NUL-terminated strings; they act
+        // on this thread's own mount namespace, private first so that
+        // nothing reaches the system's.
+        let made = unsafe {
+            libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    c"tmpfs".as_ptr(),
+                    c"/dev".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ) == 0
+        };
+        assert!(made, "namespace: {}", std::io::Error::last_os_error());
+        tx.send(File::create("/dev/nvidiactl").unwrap()).unwrap();
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().expect("the namespace thread failed")
 }
 
 /// A helper process, driven command by command.
@@ -172,7 +214,10 @@ fn write_manifest(dir: &Path, text: &str) -> PathBuf {
 }
 
 #[test]
-fn a_process_mapping_libcudart_is_a_cuda_reader_whose_file_outlasts_cap_pressure_for_the_grace() {
+fn a_cuda_reader_holds_an_nvidia_device_and_its_file_outlasts_cap_pressure_for_the_grace() {
+    if common::needs_root("fakes /dev/nvidiactl in a mount namespace") {
+        return;
+    }
     let (tmp, backing, mnt) = dirs();
     write_model(&backing.join("gpu.safetensors"), 48 * MIB, 1);
     write_model(&backing.join("a.safetensors"), 48 * MIB, 2);
@@ -199,11 +244,13 @@ fn a_process_mapping_libcudart_is_a_cuda_reader_whose_file_outlasts_cap_pressure
     );
     let mut helper = Helper::start();
 
-    // Before it maps the runtime the helper reads for the CPU; after, its
-    // next open is classified again: CUDA.
+    // With the runtime mapped but no device the helper reads for the CPU
+    // (torch's CUDA wheel on a machine without a GPU); once it holds the
+    // device, its next open is classified again: CUDA.
+    helper.run(&format!("map {}", lib.join("libcudart.so.12").display()));
     helper.run(&format!("open {}", m.path("early.safetensors").display()));
     helper.run("close");
-    helper.run(&format!("map {}", lib.join("libcudart.so.12").display()));
+    helper.run("cuda-context");
     helper.run(&format!("open {}", m.path("gpu.safetensors").display()));
     let s = wait_status(&m, "gpu.safetensors loaded and protected", |s| {
         status_file(s, "gpu.safetensors").is_some_and(|f| f["state"] == "cached")

@@ -430,17 +430,27 @@ fn a_copy_mode_mount_with_cached_files_unmounts_both_ways() {
 
 #[test]
 fn background_mode_returns_once_the_mount_is_live() {
-    let (_tmp, backing, mnt) = dirs();
+    let (tmp, backing, mnt) = dirs();
     fs::write(backing.join("x.bin"), b"x").unwrap();
+    // A rule that matches nothing: warned of before the command returns.
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(&manifest, "[[warm]]\npaths = [\"vae/*.safetensors\"]\n").unwrap();
     let state = StateDir::new();
-    let status = Command::new(bin())
-        .args(["mount", "--background", "--backing"])
+    let out = Command::new(bin())
+        .args(["mount", "--background", "--manifest"])
+        .arg(&manifest)
+        .arg("--backing")
         .arg(&backing)
         .arg(&mnt)
         .env("STATE_DIRECTORY", &state.path)
-        .stderr(Stdio::null())
-        .status()
+        .output()
         .unwrap();
+    let status = out.status;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(r#""vae/*.safetensors" matches no file"#),
+        "the manifest's warning, before it returned: {said}"
+    );
     let mnt = mnt.canonicalize().unwrap();
     // Whatever happens next, the mount goes away with this guard.
     struct Unmount(PathBuf);

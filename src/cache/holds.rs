@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Entry;
 use super::policy::Key;
 use super::state::Shared;
+use super::{Entry, Writer};
 
 /// What a reader's open asks of the cache besides serving it: its class's
 /// hooks.
@@ -80,15 +80,18 @@ impl Drop for CacheRef {
 pub struct WriteGuard {
     pub(super) shared: Arc<Shared>,
     pub(super) key: Key,
+    pub(super) writer: Writer,
 }
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
         {
             let mut state = self.shared.lock();
-            if let Some(n) = state.writers.get_mut(&self.key) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(writers) = state.writers.get_mut(&self.key) {
+                if let Some(at) = writers.iter().position(|w| *w == self.writer) {
+                    writers.remove(at);
+                }
+                if writers.is_empty() {
                     state.writers.remove(&self.key);
                 }
             }

@@ -33,7 +33,7 @@ pub use entry::{Entry, Identity, LockReason, MountView};
 pub use holds::{CacheRef, Found, ReaderHold, WriteGuard};
 use loader::{Job, LoadCounters, load_loop, run_job};
 use policy::{Admission, EvictReason, Key, Policy};
-pub use refusal::{ModelFiles, NotModelFile, Refusal};
+pub use refusal::{ModelFiles, NotModelFile, Refusal, Writer};
 use state::{Shared, State, Why};
 pub use status::{CacheStatus, EntryStatus};
 
@@ -308,9 +308,7 @@ impl Cache {
         identity: Identity,
     ) -> Result<Option<Arc<Entry>>, Refusal> {
         let key = identity.key();
-        if state.writers.contains_key(&key) {
-            return Err(Refusal::OpenForWriting);
-        }
+        Self::not_being_written(state, key)?;
         let Some(id) = state.policy.lookup(key) else {
             return Ok(None);
         };
@@ -323,6 +321,15 @@ impl Cache {
         Ok(None)
     }
 
+    /// Refused while the file is open for writing, naming the writer that
+    /// opened it first of those still holding it.
+    fn not_being_written(state: &State, key: Key) -> Result<(), Refusal> {
+        match state.writers.get(&key).and_then(|w| w.first()) {
+            Some(writer) => Err(Refusal::OpenForWriting(writer.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// A new entry for the file, its load queued.
     fn admit(
         &self,
@@ -332,9 +339,7 @@ impl Cache {
         source: impl FnOnce() -> io::Result<File>,
     ) -> Result<Arc<Entry>, Refusal> {
         let key = identity.key();
-        if state.writers.contains_key(&key) {
-            return Err(Refusal::OpenForWriting);
-        }
+        Self::not_being_written(state, key)?;
         // Room is made only from what no reader protects any more.
         state.policy.expire_protection(self.shared.clock.now());
         // The same name cached as another inode: the file was replaced
@@ -489,16 +494,23 @@ impl Cache {
             .map(|e| (e.loaded(), e.size()))
     }
 
-    /// An open for writing: drops the cached copy and keeps the file out of
-    /// the cache until the returned guard (and every other) is dropped.
-    pub fn open_for_write(&self, key: Key) -> WriteGuard {
-        *self.shared.lock().writers.entry(key).or_insert(0) += 1;
+    /// An open for writing by `writer`: drops the cached copy and keeps the
+    /// file out of the cache until the returned guard (and every other) is
+    /// dropped.
+    pub fn open_for_write(&self, key: Key, writer: Writer) -> WriteGuard {
+        self.shared
+            .lock()
+            .writers
+            .entry(key)
+            .or_default()
+            .push(writer.clone());
         for entry in self.shared.invalidate(key, "opened for writing") {
             entry.fence();
         }
         WriteGuard {
             shared: self.shared.clone(),
             key,
+            writer,
         }
     }
 
@@ -613,12 +625,23 @@ mod tests {
         );
 
         cache.note_available(u64::MAX);
-        let writing = cache.open_for_write(idb.key());
+        let writer = |pid| Writer {
+            pid,
+            command: Some("python3".into()),
+        };
+        let first = cache.open_for_write(idb.key(), writer(10));
+        let second = cache.open_for_write(idb.key(), writer(20));
         assert_eq!(
             cache.warm(idb, "b.safetensors", source(&b)),
-            Err(Refusal::OpenForWriting)
+            Err(Refusal::OpenForWriting(writer(10)))
         );
-        drop(writing);
+        drop(first);
+        assert_eq!(
+            cache.warm(idb, "b.safetensors", source(&b)),
+            Err(Refusal::OpenForWriting(writer(20))),
+            "the writer still holding it is named"
+        );
+        drop(second);
         cache.warm(idb, "b.safetensors", source(&b)).unwrap();
         assert_eq!(cache.charged_bytes(), 4 << 20, "a made room for b");
     }

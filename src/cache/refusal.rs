@@ -12,8 +12,9 @@ use crate::units::Bytes;
 pub enum Refusal {
     /// Not a file the cache takes at all, by this rule.
     NotModelFile(NotModelFile),
-    /// Open for writing through the mount: its bytes are changing.
-    OpenForWriting,
+    /// Open for writing through the mount: its bytes are changing. Names
+    /// the writer that opened it first of those holding it open.
+    OpenForWriting(Writer),
     /// `admit = "manual"`: only the manifest and commands add files.
     ManualAdmission,
     /// Loading it would take available memory under the floor.
@@ -31,6 +32,25 @@ pub enum Refusal {
     },
     /// The backing file could not be opened or prepared.
     Io(String),
+}
+
+/// A process holding a file open for writing through the mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Writer {
+    /// The process (thread group) id, not the thread that opened.
+    pub pid: u32,
+    /// Its command name (`/proc/PID/comm`), when it could be read.
+    pub command: Option<String>,
+}
+
+impl fmt::Display for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pid {}", self.pid)?;
+        match &self.command {
+            Some(command) => write!(f, " ({command})"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The rule a file fails to be a model file the cache takes.
@@ -104,7 +124,7 @@ impl fmt::Display for NotModelFile {
             }
             NotModelFile::Larger { size, cap } => write!(
                 f,
-                "{} is larger than the cache's cap {} by {}",
+                "{} is larger than the cap ({}) by {}: raise --max-size or max_size",
                 Bytes(*size),
                 Bytes(*cap),
                 Bytes(size - cap)
@@ -118,7 +138,7 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refusal::NotModelFile(why) => why.fmt(f),
-            Refusal::OpenForWriting => write!(f, "it is open for writing"),
+            Refusal::OpenForWriting(writer) => write!(f, "open for writing by {writer}"),
             Refusal::ManualAdmission => write!(
                 f,
                 "admit = \"manual\": only the manifest and `modelcache warm`/`pin` add files"
@@ -127,14 +147,26 @@ impl fmt::Display for Refusal {
                 size,
                 available,
                 floor,
-            } => write!(
-                f,
-                "loading {} would take available memory ({}) under the floor {} by {}",
-                Bytes(*size),
-                Bytes(*available),
-                Bytes(*floor),
-                Bytes(floor.saturating_add(*size).saturating_sub(*available))
-            ),
+            } => {
+                let short = Bytes(floor.saturating_add(*size).saturating_sub(*available));
+                let (size, floor) = (Bytes(*size), Bytes(*floor));
+                match available.checked_sub(size.0) {
+                    Some(left) => write!(
+                        f,
+                        "loading {size} would leave {} available, under min_available \
+                         {floor} by {short}: free memory or lower min_available",
+                        Bytes(left)
+                    ),
+                    // More than is available at all: lowering the floor
+                    // alone cannot make room.
+                    None => write!(
+                        f,
+                        "loading {size} would need {short} more than the {} available, \
+                         keeping min_available {floor}: free memory",
+                        Bytes(*available)
+                    ),
+                }
+            }
             Refusal::CapHeld {
                 size,
                 short_by,
@@ -184,7 +216,7 @@ mod tests {
         );
         assert_eq!(
             shown("m.gguf", 10 << 30),
-            "10.0 GiB is larger than the cache's cap 8.0 GiB by 2.0 GiB"
+            "10.0 GiB is larger than the cap (8.0 GiB) by 2.0 GiB: raise --max-size or max_size"
         );
         let off = ModelFiles {
             max_size: Some(0),
@@ -205,17 +237,18 @@ mod tests {
         };
         assert_eq!(
             floor.to_string(),
-            "loading 4.0 GiB would take available memory (6.0 GiB) under the floor 3.0 GiB by 1.0 GiB"
+            "loading 4.0 GiB would leave 2.0 GiB available, under min_available 3.0 GiB \
+             by 1.0 GiB: free memory or lower min_available"
         );
         let larger = Refusal::MemoryFloor {
             size: 4 << 30,
             available: 2 << 30,
             floor: 1 << 30,
         };
-        assert!(
-            larger
-                .to_string()
-                .ends_with("under the floor 1.0 GiB by 3.0 GiB")
+        assert_eq!(
+            larger.to_string(),
+            "loading 4.0 GiB would need 3.0 GiB more than the 2.0 GiB available, \
+             keeping min_available 1.0 GiB: free memory"
         );
         let cap = Refusal::CapHeld {
             size: 4 << 30,
@@ -226,5 +259,19 @@ mod tests {
             cap.to_string()
                 .contains("1.0 GiB short, with 7.0 GiB pinned")
         );
+    }
+
+    #[test]
+    fn a_file_open_for_writing_names_its_writer() {
+        let by = |command: Option<&str>| {
+            Refusal::OpenForWriting(Writer {
+                pid: 123,
+                command: command.map(str::to_string),
+            })
+            .to_string()
+        };
+        assert_eq!(by(Some("python3")), "open for writing by pid 123 (python3)");
+        // Gone, or another user's under a non-root daemon: the pid alone.
+        assert_eq!(by(None), "open for writing by pid 123");
     }
 }

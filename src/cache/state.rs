@@ -13,7 +13,7 @@ use super::budget::PinBudget;
 use super::comeback::Comeback;
 use super::loader::LoadCounters;
 use super::policy::{EntryId, EvictReason, Key, Policy};
-use super::{CacheConfig, Clock, Entry, MountView};
+use super::{CacheConfig, Clock, Entry, MountView, Writer};
 use crate::units::Bytes;
 
 /// The state of the cache; see `Shared::lock`.
@@ -22,8 +22,9 @@ pub(super) struct State {
     /// The entries the policy holds resident. An entry dropped from here
     /// lives on while readers hold it and is freed with their last close.
     pub(super) resident: HashMap<EntryId, Arc<Entry>>,
-    /// Files open for writing through the mount: never cached meanwhile.
-    pub(super) writers: HashMap<Key, u32>,
+    /// Files open for writing through the mount, one writer per open (in
+    /// the order opened): never cached meanwhile.
+    pub(super) writers: HashMap<Key, Vec<Writer>>,
     /// Paths (relative to the root) pinned by the manifest or a command:
     /// their entries are pinned whenever they are (re)admitted.
     pub(super) pins: HashSet<String>,

@@ -20,10 +20,10 @@ pub trait Caching: Send + Sync {
     /// reading.
     fn open_for_read(&self, open: ReadOpen<'_>) -> ReadOpened;
 
-    /// A file is about to be opened for writing (or was just created): it
-    /// leaves the cache now, and stays out while the hold is kept (until
-    /// the last close).
-    fn open_for_write(&self, key: InodeKey) -> Box<dyn Hold>;
+    /// A file is about to be opened for writing (or was just created) by
+    /// `pid` (a FUSE request's caller, a thread id): it leaves the cache
+    /// now, and stays out while the hold is kept (until the last close).
+    fn open_for_write(&self, key: InodeKey, pid: u32) -> Box<dyn Hold>;
 
     /// The backing file `key` changed or is gone: no cached copy of it may
     /// serve another byte.
@@ -86,7 +86,7 @@ impl Caching for NoCaching {
         ReadOpened::uncached()
     }
 
-    fn open_for_write(&self, _key: InodeKey) -> Box<dyn Hold> {
+    fn open_for_write(&self, _key: InodeKey, _pid: u32) -> Box<dyn Hold> {
         Box::new(())
     }
 

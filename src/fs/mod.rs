@@ -383,7 +383,7 @@ impl Overlay {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             // Out of the cache before the open (which may truncate), so no
             // reader is served the old bytes meanwhile.
-            let writing = self.caching.open_for_write(node.key);
+            let writing = self.caching.open_for_write(node.key, pid);
             let file = self.reopen(&node, io_flags(flags))?;
             let setid = is_setid(&backing::stat(file.as_fd())?);
             let fh = self.files.insert(OpenFile {
@@ -461,7 +461,7 @@ impl Overlay {
         // The node comes from the open file itself, not from the name, which
         // another process could already have replaced.
         let entry = self.remember(backing::path_of_open(file.as_fd())?, parent_id, &name)?;
-        let writing = self.caching.open_for_write(key(&entry.stat));
+        let writing = self.caching.open_for_write(key(&entry.stat), caller.pid);
         let fh = self.files.insert(OpenFile {
             file,
             hold: Some(writing),

@@ -8,6 +8,7 @@ use super::file::{Reader, read_manifest_file};
 use super::matching::Matches;
 use super::values::{DEFAULT_MAX_SIZE, Limits, RuleKind, show_spec};
 use crate::Error;
+use crate::cache::NotModelFile;
 use crate::units::{Bytes, SizeSpec};
 
 /// `modelcache check`: what the manifest takes under `root`, and whether
@@ -25,7 +26,7 @@ pub fn check_command(manifest: Option<PathBuf>, root: &Path) -> Result<(), Error
     let limits = manifest.limits(ram)?;
     let matches = manifest.matches(root)?;
     print!("{}", report(&manifest, root, &matches, &limits, ram));
-    pins_fit(&manifest, &matches, &limits, ram)
+    manifest.pins_fit(&matches, limits.max_size, CapFrom::Manifest, ram)
 }
 
 /// The listing `check` prints.
@@ -63,15 +64,15 @@ fn report(
             let _ = writeln!(out, "  {path:<width$}  {}", Bytes(file.size));
             // Oversized pins are reported as a whole, below.
             if file.size > limits.max_size && rule.kind != RuleKind::Pin {
-                too_big.push(path);
+                let why = NotModelFile::Larger {
+                    size: file.size,
+                    cap: limits.max_size,
+                };
+                too_big.push(format!("{path} will not be cached: {why}"));
             }
         }
-        for path in too_big {
-            let _ = writeln!(
-                out,
-                "  warning: {path} is larger than the cap ({}): it will not be cached",
-                Bytes(limits.max_size)
-            );
+        for warning in too_big {
+            let _ = writeln!(out, "  warning: {warning}");
         }
         if !rule.skipped.is_empty() {
             let bytes: u64 = rule.skipped.iter().map(|f| f.size).sum();
@@ -120,34 +121,148 @@ fn cap_source(manifest: &Manifest) -> String {
     }
 }
 
-/// Pins are never evicted for the cap, so pins over it can never all be cached.
-fn pins_fit(
-    manifest: &Manifest,
-    matches: &Matches,
-    limits: &Limits,
-    ram: u64,
-) -> Result<(), Error> {
-    let pinned = matches.pinned.bytes;
-    if pinned <= limits.max_size {
-        return Ok(());
+/// Where the cap that pins must fit under was set, for the fix to name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CapFrom {
+    /// The manifest's `max_size`, or its default.
+    Manifest,
+    /// `modelcache mount --max-size`.
+    Flag,
+    /// The live mount's, whichever set it: a reload does not change the
+    /// cap (a new `max_size` takes effect at the next mount).
+    Mounted,
+}
+
+impl Manifest {
+    /// Pins are never evicted for the cap, so pins over it can never all be
+    /// cached: refused by `check`, by `mount` and by a reload, with this one
+    /// message.
+    pub fn pins_fit(
+        &self,
+        matches: &Matches,
+        cap: u64,
+        cap_from: CapFrom,
+        ram: u64,
+    ) -> Result<(), Error> {
+        let pinned = matches.pinned.bytes;
+        if pinned <= cap {
+            return Ok(());
+        }
+        let at_least = Bytes(pinned);
+        let (source, fix) = match cap_from {
+            CapFrom::Manifest => (
+                cap_source(self),
+                format!("raise max_size in [cache] to at least {at_least}, or pin fewer files"),
+            ),
+            CapFrom::Flag => (
+                "--max-size".to_string(),
+                format!("raise --max-size to at least {at_least}, or pin fewer files"),
+            ),
+            CapFrom::Mounted => (
+                "in force since the mount".to_string(),
+                format!(
+                    "pin fewer files, or mount again with max_size (or --max-size) at least \
+                     {at_least}"
+                ),
+            ),
+        };
+        let fix = if ram > 0 && pinned > ram {
+            format!(
+                "pin fewer files: they are more than this machine's RAM ({})",
+                Bytes(ram)
+            )
+        } else {
+            fix
+        };
+        Err(Error(format!(
+            "{}: pinned files total {}, {} more than the cap of {} ({source}): {fix}",
+            self.origin.display(),
+            Bytes(pinned),
+            Bytes(pinned - cap),
+            Bytes(cap),
+        )))
     }
-    let fix = if ram > 0 && pinned > ram {
-        format!(
-            "pin fewer files: they are more than this machine's RAM ({})",
-            Bytes(ram)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Tree;
+
+    const MIB: u64 = 1 << 20;
+
+    /// The verdict on pins of 12 MiB under a cap of 8 MiB from `cap_from`.
+    fn over_the_cap(cap_from: CapFrom, ram: u64) -> String {
+        let manifest = Manifest::parse(
+            "[cache]\nmax_size = \"8MiB\"\n\n[[pin]]\npaths = [\"*.safetensors\"]\n",
+            Path::new("/etc/m.toml"),
         )
-    } else {
-        format!(
-            "raise max_size in [cache] to at least {}, or pin fewer files",
-            Bytes(pinned)
+        .unwrap();
+        let tree = Tree::from_files([("a.safetensors", 8 * MIB), ("b.safetensors", 4 * MIB)]);
+        let matches = manifest.match_tree(&tree);
+        manifest
+            .pins_fit(&matches, 8 * MIB, cap_from, ram)
+            .unwrap_err()
+            .0
+    }
+
+    #[test]
+    fn pins_over_the_cap_name_where_the_cap_was_set_and_the_fix() {
+        let head = "/etc/m.toml: pinned files total 12.0 MiB, 4.0 MiB more than the cap of 8.0 MiB";
+        assert_eq!(
+            over_the_cap(CapFrom::Manifest, 64 << 30),
+            format!(
+                "{head} (max_size, line 2): raise max_size in [cache] to at least 12.0 MiB, \
+                 or pin fewer files"
+            )
+        );
+        assert_eq!(
+            over_the_cap(CapFrom::Flag, 64 << 30),
+            format!(
+                "{head} (--max-size): raise --max-size to at least 12.0 MiB, or pin fewer files"
+            )
+        );
+        assert_eq!(
+            over_the_cap(CapFrom::Mounted, 64 << 30),
+            format!(
+                "{head} (in force since the mount): pin fewer files, or mount again with \
+                 max_size (or --max-size) at least 12.0 MiB"
+            )
+        );
+        assert!(
+            over_the_cap(CapFrom::Flag, 10 * MIB)
+                .ends_with("pin fewer files: they are more than this machine's RAM (10.0 MiB)")
+        );
+    }
+
+    #[test]
+    fn a_warm_file_over_the_cap_is_reported_with_the_caches_own_reason() {
+        let manifest = Manifest::parse(
+            "[cache]\nmax_size = \"8MiB\"\n\n[[warm]]\npaths = [\"big.gguf\"]\n",
+            Path::new("/m.toml"),
         )
-    };
-    let cap = cap_source(manifest);
-    Err(Error(format!(
-        "{}: pinned files total {}, {} more than the cap of {} ({cap}): {fix}",
-        manifest.origin.display(),
-        Bytes(pinned),
-        Bytes(pinned - limits.max_size),
-        Bytes(limits.max_size),
-    )))
+        .unwrap();
+        let matches = manifest.match_tree(&Tree::from_files([("big.gguf", 10 * MIB)]));
+        let limits = manifest.limits(64 << 30).unwrap();
+        let text = report(&manifest, Path::new("/models"), &matches, &limits, 64 << 30);
+        assert!(
+            text.contains(
+                "  warning: big.gguf will not be cached: 10.0 MiB is larger than the cap \
+                 (8.0 MiB) by 2.0 MiB: raise --max-size or max_size\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn pins_that_fit_the_cap_pass() {
+        let manifest =
+            Manifest::parse("[[pin]]\npaths = [\"a.gguf\"]\n", Path::new("/m.toml")).unwrap();
+        let matches = manifest.match_tree(&Tree::from_files([("a.gguf", 8 * MIB)]));
+        assert!(
+            manifest
+                .pins_fit(&matches, 8 * MIB, CapFrom::Flag, 64 << 30)
+                .is_ok()
+        );
+    }
 }

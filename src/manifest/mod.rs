@@ -23,7 +23,7 @@ mod values;
 
 use std::path::{Path, PathBuf};
 
-pub use check::check_command;
+pub use check::{CapFrom, check_command};
 pub use file::{Reader, SYSTEM_MANIFEST};
 use file::{default_path_from, read_manifest_file};
 pub use matching::{MatchedFile, Matches, Rule, RuleMatches, Total};

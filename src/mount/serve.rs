@@ -43,6 +43,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         backing,
         mountpoint,
     } = check(&config)?;
+    config.settings.check_pins(&backing)?;
     // Open the backing directory *before* mounting: in place, it is about to
     // be hidden under the mount.
     let root = backing::open_root(&backing)
@@ -161,6 +162,8 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         }
     };
     drop(fuse_dev);
+    // Before the manifest's prewarm: its admissions must see the floor.
+    let monitor = start_pressure_monitor(&cache, &settings_floor);
     let rules = ManifestWorker::start(
         LiveMount {
             overlay: overlay.clone(),
@@ -172,7 +175,6 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         settings.manifest_arg,
         opened_members,
     );
-    let monitor = start_pressure_monitor(&cache, &settings_floor);
     let service = Arc::new(MountService {
         mountpoint: mountpoint.clone(),
         backing: backing.clone(),
@@ -211,20 +213,72 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
             (false, false) => "",
         }
     );
+    // Ready once the manifest is applied (its walk is bounded, and so is
+    // this wait): its warnings are printed before `--background` returns.
+    if !rules.wait_first_applied(FIRST_APPLY_WAIT) {
+        info!(
+            "the manifest is still being applied (walking the models folder): its warnings will be in this log"
+        );
+    }
     notify_ready();
     let ours = mountinfo::mount_at(&mountpoint)
         .filter(|m| m.is_modelcache())
         .map(|m| m.id);
+    let reloads = Arc::new(SignalReloads::default());
     serve_until_unmounted(
         &mountpoint,
         ours,
         session,
-        &|| match rules.reload() {
-            Ok(what) => info!("{what}"),
-            Err(e) => warn!("reload failed, the manifest in force stays: {e}"),
-        },
+        &|| reloads.request(&rules),
         &|| cache.release_all(),
     )
+}
+
+/// How long the mount waits for its first manifest to be applied before it
+/// reports itself ready.
+const FIRST_APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// Reloads asked for by SIGHUP. A reload waits for the worker's walk of the
+/// mount, so it runs off the loop that answers a stop signal, on one thread
+/// at a time: signals that arrive meanwhile make it run once more, not
+/// start more threads.
+#[derive(Default)]
+struct SignalReloads {
+    running: std::sync::atomic::AtomicBool,
+    again: std::sync::atomic::AtomicBool,
+}
+
+impl SignalReloads {
+    fn request(self: &Arc<Self>, rules: &Arc<ManifestWorker>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.again.store(true, SeqCst);
+        if self.running.swap(true, SeqCst) {
+            return;
+        }
+        let (me, rules) = (self.clone(), rules.clone());
+        let spawned = std::thread::Builder::new()
+            .name("reload".into())
+            .spawn(move || {
+                loop {
+                    while me.again.swap(false, SeqCst) {
+                        match rules.reload() {
+                            // Its warnings were logged as it was applied.
+                            Ok((what, _)) => info!("{what}"),
+                            Err(e) => warn!("reload failed, the manifest in force stays: {e}"),
+                        }
+                    }
+                    me.running.store(false, SeqCst);
+                    // A signal between the last check and now: go on.
+                    if !me.again.load(SeqCst) || me.running.swap(true, SeqCst) {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            self.running.store(false, SeqCst);
+            warn!("reload failed, the manifest in force stays: cannot start its thread: {e}");
+        }
+    }
 }
 
 /// How often `--metrics-file` is rewritten.
@@ -239,6 +293,11 @@ const GROUP_OPENS_QUEUED: usize = 256;
 /// too under `critical_available`. `None` (with a warning) where memory
 /// cannot be read.
 fn start_pressure_monitor(cache: &Arc<Cache>, floor: &Thresholds) -> Option<Arc<Monitor>> {
+    // Once now: the monitor's first sample comes from its own thread, after
+    // the prewarm that starts next may have admitted files past the floor.
+    if let Ok(sample) = Sample::read() {
+        cache.note_available(sample.available());
+    }
     let (sampled, relieved) = (cache.clone(), cache.clone());
     let (min, critical) = (floor.min_available, floor.critical_available);
     let started = Monitor::with_sampler(

@@ -8,7 +8,7 @@ use crate::Error;
 use crate::cache::CacheConfig;
 use crate::fs::fuse::ReadMode;
 use crate::fs::passthrough::Passthrough;
-use crate::manifest::{self, Admit, Manifest};
+use crate::manifest::{self, Admit, CapFrom, Manifest};
 use crate::units::{Bytes, SizeSpec};
 
 /// What `modelcache mount` was asked to do.
@@ -105,6 +105,8 @@ pub struct CacheFlags {
 /// What the mount takes from the flags and the manifest.
 pub struct Settings {
     pub cache: CacheConfig,
+    /// Where the cap was set: `--max-size`, else the manifest.
+    pub cap_from: CapFrom,
     /// Below this much available memory even pinned files are released.
     pub critical_available: u64,
     /// The manifest in force at mount, if any.
@@ -159,10 +161,30 @@ impl Settings {
         cache.pin_budget = limits.pin_budget;
         Ok(Settings {
             cache,
+            cap_from: if flags.max_size.is_some() {
+                CapFrom::Flag
+            } else {
+                CapFrom::Manifest
+            },
             critical_available: limits.critical_available,
             manifest,
             manifest_arg,
         })
+    }
+}
+
+impl Settings {
+    /// The manifest's pins against the files of `backing`, before mounting:
+    /// pins that cannot fit under the cap fail the mount with the message
+    /// of `modelcache check` (pins that fit but cannot load now, for memory
+    /// or a writer, are the prewarm's warnings).
+    pub fn check_pins(&self, backing: &Path) -> Result<(), Error> {
+        let Some(manifest) = &self.manifest else {
+            return Ok(());
+        };
+        let matches = manifest.matches(backing)?;
+        let ram = crate::cache::pressure::total_ram();
+        manifest.pins_fit(&matches, self.cache.max_size, self.cap_from, ram)
     }
 }
 

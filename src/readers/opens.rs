@@ -13,13 +13,16 @@ use crossbeam_channel::Sender;
 use parking_lot::RwLock;
 use tracing::info;
 
+use super::classify::thread_group;
 use super::exec::CommandRunner;
 use super::hooks::Hooks;
 use super::payoff::from_ram_line;
 use super::source::{DiskReason, OpenSource};
 use super::stats::{FileCounters, Stats};
 use super::{Classifier, ReaderClass};
-use crate::cache::{Cache, CacheRef, Identity, NotModelFile, ReaderHold, Refusal, WriteGuard};
+use crate::cache::{
+    Cache, CacheRef, Identity, NotModelFile, ReaderHold, Refusal, WriteGuard, Writer,
+};
 use crate::fs::inodes::InodeKey;
 use crate::fs::{Caching, Hold, Overlay, ReadOpen, ReadOpened, Stat};
 
@@ -57,6 +60,20 @@ pub fn identity(st: &Stat) -> Identity {
 /// this process's.
 fn is_own_thread(tid: u32) -> bool {
     Path::new(&format!("/proc/self/task/{tid}")).exists()
+}
+
+/// The process behind request pid `tid` (a thread id), as a refusal names
+/// a writer: its thread group and command name, read at the open (the
+/// writer may have exited by the time a refusal is shown).
+fn writer(tid: u32) -> Writer {
+    let read = |path: String| std::fs::read_to_string(path).ok();
+    let pid = read(format!("/proc/{tid}/status"))
+        .and_then(|s| thread_group(&s))
+        .unwrap_or(tid);
+    let command = read(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end_matches('\n').to_string())
+        .filter(|c| !c.is_empty());
+    Writer { pid, command }
 }
 
 impl Opens {
@@ -276,8 +293,8 @@ impl Caching for Opens {
         }
     }
 
-    fn open_for_write(&self, key: InodeKey) -> Box<dyn Hold> {
-        Box::new(self.cache.open_for_write(key))
+    fn open_for_write(&self, key: InodeKey, pid: u32) -> Box<dyn Hold> {
+        Box::new(self.cache.open_for_write(key, writer(pid)))
     }
 
     fn invalidate(&self, key: InodeKey) {
@@ -367,6 +384,31 @@ mod tests {
             !open(&fs, "a.safetensors", libc::O_RDWR).0.cacheable,
             "open for writing"
         );
+    }
+
+    #[test]
+    fn a_writer_is_named_by_its_process_not_its_thread() {
+        // A thread that lives until the test is done with it.
+        let (tid_tx, tid_rx) = crossbeam_channel::bounded(0);
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::spawn(move || {
+            // SAFETY: a plain getter.
+            tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        let me = std::process::id();
+        assert_ne!(tid, me);
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(
+            writer(tid),
+            Writer {
+                pid: me,
+                command: Some(comm.trim_end().to_string()),
+            }
+        );
+        drop(done_tx);
+        thread.join().unwrap();
     }
 
     #[test]

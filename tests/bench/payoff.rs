@@ -118,14 +118,22 @@ fn main() {
             }
             m.stop();
             drop(throttle);
-            rows.push((disk, mode, median(&mut cold), median(&mut estimate), median(&mut ram)));
+            rows.push((
+                disk,
+                mode,
+                median(&mut cold),
+                median(&mut estimate),
+                median(&mut ram),
+            ));
         }
     }
     println!(
         "\n== modelcache payoff benchmark: {} MiB, medians of {reps} ==\n",
         SIZE >> 20
     );
-    println!("| disk | mode | cold read s | estimate s | estimate/cold | read from RAM s | cold/RAM |");
+    println!(
+        "| disk | mode | cold read s | estimate s | estimate/cold | read from RAM s | cold/RAM |"
+    );
     println!("|---|---|---:|---:|---:|---:|---:|");
     for (disk, mode, c, e, r) in rows {
         println!(
