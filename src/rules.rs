@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tracing::{info, warn};
 
 use crate::cache::Cache;
@@ -31,6 +31,9 @@ use crate::manifest::{self, CapFrom, Manifest, RuleKind};
 use crate::pins::Pins;
 use crate::readers::opens::Opens;
 use crate::units::{Bytes, Count, Rate};
+
+/// How long `reload` waits for the worker to apply the manifest.
+const RELOAD_WAIT: Duration = Duration::from_secs(20);
 
 /// How often prewarm progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -142,9 +145,27 @@ impl ManifestWorker {
         // The worker answers once it has matched the manifest (a bounded
         // walk of the mount) and queued its loads; gone, the mount is
         // going away.
-        let applied = answer
-            .recv()
-            .map_err(|_| crate::Error("the mount is going away: nothing was reloaded".into()))??;
+        // Bounded: a client waits 30 s for its answer.
+        let applied = match answer.recv_timeout(RELOAD_WAIT) {
+            Ok(applied) => applied?,
+            Err(RecvTimeoutError::Timeout) => {
+                return Ok((
+                    format!(
+                        "reloading {}: still matching it against the mount (a long walk, or a \
+                         reload before it); its warnings will be in the daemon's log",
+                        path.display()
+                    ),
+                    Vec::new(),
+                ));
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(crate::Error(
+                    "the manifest's worker stopped before applying it (the mount is going \
+                     away, or the worker failed: see the daemon's log)"
+                        .into(),
+                ));
+            }
+        };
         let line = format!(
             "reloaded {}: {} pinned, {} warm, loading in the background",
             path.display(),

@@ -19,7 +19,6 @@ use crate::manifest::Tree;
 use crate::pins::Pins;
 use crate::readers::ReaderClass;
 use crate::readers::opens::Opens;
-use crate::readers::payoff::disk_seconds_avoided;
 use crate::readers::source::OpenSource;
 use crate::readers::stats::FileStats;
 use crate::rules::ManifestWorker;
@@ -160,14 +159,13 @@ fn state_of(e: &EntryStatus) -> FileState {
 
 /// Fills in a file's open counters and where its latest open was served
 /// from.
-fn with_opens(file: &mut FileStatus, s: &FileStats, read_rate: Option<f64>) {
+fn with_opens(file: &mut FileStatus, s: &FileStats) {
     file.hits = s.opens.from_ram;
     file.opens_from_ram = s.opens.from_ram;
     file.opens_partial = s.opens.partial;
     file.opens_from_disk = s.opens.from_disk;
     file.bytes_opened_from_ram = s.opens.bytes_opened_from_ram;
-    file.disk_seconds_avoided =
-        disk_seconds_avoided(s.opens.bytes_opened_from_ram, read_rate).unwrap_or(0.0);
+    file.disk_seconds_avoided = s.opens.disk_seconds_avoided;
     file.bytes_from_backing = s.bytes_from_backing;
     file.last_access = s
         .last_access
@@ -210,7 +208,7 @@ impl Daemon for MountService {
                     ..FileStatus::new(e.name.clone(), state)
                 };
                 if let Some(s) = stats.file(&e.name) {
-                    with_opens(&mut file, &s, rate);
+                    with_opens(&mut file, &s);
                 }
                 file
             })
@@ -218,21 +216,25 @@ impl Daemon for MountService {
         // The files opened since the mount that the cache does not hold:
         // where their opens went, and why.
         let listed: HashSet<String> = files.iter().map(|f| f.path.clone()).collect();
-        for (name, s) in stats.files() {
-            if !listed.contains(&name) {
+        let mut uncached_files: Vec<FileStatus> = stats
+            .files()
+            .into_iter()
+            .filter(|(name, _)| !listed.contains(name))
+            .map(|(name, s)| {
                 let mut file = FileStatus {
                     size: s.size,
                     ..FileStatus::new(name, FileState::Uncached)
                 };
-                with_opens(&mut file, &s, rate);
-                files.push(file);
-            }
-        }
-        for file in &mut files {
+                with_opens(&mut file, &s);
+                file
+            })
+            .collect();
+        for file in files.iter_mut().chain(&mut uncached_files) {
             file.passthrough_handles =
                 passthrough_by_name.get(&file.path).copied().unwrap_or(0) as u64;
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
+        uncached_files.sort_by(|a, b| a.path.cmp(&b.path));
         let c = stats.counters();
         let by_class = |values: [u64; 3]| {
             ReaderClass::ALL
@@ -259,13 +261,13 @@ impl Daemon for MountService {
             mem_available: sample.as_ref().map_or(0, |s| s.mem_available),
             psi_some_avg10: sample.and_then(|s| s.psi_some_avg10),
             files,
+            uncached_files,
             counters: protocol::Counters {
                 opens_from_ram: c.opens.from_ram,
                 opens_partial: c.opens.partial,
                 opens_from_disk: c.opens.from_disk,
                 bytes_opened_from_ram: c.opens.bytes_opened_from_ram,
-                disk_seconds_avoided: disk_seconds_avoided(c.opens.bytes_opened_from_ram, rate)
-                    .unwrap_or(0.0),
+                disk_seconds_avoided: c.opens.disk_seconds_avoided,
                 read_rate: rate,
                 opens_by_class: by_class(c.opens_by_class),
                 bytes_by_class: by_class(c.bytes_by_class),
@@ -306,26 +308,57 @@ impl Daemon for MountService {
                 missing.push(name);
             }
         }
+        let done = self.outcomes(done);
         if missing.is_empty() {
-            Ok(VerbReport::files(self.outcomes(done)))
+            Ok(VerbReport::files(done))
         } else {
-            Err(VerbError::NotCached(missing))
+            Err(VerbError::NotCached { missing, done })
         }
     }
 
     fn pin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
-        let files = self.expand(paths)?;
-        let names: Vec<String> = files.iter().map(|(f, _)| crate::names::shown(f)).collect();
+        // Only model files the cache takes are pinned and saved: the
+        // others are named, with why, and never come back at a remount.
+        let mut takes = Vec::new();
+        let mut refused = Vec::new();
+        for (f, size) in self.expand(paths)? {
+            match self.opens.cache().model_files().check(&f, size) {
+                Ok(()) => takes.push((f, size)),
+                Err(why) => refused.push((crate::names::shown(&f), why.to_string())),
+            }
+        }
+        let names: Vec<String> = takes.iter().map(|(f, _)| crate::names::shown(f)).collect();
         // Refused whole (too many), or pinned and maybe not saved.
         let saved = match self.pins.pin(&names) {
             Err(e @ crate::pins::PinError::TooMany { .. }) => {
-                return Err(VerbError::Pins(e.to_string()));
+                return Err(VerbError::Pins {
+                    why: e.to_string(),
+                    done: Vec::new(),
+                });
             }
             other => other,
         };
-        let report = self.warm_files(&files, Action::Pinned)?;
-        saved.map_err(|e| VerbError::Pins(e.to_string()))?;
-        Ok(report)
+        let done = match self.warm_files(&takes, Action::Pinned) {
+            Ok(report) => report.files,
+            // Pinned, but not loadable now (the floor, room): said, and it
+            // loads when it can.
+            Err(VerbError::Refused { refused: now, done }) => {
+                refused.extend(now);
+                done
+            }
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = saved {
+            return Err(VerbError::Pins {
+                why: e.to_string(),
+                done,
+            });
+        }
+        if refused.is_empty() {
+            Ok(VerbReport::files(done))
+        } else {
+            Err(VerbError::Refused { refused, done })
+        }
     }
 
     fn unpin(&self, paths: &[String]) -> Result<VerbReport, VerbError> {
@@ -343,10 +376,15 @@ impl Daemon for MountService {
             done.push((name.clone(), size, action));
             names.push(name);
         }
-        self.pins
-            .unpin(&names)
-            .map_err(|e| VerbError::Pins(e.to_string()))?;
-        Ok(VerbReport::files(self.outcomes(done)))
+        let saved = self.pins.unpin(&names);
+        let done = self.outcomes(done);
+        match saved {
+            Ok(()) => Ok(VerbReport::files(done)),
+            Err(e) => Err(VerbError::Pins {
+                why: e.to_string(),
+                done,
+            }),
+        }
     }
 
     fn reload(&self) -> Result<VerbReport, VerbError> {

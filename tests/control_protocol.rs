@@ -17,9 +17,9 @@ use modelcache::control::paths::MountPaths;
 use modelcache::control::protocol::PinOrigin;
 use modelcache::control::server::{ServerOptions, serve_with};
 use modelcache::control::{
-    ClientError, Counters, Daemon, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION,
-    Request, Response, VerbError, VerbReport, serve, socket_file_name, spawn_metrics_writer,
-    write_metrics,
+    ClientError, Counters, Daemon, FileState, FileStatus, LastOpen, Mode, MountStatus,
+    PROTOCOL_VERSION, Request, Response, VerbError, VerbReport, serve, socket_file_name,
+    spawn_metrics_writer, write_metrics,
 };
 use modelcache::mountinfo::MountEntry;
 use parking_lot::Mutex;
@@ -68,6 +68,16 @@ fn sample_status(mountpoint: &str) -> MountStatus {
             ),
             file("vae/vae.safetensors", GIB, FileState::Loading, GIB / 4),
         ],
+        uncached_files: vec![FileStatus {
+            size: 60 * GIB,
+            opens_from_disk: 2,
+            last_open: Some(LastOpen {
+                source: "disk".into(),
+                resident_percent: None,
+                reason: Some("60.0 GiB is larger than the cap (48.0 GiB)".into()),
+            }),
+            ..FileStatus::new("huge.gguf".into(), FileState::Uncached)
+        }],
         counters: Counters {
             opens_from_ram: 6,
             opens_partial: 1,
@@ -559,7 +569,8 @@ fn status_json_schema_is_stable() {
             "mountpoint",
             "pinned_bytes",
             "protected_bytes",
-            "psi_some_avg10"
+            "psi_some_avg10",
+            "uncached_files"
         ]
     );
     assert_eq!(v["mode"], "copy");
@@ -637,8 +648,31 @@ fn status_json_schema_is_stable() {
         .as_object_mut()
         .unwrap()
         .remove("pin_origin");
+    // And the payoff's fields: absent, they read as nothing counted.
+    older.as_object_mut().unwrap().remove("uncached_files");
+    for key in [
+        "opens_from_ram",
+        "opens_partial",
+        "opens_from_disk",
+        "bytes_opened_from_ram",
+        "disk_seconds_avoided",
+    ] {
+        older["files"][0].as_object_mut().unwrap().remove(key);
+        older["counters"].as_object_mut().unwrap().remove(key);
+    }
+    older["counters"]
+        .as_object_mut()
+        .unwrap()
+        .remove("read_rate");
     let mut want = s2.clone();
     want.files[0].pin_origin = None;
+    want.uncached_files.clear();
+    let f = &mut want.files[0];
+    (f.opens_from_ram, f.opens_partial, f.opens_from_disk) = (0, 0, 0);
+    (f.bytes_opened_from_ram, f.disk_seconds_avoided) = (0, 0.0);
+    let c = &mut want.counters;
+    (c.opens_from_ram, c.opens_partial, c.opens_from_disk) = (0, 0, 0);
+    (c.bytes_opened_from_ram, c.disk_seconds_avoided, c.read_rate) = (0, 0.0, None);
     assert_eq!(serde_json::from_value::<MountStatus>(older).unwrap(), want);
 
     // Floats JSON cannot carry never make an answer unreadable.

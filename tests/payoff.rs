@@ -29,8 +29,15 @@ fn wait_cached(mnt: &Path, path: &str) -> Value {
     s
 }
 
+/// A file's entry: among the cached files, or those opened but uncached.
 fn file(s: &Value, path: &str) -> Value {
     status_file(s, path)
+        .or_else(|| {
+            s["uncached_files"]
+                .as_array()?
+                .iter()
+                .find(|f| f["path"] == path)
+        })
         .unwrap_or_else(|| panic!("{path} not listed: {s:#}"))
         .clone()
 }
@@ -52,7 +59,9 @@ fn opens_are_classified(mode: &str) {
         &["--passthrough", mode, "--max-size", "32MiB"],
     );
 
-    // Not cached: this open starts its load, and goes to the disk.
+    // Not cached: this open starts its load, and goes to the disk. The
+    // load reads the disk (not the page cache): its rate is measured.
+    drop_from_page_cache(&backing.join("model.safetensors"));
     read_through(&m.path("model.safetensors"));
     let s = wait_cached(&mnt, "model.safetensors");
     let f = file(&s, "model.safetensors");
@@ -66,6 +75,7 @@ fn opens_are_classified(mode: &str) {
     assert_eq!(s["counters"]["disk_seconds_avoided"], 0.0);
 
     // Cached: from RAM, twice; the estimate grows with each.
+    let first_from_ram = std::time::Instant::now();
     read_through(&m.path("model.safetensors"));
     let once = mount_status(&mnt);
     read_through(&m.path("model.safetensors"));
@@ -81,9 +91,10 @@ fn opens_are_classified(mode: &str) {
     let rate = c["read_rate"].as_f64().expect("a load measured the rate");
     let avoided = c["disk_seconds_avoided"].as_f64().unwrap();
     assert!(
-        (avoided - (32 * MIB) as f64 / rate).abs() < 1e-6,
+        (avoided - (32 * MIB) as f64 / rate).abs() < 1e-5,
         "the bytes over the measured rate: {c:#}"
     );
+    assert_eq!(f["disk_seconds_avoided"], c["disk_seconds_avoided"]);
     assert!(avoided > once["counters"]["disk_seconds_avoided"].as_f64().unwrap());
     let text = String::from_utf8(modelcache(&["status", mnt.to_str().unwrap()]).stdout).unwrap();
     let second = text.lines().nth(1).unwrap_or_default();
@@ -95,6 +106,10 @@ fn opens_are_classified(mode: &str) {
     // Over the cap: never cached, listed with the reason and its fix.
     read_through(&m.path("huge.gguf"));
     let s = mount_status(&mnt);
+    assert!(
+        status_file(&s, "huge.gguf").is_none(),
+        "not among the cached"
+    );
     let f = file(&s, "huge.gguf");
     assert_eq!(f["state"], "uncached", "{f:#}");
     assert_eq!(f["opens_from_disk"], 1);
@@ -127,18 +142,16 @@ fn opens_are_classified(mode: &str) {
         }
     }
 
-    // The log: one line for the first open from RAM, with the estimate.
+    // The log: one line for the first open from RAM, with the estimate;
+    // the second open waits for its minute (unless this test took one).
     let log = m.log_text();
-    assert_eq!(
-        log.matches("model.safetensors (16.0 MiB) from RAM ×1, ~")
-            .count(),
-        1,
+    assert!(
+        log.contains("model.safetensors (16.0 MiB) from RAM ×1, ~"),
         "{log}"
     );
-    assert!(
-        !log.contains("from RAM ×2"),
-        "the second waits its minute: {log}"
-    );
+    if first_from_ram.elapsed() < Duration::from_secs(50) {
+        assert_eq!(log.matches("from RAM ×").count(), 1, "{log}");
+    }
     m.unmount();
 }
 

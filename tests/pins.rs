@@ -86,6 +86,8 @@ fn a_runtime_pin_survives_a_reload_and_a_remount() {
     wait_pin(&mnt, "r.safetensors", "pinned", "runtime".into());
     ok(&["unpin", m.path("r.safetensors").to_str().unwrap()]);
     wait_pin(&mnt, "r.safetensors", "cached", Value::Null);
+    let saved: Value = serde_json::from_slice(&fs::read(files[0].path()).unwrap()).unwrap();
+    assert_eq!(saved["pins"], serde_json::json!([]), "unpinned for good");
     m.unmount();
     let m = mount_with(&backing, &mnt, &manifest, &state);
     std::thread::sleep(Duration::from_secs(1));
@@ -94,6 +96,39 @@ fn a_runtime_pin_survives_a_reload_and_a_remount() {
         status_file(&s, "r.safetensors").is_none(),
         "unpinned for good: {s:#}"
     );
+    m.unmount();
+}
+
+/// A file the cache never takes is refused by `pin` with why, and is
+/// neither pinned nor saved; the model files named with it are.
+#[test]
+fn pin_refuses_what_the_cache_never_takes_and_saves_only_the_rest() {
+    let (tmp, backing, mnt) = dirs();
+    fs::write(backing.join("notes.txt"), pseudo_random(2 * MIB, 4)).unwrap();
+    fs::write(backing.join("m.safetensors"), pseudo_random(4 * MIB, 5)).unwrap();
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(&manifest, "").unwrap();
+    let state = StateDir::new();
+    let m = mount_with(&backing, &mnt, &manifest, &state);
+    let out = modelcache(&[
+        "pin",
+        m.path("notes.txt").to_str().unwrap(),
+        m.path("m.safetensors").to_str().unwrap(),
+    ]);
+    let (said, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success());
+    assert!(
+        err.contains("notes.txt: not a model file: .txt is not in [cache] extensions"),
+        "{err}"
+    );
+    assert!(said.contains("pinned m.safetensors (4.0 MiB)"), "{said}");
+    wait_pin(&mnt, "m.safetensors", "pinned", "runtime".into());
+    let file = fs::read_dir(&state.path).unwrap().next().unwrap().unwrap();
+    let saved: Value = serde_json::from_slice(&fs::read(file.path()).unwrap()).unwrap();
+    assert_eq!(saved["pins"], serde_json::json!(["m.safetensors"]));
     m.unmount();
 }
 

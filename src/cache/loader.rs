@@ -35,11 +35,17 @@ pub(super) struct LoadCounters {
 }
 
 impl LoadCounters {
-    fn finished(&self, span: LoadSpan) {
+    /// A load of `size` bytes finished; `span` is what it read from the
+    /// disk, when it ran, for the read rate.
+    fn finished(&self, size: u64, span: LoadSpan) {
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(span.bytes, Ordering::Relaxed);
+        self.bytes.fetch_add(size, Ordering::Relaxed);
         let nanos = (span.end - span.start).as_nanos() as u64;
         self.nanos.fetch_add(nanos, Ordering::Relaxed);
+        if span.bytes == 0 {
+            // Served by the page cache: it measured memory, not the disk.
+            return;
+        }
         let mut recent = self.recent.lock();
         if recent.len() == RECENT_LOADS {
             recent.pop_front();
@@ -48,7 +54,20 @@ impl LoadCounters {
     }
 }
 
-/// One finished load: its bytes, and when it ran.
+/// Bytes this thread has had read from storage so far
+/// (`/proc/thread-self/io`, `read_bytes`): what a load really took from
+/// the disk, not what the page cache had already. `None` where the kernel
+/// does not count it.
+fn thread_disk_reads() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/thread-self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// One finished load: the bytes it read from the disk, and when it ran.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct LoadSpan {
     pub(super) bytes: u64,
@@ -125,6 +144,7 @@ pub(super) fn run_job(job: Job, shared: &Weak<Shared>) {
         return;
     }
     let started = Instant::now();
+    let disk_before = thread_disk_reads();
     let result = entry.load(&source, LOAD_CHUNK).and_then(|()| {
         // A change during the load makes the copy stale.
         if !entry.serves(&Identity::of_file(&source)?) {
@@ -134,14 +154,19 @@ pub(super) fn run_job(job: Job, shared: &Weak<Shared>) {
     });
     match result {
         Ok(()) => {
+            let from_disk = match (disk_before, thread_disk_reads()) {
+                (Some(before), Some(after)) => after.saturating_sub(before),
+                // Not counted by this kernel: the whole file, as an estimate.
+                _ => entry.size(),
+            };
             let span = LoadSpan {
-                bytes: entry.size(),
+                bytes: from_disk,
                 start: started,
                 end: Instant::now(),
             };
             let secs = (span.end - span.start).as_secs_f64();
             if let Some(shared) = shared.upgrade() {
-                shared.loads.finished(span);
+                shared.loads.finished(entry.size(), span);
             }
             info!(
                 "loaded {} ({}) in {secs:.2} s, {}",
@@ -182,6 +207,24 @@ mod tests {
             start: t0 + Duration::from_millis(from_ms),
             end: t0 + Duration::from_millis(to_ms),
         }
+    }
+
+    #[test]
+    fn loads_from_the_page_cache_do_not_count_in_the_rate() {
+        let loads = LoadCounters::default();
+        let t0 = Instant::now();
+        loads.finished(100 << 20, span(t0, 0, 0, 10));
+        assert!(
+            loads.recent.lock().is_empty(),
+            "memory speed is not the disk's"
+        );
+        assert_eq!(loads.count.load(Ordering::Relaxed), 1, "still a load");
+        loads.finished(100 << 20, span(t0, 100 << 20, 0, 1000));
+        assert_eq!(loads.recent.lock().len(), 1);
+        for _ in 0..2 * RECENT_LOADS {
+            loads.finished(1, span(t0, 1, 0, 1));
+        }
+        assert_eq!(loads.recent.lock().len(), RECENT_LOADS, "bounded");
     }
 
     #[test]

@@ -70,12 +70,16 @@ pub enum VerbError {
         refused: Vec<(String, String)>,
         done: Vec<FileOutcome>,
     },
-    /// Files `evict` found not cached.
-    NotCached(Vec<String>),
+    /// Files `evict` found not cached, and what was done to the others.
+    NotCached {
+        missing: Vec<String>,
+        done: Vec<FileOutcome>,
+    },
     /// The manifest could not be applied again; the one in force stays.
     Reload(String),
-    /// Runtime pins refused (too many), or applied but not saved.
-    Pins(String),
+    /// Runtime pins refused (too many), or applied but not saved, and what
+    /// was done to each file.
+    Pins { why: String, done: Vec<FileOutcome> },
 }
 
 impl fmt::Display for VerbError {
@@ -90,8 +94,10 @@ impl fmt::Display for VerbError {
                     .collect();
                 f.write_str(&each.join("; "))
             }
-            VerbError::NotCached(names) => write!(f, "not cached: {}", names.join(", ")),
-            VerbError::Reload(why) | VerbError::Pins(why) => f.write_str(why),
+            VerbError::NotCached { missing, .. } => {
+                write!(f, "not cached: {}", missing.join(", "))
+            }
+            VerbError::Reload(why) | VerbError::Pins { why, .. } => f.write_str(why),
         }
     }
 }
@@ -156,6 +162,19 @@ impl fmt::Display for ClientError {
             ),
             ClientError::Failed(why) => f.write_str(why),
             ClientError::NoStatus => write!(f, "the daemon's status answer has no status"),
+        }
+    }
+}
+
+impl VerbError {
+    /// What was done to the files that were not refused: said in the
+    /// answer too.
+    pub fn done(&self) -> &[FileOutcome] {
+        match self {
+            VerbError::Refused { done, .. }
+            | VerbError::NotCached { done, .. }
+            | VerbError::Pins { done, .. } => done,
+            VerbError::Path { .. } | VerbError::Walk(_) | VerbError::Reload(_) => &[],
         }
     }
 }

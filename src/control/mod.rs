@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 pub use error::{ClientError, PathProblem, RequestError, VerbError};
 pub use metrics::{MetricsHandle, spawn_metrics_writer, write_metrics};
 pub use protocol::{
-    Action, Counters, FileOutcome, FileState, FileStatus, Mode, MountStatus, PROTOCOL_VERSION,
-    Request, Response, StatusReport, VerbReport,
+    Action, Counters, FileOutcome, FileState, FileStatus, LastOpen, Mode, MountStatus,
+    PROTOCOL_VERSION, Request, Response, StatusReport, VerbReport,
 };
 pub use server::{ServerHandle, client_gone, serve};
 

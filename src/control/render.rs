@@ -186,10 +186,10 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
     );
     out.push('\n');
 
-    if s.files.is_empty() {
+    if s.files.is_empty() && s.uncached_files.is_empty() {
         out.push_str("  no files in the cache\n");
     } else {
-        let mut files: Vec<&FileStatus> = s.files.iter().collect();
+        let mut files: Vec<&FileStatus> = s.files.iter().chain(&s.uncached_files).collect();
         files.sort_by(|a, b| a.path.cmp(&b.path));
         let header = [
             "FILE",
@@ -385,20 +385,20 @@ mod tests {
                         FileState::Pinned,
                     )
                 },
-                FileStatus {
-                    size: 60 * gib,
-                    opens_from_disk: 2,
-                    last_open: Some(LastOpen {
-                        source: "disk".into(),
-                        resident_percent: None,
-                        reason: Some("60.0 GiB is larger than the cap (48.0 GiB)".into()),
-                    }),
-                    bytes_from_backing: gib / 2,
-                    last_access: Some(1_000_000 - 300),
-                    reader_classes: vec!["cpu".into()],
-                    ..FileStatus::new("huge.gguf".into(), FileState::Uncached)
-                },
             ],
+            uncached_files: vec![FileStatus {
+                size: 60 * gib,
+                opens_from_disk: 2,
+                last_open: Some(LastOpen {
+                    source: "disk".into(),
+                    resident_percent: None,
+                    reason: Some("60.0 GiB is larger than the cap (48.0 GiB)".into()),
+                }),
+                bytes_from_backing: gib / 2,
+                last_access: Some(1_000_000 - 300),
+                reader_classes: vec!["cpu".into()],
+                ..FileStatus::new("huge.gguf".into(), FileState::Uncached)
+            }],
             counters: Counters {
                 opens_from_ram: 12,
                 opens_partial: 0,
@@ -609,6 +609,7 @@ mod tests {
     fn renders_an_empty_cache() {
         let mut s = sample();
         s.files.clear();
+        s.uncached_files.clear();
         s.psi_some_avg10 = None;
         s.counters = Counters::default();
         let text = render_status(&s, 0);

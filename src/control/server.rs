@@ -16,7 +16,6 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::Daemon;
-use super::error::VerbError;
 use super::protocol::{Line, MAX_REQUEST_LINE, Request, Response, read_line_limited};
 
 /// Limits of a control server.
@@ -503,11 +502,10 @@ pub fn answer(line: &str, daemon: &dyn Daemon) -> Response {
     match result {
         Ok(Ok(response)) => response,
         // What was done to the other files is said too.
-        Ok(Err(VerbError::Refused { refused, done })) => Response {
-            files: done.clone(),
-            ..Response::error(VerbError::Refused { refused, done }.to_string())
+        Ok(Err(e)) => Response {
+            files: e.done().to_vec(),
+            ..Response::error(e.to_string())
         },
-        Ok(Err(e)) => Response::error(e.to_string()),
         Err(_) => {
             tracing::error!("control socket: the daemon panicked while handling {verb}");
             Response::error(format!(

@@ -43,8 +43,8 @@ pub enum FileState {
     Pinned,
     /// Dropped from the cache; listed while open handles still hold it.
     Evicted,
-    /// Not in the cache: listed because it was opened since the mount
-    /// (`last_open` says from where, and why not from RAM).
+    /// Not in the cache (`MountStatus::uncached_files`, and what a verb
+    /// left uncached): `last_open` says where its opens went, and why.
     Uncached,
 }
 
@@ -90,7 +90,12 @@ pub struct MountStatus {
     /// `some avg10` of /proc/pressure/memory, when the kernel has PSI.
     #[serde(default)]
     pub psi_some_avg10: Option<f64>,
+    /// The files the cache holds (or held: evicted, still open).
     pub files: Vec<FileStatus>,
+    /// Model files opened since the mount that the cache does not hold,
+    /// state `uncached`: where their opens went, and why not to RAM.
+    #[serde(default)]
+    pub uncached_files: Vec<FileStatus>,
     pub counters: Counters,
 }
 

@@ -217,7 +217,8 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     // this wait): its warnings are printed before `--background` returns.
     if !rules.wait_first_applied(FIRST_APPLY_WAIT) {
         info!(
-            "the manifest is still being applied (walking the models folder): its warnings will be in this log"
+            "the manifest is still being applied (walking the models folder): its warnings \
+             from here on go to the daemon's log (with --background, nowhere)"
         );
     }
     notify_ready();

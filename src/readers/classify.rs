@@ -99,6 +99,17 @@ fn classify_paths<'a>(paths: impl IntoIterator<Item = &'a str>) -> ReaderClass {
     class
 }
 
+/// Whether a process maps a GPU runtime (CUDA's driver or runtime, HIP,
+/// HSA): the libraries without which it has no GPU context. Not a GPU
+/// reader by this alone.
+fn maps_gpu_runtime(maps: &str) -> bool {
+    maps.lines().filter_map(mapped_path).any(|path| {
+        let file = path.rsplit('/').next().unwrap_or(path);
+        let lib = |prefix: &str| file.starts_with(prefix) && file.contains(".so");
+        lib("libcuda.so") || lib("libcudart") || lib("libamdhip64") || lib("libhsa-runtime64")
+    })
+}
+
 /// The class of a process from its `/proc/PID/maps` text alone.
 pub fn classify_maps(maps: &str) -> ReaderClass {
     classify_paths(maps.lines().filter_map(mapped_path))
@@ -175,9 +186,12 @@ impl Classifier {
         }
         // The maps first: a GPU context maps its device nodes, and one read
         // of them costs less than a readlink per descriptor.
-        let mut class =
-            read(&format!("/proc/{pid}/maps")).map_or(ReaderClass::Cpu, |m| classify_maps(&m));
-        if class != ReaderClass::Cuda {
+        let maps = read(&format!("/proc/{pid}/maps")).unwrap_or_default();
+        let mut class = classify_maps(&maps);
+        // The descriptors only of a process that maps a GPU runtime: no
+        // context exists without one, and most readers map none (an open
+        // by a CPU reader stays one read of its maps).
+        if class != ReaderClass::Cuda && maps_gpu_runtime(&maps) {
             let open = fds(pid);
             class = class.max_gpu(classify_paths(open.iter().map(String::as_str)));
         }
@@ -400,16 +414,34 @@ mod tests {
         proc.open_fds(10, &cuda);
         assert_eq!(proc.classify(&c, 10).class, ReaderClass::Cuda);
 
-        let proc = FakeProc::process(20, 1, with_python(&[]));
+        let hsa = "/opt/rocm-6.0.0/lib/libhsa-runtime64.so.1";
+        let proc = FakeProc::process(20, 1, with_python(&[hsa]));
         let mut rocm = TORCH_FDS.to_vec();
         rocm.push("/dev/kfd");
         proc.open_fds(20, &rocm);
         assert_eq!(proc.classify(&c, 20).class, ReaderClass::Rocm);
 
         // A regular file at a lookalike path, held open: not a device.
-        let proc = FakeProc::process(30, 1, with_python(&[]));
+        let proc = FakeProc::process(30, 1, with_python(CUDA_LIBRARIES));
         proc.open_fds(30, &["/home/x/dev/nvidia0", "/srv/nvidiactl"]);
         assert_eq!(proc.classify(&c, 30).class, ReaderClass::Cpu);
+    }
+
+    #[test]
+    fn the_descriptors_of_a_process_without_a_gpu_runtime_are_not_read() {
+        // No GPU runtime mapped: a device held open cannot be a context
+        // (and its descriptors are not read: one read of the maps suffices).
+        let c = Classifier::default();
+        let proc = FakeProc::process(50, 1, with_python(&[]));
+        proc.open_fds(50, &["/dev/nvidiactl"]);
+        let fds_read = std::cell::Cell::new(0);
+        let class = c
+            .classify_with(50, &|path| proc.files.borrow().get(path).cloned(), &|_| {
+                fds_read.set(fds_read.get() + 1);
+                vec!["/dev/nvidiactl".to_string()]
+            })
+            .class;
+        assert_eq!((class, fds_read.get()), (ReaderClass::Cpu, 0));
     }
 
     #[test]

@@ -70,8 +70,15 @@ fn writer(tid: u32) -> Writer {
     let pid = read(format!("/proc/{tid}/status"))
         .and_then(|s| thread_group(&s))
         .unwrap_or(tid);
+    // A process names itself (prctl): no control character of its name
+    // reaches a log line or a terminal.
     let command = read(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim_end_matches('\n').to_string())
+        .map(|c| {
+            c.trim_end_matches('\n')
+                .chars()
+                .map(|ch| if ch.is_control() { '?' } else { ch })
+                .collect::<String>()
+        })
         .filter(|c| !c.is_empty());
     Writer { pid, command }
 }
@@ -171,7 +178,13 @@ impl Opens {
             }
             OpenSource::Ram => {}
         }
-        let (counters, log_now) = self.stats.opened(name, size, class, source, Instant::now());
+        // The rate now: what this open saved, counted once for good.
+        let rate = (source == OpenSource::Ram)
+            .then(|| self.cache.read_rate())
+            .flatten();
+        let (counters, log_now) =
+            self.stats
+                .opened(name, size, class, source, rate, Instant::now());
         if let Some(opens) = log_now {
             info!(
                 "{}",

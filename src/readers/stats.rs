@@ -5,7 +5,7 @@
 //! counters only count what the daemon read from the backing file (while
 //! loading, or not cached).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU8, AtomicU64};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use super::ReaderClass;
-use super::payoff::FromRamLog;
+use super::payoff::{FromRamLog, disk_seconds_avoided};
 use super::source::OpenSource;
 
 /// Files whose counters are kept: past it, the file opened longest ago is
@@ -22,13 +22,16 @@ use super::source::OpenSource;
 const MAX_FILES: usize = 10_000;
 
 /// Opens of model files by where they were served from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OpenCounts {
     pub from_ram: u64,
     pub partial: u64,
     pub from_disk: u64,
     /// The sizes of the files opened from RAM, summed.
     pub bytes_opened_from_ram: u64,
+    /// Each open from RAM's size over the read rate measured when it
+    /// opened, summed: it only ever grows.
+    pub disk_seconds_avoided: f64,
 }
 
 /// Per file, keyed by its path relative to the mount root.
@@ -73,13 +76,18 @@ struct AtomicOpenCounts {
     partial: AtomicU64,
     from_disk: AtomicU64,
     bytes_opened_from_ram: AtomicU64,
+    micros_avoided: AtomicU64,
 }
 
 impl AtomicOpenCounts {
-    fn count(&self, source: &OpenSource, size: u64) {
+    /// An open of a file of `size` bytes from `source`; `avoided`: the disk
+    /// seconds an open from RAM saved.
+    fn count(&self, source: &OpenSource, size: u64, avoided: f64) {
         let counter = match source {
             OpenSource::Ram => {
                 self.bytes_opened_from_ram.fetch_add(size, Relaxed);
+                self.micros_avoided
+                    .fetch_add((avoided * 1e6) as u64, Relaxed);
                 &self.from_ram
             }
             OpenSource::Partial { .. } => &self.partial,
@@ -94,6 +102,7 @@ impl AtomicOpenCounts {
             partial: self.partial.load(Relaxed),
             from_disk: self.from_disk.load(Relaxed),
             bytes_opened_from_ram: self.bytes_opened_from_ram.load(Relaxed),
+            disk_seconds_avoided: self.micros_avoided.load(Relaxed) as f64 / 1e6,
         }
     }
 }
@@ -154,30 +163,40 @@ pub struct Stats {
     bytes_by_class: [AtomicU64; 3],
     bytes_from_backing: AtomicU64,
     files: Mutex<HashMap<String, Arc<FileCounters>>>,
+    /// Files with opens from RAM the log held back: all `from_ram_due`
+    /// looks at.
+    held_back: Mutex<HashSet<String>>,
 }
 
 impl Stats {
     /// An open for reading of the model file `name` of `size` bytes,
-    /// served from `source`. Returns the file's counters, for its reads,
-    /// and the opens from RAM to log now, if any (see `FromRamLog`).
+    /// served from `source`, when the backing's measured read rate was
+    /// `read_rate`. Returns the file's counters, for its reads, and the
+    /// opens from RAM to log now, if any (see `FromRamLog`).
     pub fn opened(
         &self,
         name: &str,
         size: u64,
         class: ReaderClass,
         source: OpenSource,
+        read_rate: Option<f64>,
         now: Instant,
     ) -> (Arc<FileCounters>, Option<u32>) {
         self.opens_by_class[class.index()].fetch_add(1, Relaxed);
-        self.opens.count(&source, size);
+        let avoided = disk_seconds_avoided(size, read_rate).unwrap_or(0.0);
+        self.opens.count(&source, size, avoided);
         let file = self.file_counters(name);
-        file.opens.count(&source, size);
+        file.opens.count(&source, size, avoided);
         file.classes.fetch_or(1 << class.index(), Relaxed);
         file.touch();
         let mut opened = file.opened.lock();
         opened.size = size;
         let log_now = if source == OpenSource::Ram {
-            opened.log.opened(now)
+            let now = opened.log.opened(now);
+            if now.is_none() {
+                self.held_back.lock().insert(name.to_string());
+            }
+            now
         } else {
             None
         };
@@ -215,20 +234,21 @@ impl Stats {
 
     /// Opens from RAM held back from the log whose minute has passed.
     pub fn from_ram_due(&self, now: Instant) -> Vec<FromRamDue> {
-        let files: Vec<(String, Arc<FileCounters>)> = self
-            .files
-            .lock()
-            .iter()
-            .map(|(n, f)| (n.clone(), f.clone()))
-            .collect();
-        files
-            .into_iter()
-            .filter_map(|(name, file)| {
-                let mut opened = file.opened.lock();
-                let count = opened.log.due(now)?;
-                Some((name, opened.size, count))
-            })
-            .collect()
+        let names: Vec<String> = self.held_back.lock().iter().cloned().collect();
+        let mut due = Vec::new();
+        for name in names {
+            let Some(file) = self.files.lock().get(&name).cloned() else {
+                // Forgotten by the bounded table: nothing to log.
+                self.held_back.lock().remove(&name);
+                continue;
+            };
+            let mut opened = file.opened.lock();
+            if let Some(count) = opened.log.due(now) {
+                due.push((name.clone(), opened.size, count));
+                self.held_back.lock().remove(&name);
+            }
+        }
+        due
     }
 
     pub fn counters(&self) -> Counters {
@@ -271,18 +291,27 @@ mod tests {
     fn opens_and_reads_add_up_per_class_and_per_file() {
         let s = Stats::default();
         let now = Instant::now();
-        let (a, _) = s.opened("a.safetensors", 1000, ReaderClass::Cuda, disk(), now);
+        let (a, _) = s.opened("a.safetensors", 1000, ReaderClass::Cuda, disk(), None, now);
+        // From RAM at 500 bytes a second: 2 s of disk reads avoided.
         let (a2, _) = s.opened(
             "a.safetensors",
             1000,
             ReaderClass::Cpu,
             OpenSource::Ram,
+            Some(500.0),
             now,
         );
         let partial = OpenSource::Partial {
             resident_percent: 40,
         };
-        let (b, _) = s.opened("b.safetensors", 50, ReaderClass::Cuda, partial.clone(), now);
+        let (b, _) = s.opened(
+            "b.safetensors",
+            50,
+            ReaderClass::Cuda,
+            partial.clone(),
+            None,
+            now,
+        );
         s.read(&a, ReaderClass::Cuda, 100);
         s.read(&a2, ReaderClass::Cpu, 30);
         s.read(&b, ReaderClass::Cuda, 5);
@@ -293,7 +322,8 @@ mod tests {
                 from_ram: 1,
                 partial: 1,
                 from_disk: 1,
-                bytes_opened_from_ram: 1000
+                bytes_opened_from_ram: 1000,
+                disk_seconds_avoided: 2.0,
             }
         );
         assert_eq!(c.bytes_from_backing, 135);
@@ -302,6 +332,7 @@ mod tests {
         // Both handles of a file share its counters.
         let f = s.file("a.safetensors").unwrap();
         assert_eq!((f.opens.from_ram, f.opens.from_disk), (1, 1));
+        assert_eq!(f.opens.disk_seconds_avoided, 2.0);
         assert_eq!(f.bytes_from_backing, 130);
         assert_eq!(f.last_source, Some(OpenSource::Ram));
         assert_eq!(f.class_names(), ["cuda", "cpu"]);
@@ -323,6 +354,7 @@ mod tests {
                 4096,
                 ReaderClass::Cpu,
                 OpenSource::Ram,
+                None,
                 t0 + Duration::from_secs(at),
             )
             .1
@@ -336,6 +368,37 @@ mod tests {
             [("m.gguf".to_string(), 4096, 2)]
         );
         assert!(s.from_ram_due(t0 + Duration::from_secs(200)).is_empty());
+        assert!(
+            s.held_back.lock().is_empty(),
+            "only files with opens held back"
+        );
+    }
+
+    #[test]
+    fn what_an_open_saved_is_counted_once_at_its_rate() {
+        let s = Stats::default();
+        let now = Instant::now();
+        s.opened(
+            "m.gguf",
+            1000,
+            ReaderClass::Cpu,
+            OpenSource::Ram,
+            Some(100.0),
+            now,
+        );
+        // The rate measured later, faster, does not shrink what was saved.
+        s.opened(
+            "m.gguf",
+            1000,
+            ReaderClass::Cpu,
+            OpenSource::Ram,
+            Some(1000.0),
+            now,
+        );
+        // Before any load measured the rate, nothing is claimed.
+        s.opened("m.gguf", 1000, ReaderClass::Cpu, OpenSource::Ram, None, now);
+        assert_eq!(s.counters().opens.disk_seconds_avoided, 11.0);
+        assert_eq!(s.file("m.gguf").unwrap().opens.disk_seconds_avoided, 11.0);
     }
 
     #[test]
@@ -343,7 +406,7 @@ mod tests {
         let s = Stats::default();
         let now = Instant::now();
         for i in 0..MAX_FILES + 5 {
-            s.opened(&format!("{i}.gguf"), 1, ReaderClass::Cpu, disk(), now);
+            s.opened(&format!("{i}.gguf"), 1, ReaderClass::Cpu, disk(), None, now);
         }
         assert_eq!(s.files().len(), MAX_FILES);
         assert_eq!(s.counters().opens.from_disk, (MAX_FILES + 5) as u64);
