@@ -10,7 +10,8 @@ use std::time::UNIX_EPOCH;
 use crate::cache::EntryStatus;
 use crate::cache::pressure::Sample;
 use crate::control::protocol::{
-    self, Action, FileOutcome, FileState, FileStatus, LastOpen, Mode, MountStatus, VerbReport,
+    self, Action, FileOutcome, FileState, FileStatus, LastOpen, Mode, MountStatus, OpensBySource,
+    VerbReport,
 };
 use crate::control::{Daemon, VerbError};
 use crate::fs::Overlay;
@@ -20,7 +21,7 @@ use crate::pins::Pins;
 use crate::readers::ReaderClass;
 use crate::readers::opens::Opens;
 use crate::readers::source::OpenSource;
-use crate::readers::stats::FileStats;
+use crate::readers::stats::{FileStats, OpenCounts};
 use crate::rules::ManifestWorker;
 
 pub struct MountService {
@@ -157,15 +158,22 @@ fn state_of(e: &EntryStatus) -> FileState {
     }
 }
 
+/// The counters of opens by source as the protocol shows them.
+fn by_source(c: &OpenCounts) -> OpensBySource {
+    OpensBySource {
+        opens_from_ram: c.from_ram,
+        opens_partial: c.partial,
+        opens_from_disk: c.from_disk,
+        bytes_opened_from_ram: c.bytes_opened_from_ram,
+        disk_seconds_avoided: c.disk_seconds_avoided,
+    }
+}
+
 /// Fills in a file's open counters and where its latest open was served
 /// from.
 fn with_opens(file: &mut FileStatus, s: &FileStats) {
     file.hits = s.opens.from_ram;
-    file.opens_from_ram = s.opens.from_ram;
-    file.opens_partial = s.opens.partial;
-    file.opens_from_disk = s.opens.from_disk;
-    file.bytes_opened_from_ram = s.opens.bytes_opened_from_ram;
-    file.disk_seconds_avoided = s.opens.disk_seconds_avoided;
+    file.by_source = by_source(&s.opens);
     file.bytes_from_backing = s.bytes_from_backing;
     file.last_access = s
         .last_access
@@ -263,11 +271,7 @@ impl Daemon for MountService {
             files,
             uncached_files,
             counters: protocol::Counters {
-                opens_from_ram: c.opens.from_ram,
-                opens_partial: c.opens.partial,
-                opens_from_disk: c.opens.from_disk,
-                bytes_opened_from_ram: c.opens.bytes_opened_from_ram,
-                disk_seconds_avoided: c.opens.disk_seconds_avoided,
+                by_source: by_source(&c.opens),
                 read_rate: rate,
                 opens_by_class: by_class(c.opens_by_class),
                 bytes_by_class: by_class(c.bytes_by_class),

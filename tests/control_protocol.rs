@@ -18,8 +18,8 @@ use modelcache::control::protocol::PinOrigin;
 use modelcache::control::server::{ServerOptions, serve_with};
 use modelcache::control::{
     ClientError, Counters, Daemon, FileState, FileStatus, LastOpen, Mode, MountStatus,
-    PROTOCOL_VERSION, Request, Response, VerbError, VerbReport, serve, socket_file_name,
-    spawn_metrics_writer, write_metrics,
+    OpensBySource, PROTOCOL_VERSION, Request, Response, VerbError, VerbReport, serve,
+    socket_file_name, spawn_metrics_writer, write_metrics,
 };
 use modelcache::mountinfo::MountEntry;
 use parking_lot::Mutex;
@@ -33,10 +33,13 @@ fn file(path: &str, size: u64, state: FileState, loaded: u64) -> FileStatus {
         loaded_bytes: loaded,
         pinned: state == FileState::Pinned,
         hits: 3,
-        opens_from_ram: 3,
-        opens_from_disk: 1,
-        bytes_opened_from_ram: 3 * size,
-        disk_seconds_avoided: 2.5,
+        by_source: OpensBySource {
+            opens_from_ram: 3,
+            opens_from_disk: 1,
+            bytes_opened_from_ram: 3 * size,
+            disk_seconds_avoided: 2.5,
+            ..OpensBySource::default()
+        },
         bytes_from_backing: size / 4,
         last_access: Some(1_700_000_000),
         open_handles: 1,
@@ -70,7 +73,10 @@ fn sample_status(mountpoint: &str) -> MountStatus {
         ],
         uncached_files: vec![FileStatus {
             size: 60 * GIB,
-            opens_from_disk: 2,
+            by_source: OpensBySource {
+                opens_from_disk: 2,
+                ..OpensBySource::default()
+            },
             last_open: Some(LastOpen {
                 source: "disk".into(),
                 resident_percent: None,
@@ -79,11 +85,13 @@ fn sample_status(mountpoint: &str) -> MountStatus {
             ..FileStatus::new("huge.gguf".into(), FileState::Uncached)
         }],
         counters: Counters {
-            opens_from_ram: 6,
-            opens_partial: 1,
-            opens_from_disk: 2,
-            bytes_opened_from_ram: 40 * GIB,
-            disk_seconds_avoided: 80.0,
+            by_source: OpensBySource {
+                opens_from_ram: 6,
+                opens_partial: 1,
+                opens_from_disk: 2,
+                bytes_opened_from_ram: 40 * GIB,
+                disk_seconds_avoided: 80.0,
+            },
             read_rate: Some(512.0 * 1048576.0),
             opens_by_class: [("cuda".to_string(), 7), ("cpu".to_string(), 2)].into(),
             bytes_by_class: [("cuda".to_string(), 3 * GIB), ("cpu".to_string(), GIB)].into(),
@@ -667,12 +675,9 @@ fn status_json_schema_is_stable() {
     let mut want = s2.clone();
     want.files[0].pin_origin = None;
     want.uncached_files.clear();
-    let f = &mut want.files[0];
-    (f.opens_from_ram, f.opens_partial, f.opens_from_disk) = (0, 0, 0);
-    (f.bytes_opened_from_ram, f.disk_seconds_avoided) = (0, 0.0);
-    let c = &mut want.counters;
-    (c.opens_from_ram, c.opens_partial, c.opens_from_disk) = (0, 0, 0);
-    (c.bytes_opened_from_ram, c.disk_seconds_avoided, c.read_rate) = (0, 0.0, None);
+    want.files[0].by_source = OpensBySource::default();
+    want.counters.by_source = OpensBySource::default();
+    want.counters.read_rate = None;
     assert_eq!(serde_json::from_value::<MountStatus>(older).unwrap(), want);
 
     // Floats JSON cannot carry never make an answer unreadable.

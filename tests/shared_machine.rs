@@ -281,7 +281,7 @@ fn a_fifo_in_a_model_files_place_never_hangs_the_daemon() {
     let _a = fs::read(m.path("a.safetensors")).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let reload = answers_within_5s(&["reload", m.mountpoint.to_str().unwrap()]);
-    assert!(reload.contains("reloading"), "{reload}");
+    assert!(reload.contains("reloaded "), "{reload}");
 
     // `warm` of a FIFO: an answer that says what it is, at once.
     mkfifo("c.safetensors");

@@ -149,9 +149,9 @@ pub fn render_metrics(status: &MountStatus) -> String {
         "Opens of model files by where they were served from: ram (wholly cached), partial (loading), disk.",
     );
     for (source, v) in [
-        ("ram", c.opens_from_ram),
-        ("partial", c.opens_partial),
-        ("disk", c.opens_from_disk),
+        ("ram", c.by_source.opens_from_ram),
+        ("partial", c.by_source.opens_partial),
+        ("disk", c.by_source.opens_from_disk),
     ] {
         e.sample(
             "modelcache_opens_by_source_total",
@@ -163,13 +163,13 @@ pub fn render_metrics(status: &MountStatus) -> String {
         "modelcache_bytes_opened_from_ram_total",
         "counter",
         "The sizes of the model files opened from RAM, summed.",
-        c.bytes_opened_from_ram,
+        c.by_source.bytes_opened_from_ram,
     );
     e.one(
         "modelcache_disk_seconds_avoided_total",
         "counter",
         "Estimated seconds of disk reads avoided: bytes opened from RAM over the read rate the cache's recent loads measured.",
-        float(c.disk_seconds_avoided),
+        float(c.by_source.disk_seconds_avoided),
     );
     e.family(
         "modelcache_opens_total",

@@ -28,7 +28,7 @@ pub use error::{ClientError, PathProblem, RequestError, VerbError};
 pub use metrics::{MetricsHandle, spawn_metrics_writer, write_metrics};
 pub use protocol::{
     Action, Counters, FileOutcome, FileState, FileStatus, LastOpen, Mode, MountStatus,
-    PROTOCOL_VERSION, Request, Response, StatusReport, VerbReport,
+    OpensBySource, PROTOCOL_VERSION, Request, Response, StatusReport, VerbReport,
 };
 pub use server::{ServerHandle, client_gone, serve};
 

@@ -39,7 +39,7 @@ pub const MAX_REQUEST_LINE: usize = 1 << 20;
 
 pub use super::status::{
     Counters, EVICT_CAP, EVICT_INVALIDATED, EVICT_MANUAL, EVICT_PRESSURE, EVICTION_REASONS,
-    FileState, FileStatus, LastOpen, Mode, MountStatus, PinOrigin, StatusReport,
+    FileState, FileStatus, LastOpen, Mode, MountStatus, OpensBySource, PinOrigin, StatusReport,
 };
 
 /// A request, as the client sends it and the server understands it.

@@ -115,21 +115,22 @@ pub fn last_open_label(f: &FileStatus) -> String {
 /// `since mount: 42 opens from RAM (312.0 GiB), ~5 min of disk reads
 /// avoided`.
 pub fn payoff_line(c: &Counters) -> String {
-    if c.opens_from_ram == 0 {
+    let o = &c.by_source;
+    if o.opens_from_ram == 0 {
         return "since mount: no opens from RAM yet".into();
     }
     let saved = if c.read_rate.is_some() {
         format!(
             ", {} of disk reads avoided",
-            approx_seconds(c.disk_seconds_avoided)
+            approx_seconds(o.disk_seconds_avoided)
         )
     } else {
         String::new()
     };
     format!(
         "since mount: {} from RAM ({}){saved}",
-        Count(c.opens_from_ram, "open"),
-        Bytes(c.bytes_opened_from_ram)
+        Count(o.opens_from_ram, "open"),
+        Bytes(o.bytes_opened_from_ram)
     )
 }
 
@@ -214,7 +215,7 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
                     escape_controls(&f.path),
                     Bytes(f.size).to_string(),
                     state_label(f),
-                    f.opens_from_ram.to_string(),
+                    f.by_source.opens_from_ram.to_string(),
                     last_open_label(f),
                     Bytes(f.bytes_from_backing).to_string(),
                     open,
@@ -280,9 +281,9 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
     let _ = writeln!(
         out,
         "  opens      {} from RAM, {} partial, {} from disk; by reader: {}",
-        c.opens_from_ram,
-        c.opens_partial,
-        c.opens_from_disk,
+        c.by_source.opens_from_ram,
+        c.by_source.opens_partial,
+        c.by_source.opens_from_disk,
         by_class(&c.opens_by_class, |v| v.to_string())
     );
     // What the daemon read from backing files: the reads the page cache
@@ -340,7 +341,7 @@ mod tests {
         );
         assert_eq!(escape_controls("\u{9b}2J"), "\\u{9b}2J");
     }
-    use crate::control::protocol::{LastOpen, Mode};
+    use crate::control::protocol::{LastOpen, Mode, OpensBySource};
 
     pub(crate) fn sample() -> MountStatus {
         let gib = 1u64 << 30;
@@ -367,10 +368,13 @@ mod tests {
                     loaded_bytes: 13 * gib,
                     pinned: true,
                     hits: 12,
-                    opens_from_ram: 12,
-                    opens_from_disk: 1,
-                    bytes_opened_from_ram: 156 * gib,
-                    disk_seconds_avoided: 312.0,
+                    by_source: OpensBySource {
+                        opens_from_ram: 12,
+                        opens_from_disk: 1,
+                        bytes_opened_from_ram: 156 * gib,
+                        disk_seconds_avoided: 312.0,
+                        ..OpensBySource::default()
+                    },
                     last_open: Some(LastOpen {
                         source: "ram".into(),
                         resident_percent: None,
@@ -388,7 +392,10 @@ mod tests {
             ],
             uncached_files: vec![FileStatus {
                 size: 60 * gib,
-                opens_from_disk: 2,
+                by_source: OpensBySource {
+                    opens_from_disk: 2,
+                    ..OpensBySource::default()
+                },
                 last_open: Some(LastOpen {
                     source: "disk".into(),
                     resident_percent: None,
@@ -400,11 +407,13 @@ mod tests {
                 ..FileStatus::new("huge.gguf".into(), FileState::Uncached)
             }],
             counters: Counters {
-                opens_from_ram: 12,
-                opens_partial: 0,
-                opens_from_disk: 3,
-                bytes_opened_from_ram: 156 * gib,
-                disk_seconds_avoided: 312.0,
+                by_source: OpensBySource {
+                    opens_from_ram: 12,
+                    opens_partial: 0,
+                    opens_from_disk: 3,
+                    bytes_opened_from_ram: 156 * gib,
+                    disk_seconds_avoided: 312.0,
+                },
                 read_rate: Some(512.0 * 1048576.0),
                 opens_by_class: [("cuda".to_string(), 12), ("cpu".to_string(), 3)].into(),
                 bytes_by_class: [
@@ -594,11 +603,11 @@ mod tests {
     fn the_payoff_line_before_any_open_from_ram_and_without_a_measured_rate() {
         let mut c = Counters::default();
         assert_eq!(payoff_line(&c), "since mount: no opens from RAM yet");
-        c.opens_from_ram = 1;
-        c.bytes_opened_from_ram = 1 << 30;
+        c.by_source.opens_from_ram = 1;
+        c.by_source.bytes_opened_from_ram = 1 << 30;
         assert_eq!(payoff_line(&c), "since mount: 1 open from RAM (1.0 GiB)");
         c.read_rate = Some((1u64 << 30) as f64 / 41.0);
-        c.disk_seconds_avoided = 41.0;
+        c.by_source.disk_seconds_avoided = 41.0;
         assert_eq!(
             payoff_line(&c),
             "since mount: 1 open from RAM (1.0 GiB), ~41 s of disk reads avoided"

@@ -116,22 +116,9 @@ pub struct FileStatus {
     /// Opens that found it wholly cached: the same as `opens_from_ram`
     /// (kept for the clients that read it).
     pub hits: u64,
-    /// Opens by where they were served from: wholly from RAM, partly
-    /// (its load under way), from disk.
-    #[serde(default)]
-    pub opens_from_ram: u64,
-    #[serde(default)]
-    pub opens_partial: u64,
-    #[serde(default)]
-    pub opens_from_disk: u64,
-    /// Its size times its opens from RAM.
-    #[serde(default)]
-    pub bytes_opened_from_ram: u64,
-    /// `bytes_opened_from_ram` at the mount's measured read rate: an
-    /// estimate of the disk time those opens did not spend (0 before a
-    /// load measured the rate).
-    #[serde(default)]
-    pub disk_seconds_avoided: f64,
+    /// Its opens by where they were served from, and what they saved.
+    #[serde(flatten)]
+    pub by_source: OpensBySource,
     /// Where its latest open was served from; absent when not opened since
     /// the mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,11 +168,7 @@ impl FileStatus {
             pinned: false,
             protected: false,
             hits: 0,
-            opens_from_ram: 0,
-            opens_partial: 0,
-            opens_from_disk: 0,
-            bytes_opened_from_ram: 0,
-            disk_seconds_avoided: 0.0,
+            by_source: OpensBySource::default(),
             last_open: None,
             bytes_from_backing: 0,
             last_access: None,
@@ -210,24 +193,37 @@ pub struct LastOpen {
     pub reason: Option<String>,
 }
 
-/// Counters since the mount started.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Counters {
-    /// Opens of model files by where they were served from: wholly from
-    /// RAM, partly (their load under way), from disk.
+/// Opens of model files by where they were served from (one file's, or
+/// the mount's), and the disk time that saved. JSON: these five fields,
+/// in the object that holds them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OpensBySource {
+    /// Wholly cached at open.
     #[serde(default)]
     pub opens_from_ram: u64,
+    /// Being loaded at open.
     #[serde(default)]
     pub opens_partial: u64,
+    /// Not cached at open.
     #[serde(default)]
     pub opens_from_disk: u64,
     /// The sizes of the files opened from RAM, summed.
     #[serde(default)]
     pub bytes_opened_from_ram: u64,
-    /// `bytes_opened_from_ram` ÷ `read_rate`: an estimate of the seconds of
-    /// disk reads the cache saved (0 before a load measured the rate).
+    /// An estimate of the disk reads those opens did not spend: each one's
+    /// size over the read rate measured then, summed (0 before a load
+    /// read the disk). It never goes down.
     #[serde(default)]
     pub disk_seconds_avoided: f64,
+}
+
+/// Counters since the mount started.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Opens of model files by where they were served from, and what
+    /// they saved.
+    #[serde(flatten)]
+    pub by_source: OpensBySource,
     /// The backing's read rate, bytes per second, as the cache's recent
     /// loads of this mount measured it; absent before a load finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
