@@ -302,3 +302,44 @@ fn a_reload_pinning_more_than_the_cap_is_refused_and_the_manifest_in_force_stays
     assert_eq!(pinned, ["a.safetensors"], "{status}");
     m.unmount();
 }
+
+/// Through the mount and a reload: a manifest that names a file of the
+/// wrong extension, one too small, and one open for writing gets each
+/// named with its own reason, in the log and in `reload`'s warnings.
+#[test]
+fn the_manifest_names_the_extension_the_size_and_the_writer_at_mount_and_reload() {
+    let (tmp, backing, mnt) = dirs();
+    write_model(&backing.join("notes.txt"), 2 * MIB, 9);
+    write_model(&backing.join("tiny.safetensors"), 1000, 10);
+    write_model(&backing.join("written.safetensors"), 2 * MIB, 11);
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(
+        &manifest,
+        "[[pin]]\npaths = [\"notes.txt\"]\n\n[[warm]]\npaths = [\"tiny.safetensors\"]\n",
+    )
+    .unwrap();
+    let m = Mounted::separate(&backing, &mnt, &["--manifest", manifest.to_str().unwrap()]);
+    let log = wait_log(
+        &m,
+        "tiny.safetensors: 1000 B is under min_file_size 1.0 MiB",
+    );
+    assert!(
+        log.contains("notes.txt: not a model file: .txt is not in [cache] extensions"),
+        "{log}"
+    );
+
+    let writer = Writer::open(&m.path("written.safetensors"));
+    fs::write(&manifest, "[[pin]]\npaths = [\"written.safetensors\"]\n").unwrap();
+    let out = modelcache(&["reload", mnt.to_str().unwrap()]);
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "warnings only: {warned}");
+    assert!(
+        warned.contains(&format!(
+            "cannot cache pinned file written.safetensors: open for writing by pid {} (sh)",
+            writer.0.id()
+        )),
+        "{warned}"
+    );
+    drop(writer);
+    m.unmount();
+}

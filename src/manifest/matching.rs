@@ -14,6 +14,8 @@ use super::values::RuleKind;
 use crate::Error;
 use crate::units::Bytes;
 
+/// Files named, each with why, when a rule takes none of those it matches.
+const SKIPPED_NAMED: usize = 3;
 /// A `[[pin]]`, `[[warm]]` or `[[group]]` table.
 #[derive(Clone, Debug)]
 pub struct Rule {
@@ -168,7 +170,7 @@ impl Manifest {
                         path: file.path.clone(),
                         size: file.size,
                     };
-                    if !self.cache.takes(&file.path, file.size) {
+                    if self.cache.takes(&file.path, file.size).is_err() {
                         found.skipped.push(matched);
                         continue;
                     }
@@ -204,10 +206,23 @@ impl Manifest {
                 }
             }
             if found.files.is_empty() && !found.skipped.is_empty() {
+                // Each file's own reason (the first few): the extension,
+                // or the size.
+                let mut each: Vec<String> = found
+                    .skipped
+                    .iter()
+                    .take(SKIPPED_NAMED)
+                    .filter_map(|f| {
+                        let why = self.cache.takes(&f.path, f.size).err()?;
+                        Some(format!("{}: {why}", f.path.display()))
+                    })
+                    .collect();
+                if found.skipped.len() > SKIPPED_NAMED {
+                    each.push(format!("{} more", found.skipped.len() - SKIPPED_NAMED));
+                }
                 found.warnings.push(format!(
-                    "the files it matches are not cached: none has a model extension ({}) and at least min_file_size ({})",
-                    self.cache.extensions.join(", "),
-                    Bytes(self.cache.min_file_size)
+                    "the files it matches are not cached: {}",
+                    each.join("; ")
                 ));
             }
             out.rules.push(found);
@@ -376,10 +391,22 @@ paths = ["b/*", "c/*"]
             .collect();
         assert_eq!(skipped, ["m/config.json", "m/tiny.safetensors"]);
         assert!(found.rules[0].warnings.is_empty());
-        assert!(
-            found.rules[1].warnings[0].contains("not cached"),
-            "{:?}",
-            found.rules[1].warnings
+        // A rule that takes none: each file named with its own reason.
+        assert_eq!(
+            found.rules[1].warnings,
+            [
+                "the files it matches are not cached: m/config.json: not a model file: .json is \
+              not in [cache] extensions"
+            ]
+        );
+        let m = parse("[[pin]]\npaths = [\"m/tiny*\", \"m/*.json\"]\n").unwrap();
+        assert_eq!(
+            m.match_tree(&tree).rules[0].warnings,
+            [
+                "the files it matches are not cached: m/tiny.safetensors: 100 B is under \
+              min_file_size 1.0 MiB; m/config.json: not a model file: .json is not in [cache] \
+              extensions"
+            ]
         );
         assert_eq!(
             found.pinned,

@@ -72,14 +72,13 @@ impl Default for CacheSettings {
 impl CacheSettings {
     /// Whether the cache would take a file of this name and size (the cap
     /// aside, which needs the RAM): the cache's own rule.
-    pub fn takes(&self, path: &Path, size: u64) -> bool {
+    pub fn takes(&self, path: &Path, size: u64) -> Result<(), crate::cache::NotModelFile> {
         crate::cache::ModelFiles {
             extensions: &self.extensions,
             min_size: self.min_file_size,
             max_size: None,
         }
         .check(path, size)
-        .is_ok()
     }
 }
 
