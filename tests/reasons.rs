@@ -44,6 +44,22 @@ fn wait_log(m: &Mounted, want: &str) -> String {
     log
 }
 
+/// Writes `text` as the manifest, in `dir`, and mounts `backing` at `mnt`
+/// with it and `extra`. Returns the mount and the manifest's path.
+fn mount_with_manifest(
+    dir: &Path,
+    text: &str,
+    backing: &Path,
+    mnt: &Path,
+    extra: &[&str],
+) -> (Mounted, std::path::PathBuf) {
+    let manifest = dir.join("manifest.toml");
+    fs::write(&manifest, text).unwrap();
+    let mut args = vec!["--manifest", manifest.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (Mounted::separate(backing, mnt, &args), manifest)
+}
+
 /// A shell that holds `path` open for writing (O_WRONLY) until killed.
 struct Writer(Child);
 
@@ -124,22 +140,13 @@ fn the_memory_floor_is_named_by_warm_and_by_the_prewarm_which_never_says_all_loa
     let (tmp, backing, mnt) = dirs();
     write_model(&backing.join("pinned.safetensors"), 2 * MIB, 5);
     write_model(&backing.join("other.safetensors"), 2 * MIB, 6);
-    let manifest = tmp.path().join("manifest.toml");
     // All of the RAM kept free: nothing can load without going under it.
-    fs::write(
-        &manifest,
+    let (m, _) = mount_with_manifest(
+        tmp.path(),
         "[cache]\nmin_available = \"100%\"\n\n[[pin]]\npaths = [\"pinned.safetensors\"]\n",
-    )
-    .unwrap();
-    let m = Mounted::separate(
         &backing,
         &mnt,
-        &[
-            "--manifest",
-            manifest.to_str().unwrap(),
-            "--max-size",
-            "8MiB",
-        ],
+        &["--max-size", "8MiB"],
     );
     let floor = "would leave";
     let fix = "free memory or lower min_available";
@@ -171,21 +178,12 @@ fn a_warm_file_over_the_cap_is_a_warning_and_the_summary_counts_what_loaded() {
     let (tmp, backing, mnt) = dirs();
     write_model(&backing.join("pinned.safetensors"), 2 * MIB, 7);
     write_model(&backing.join("big.safetensors"), 10 * MIB, 8);
-    let manifest = tmp.path().join("manifest.toml");
-    fs::write(
-        &manifest,
+    let (m, _) = mount_with_manifest(
+        tmp.path(),
         "[[pin]]\npaths = [\"pinned.safetensors\"]\n\n[[warm]]\npaths = [\"big.safetensors\"]\n",
-    )
-    .unwrap();
-    let m = Mounted::separate(
         &backing,
         &mnt,
-        &[
-            "--manifest",
-            manifest.to_str().unwrap(),
-            "--max-size",
-            "8MiB",
-        ],
+        &["--max-size", "8MiB"],
     );
     let log = wait_log(&m, "prewarm: 1 of 2 files loaded");
     let cap = "big.safetensors: 10.0 MiB is larger than the cap (8.0 MiB) by 2.0 MiB: \
@@ -266,17 +264,12 @@ fn a_reload_pinning_more_than_the_cap_is_refused_and_the_manifest_in_force_stays
             11 + i as u64,
         );
     }
-    let manifest = tmp.path().join("manifest.toml");
-    fs::write(&manifest, "[[pin]]\npaths = [\"a.safetensors\"]\n").unwrap();
-    let m = Mounted::separate(
+    let (m, manifest) = mount_with_manifest(
+        tmp.path(),
+        "[[pin]]\npaths = [\"a.safetensors\"]\n",
         &backing,
         &mnt,
-        &[
-            "--manifest",
-            manifest.to_str().unwrap(),
-            "--max-size",
-            "8MiB",
-        ],
+        &["--max-size", "8MiB"],
     );
     wait_log(&m, "loaded a.safetensors");
 
@@ -312,13 +305,13 @@ fn the_manifest_names_the_extension_the_size_and_the_writer_at_mount_and_reload(
     write_model(&backing.join("notes.txt"), 2 * MIB, 9);
     write_model(&backing.join("tiny.safetensors"), 1000, 10);
     write_model(&backing.join("written.safetensors"), 2 * MIB, 11);
-    let manifest = tmp.path().join("manifest.toml");
-    fs::write(
-        &manifest,
+    let (m, manifest) = mount_with_manifest(
+        tmp.path(),
         "[[pin]]\npaths = [\"notes.txt\"]\n\n[[warm]]\npaths = [\"tiny.safetensors\"]\n",
-    )
-    .unwrap();
-    let m = Mounted::separate(&backing, &mnt, &["--manifest", manifest.to_str().unwrap()]);
+        &backing,
+        &mnt,
+        &[],
+    );
     let log = wait_log(
         &m,
         "tiny.safetensors: 1000 B is under min_file_size 1.0 MiB",
