@@ -6,7 +6,6 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -37,13 +36,8 @@ fn wait_pin(mnt: &Path, path: &str, state: &str, origin: Value) -> Value {
 }
 
 fn mount_with(backing: &Path, mnt: &Path, manifest: &Path, state: &StateDir) -> Mounted {
-    let mut cmd = Command::new(bin());
-    cmd.arg("mount")
-        .arg("--backing")
-        .arg(backing)
-        .arg(mnt)
-        .arg("--manifest")
-        .arg(manifest);
+    let mut cmd = separate_command(backing, mnt);
+    cmd.arg("--manifest").arg(manifest);
     state.apply(&mut cmd);
     Mounted::start(cmd, mnt)
 }

@@ -34,13 +34,8 @@ fn expect_refusal(mut cmd: Command, mnt: &Path, want: &[&str]) -> String {
 }
 
 fn mount_cmd(backing: &Path, mnt: &Path, manifest: &Path) -> Command {
-    let mut cmd = Command::new(bin());
-    cmd.arg("mount")
-        .arg("--backing")
-        .arg(backing)
-        .arg(mnt)
-        .arg("--manifest")
-        .arg(manifest);
+    let mut cmd = separate_command(backing, mnt);
+    cmd.arg("--manifest").arg(manifest);
     cmd
 }
 

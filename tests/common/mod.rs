@@ -143,14 +143,21 @@ impl StateDir {
     }
 }
 
+/// `modelcache mount --backing BACKING MOUNTPOINT`, not started (for
+/// `Mounted::start`, or a test that wants the command's own exit).
+pub fn separate_command(backing: &Path, mountpoint: &Path) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg("mount")
+        .arg("--backing")
+        .arg(backing)
+        .arg(mountpoint);
+    cmd
+}
+
 impl Mounted {
     /// `modelcache mount --backing BACKING MOUNTPOINT [extra…]`
     pub fn separate(backing: &Path, mountpoint: &Path, extra: &[&str]) -> Self {
-        let mut cmd = Command::new(bin());
-        cmd.arg("mount")
-            .arg("--backing")
-            .arg(backing)
-            .arg(mountpoint);
+        let mut cmd = separate_command(backing, mountpoint);
         cmd.args(extra);
         Self::start(cmd, mountpoint)
     }
