@@ -164,7 +164,7 @@ impl StateFile {
                     state: MountState::default(),
                     warning: Some(format!(
                         "state file {shown} not used ({why}); {aside}, and the mount goes on \
-                         without its runtime pins"
+                         without its runtime pins and record"
                     )),
                 }
             }
