@@ -16,6 +16,8 @@ pub mod names;
 pub mod notify;
 pub mod pins;
 pub mod readers;
+pub mod record;
+pub mod recorder;
 pub mod rules;
 pub mod service;
 pub mod units;

@@ -25,9 +25,10 @@ use crate::fs::backing;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::passthrough::{self, BackingFiles, Passthrough};
 use crate::mountinfo;
-use crate::pins::{Pins, StateFile};
+use crate::pins::{Pins, StateFile, StateKeeper};
 use crate::readers::exec::CommandRunner;
 use crate::readers::opens::Opens;
+use crate::recorder::{self, Recorder};
 use crate::rules::{LiveMount, ManifestWorker};
 use crate::service::MountService;
 use crate::units::Bytes;
@@ -79,7 +80,12 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     let cache = Arc::new(Cache::new(settings.cache.clone()));
     // Read before mounting: the state directory could be under the mount
     // point (in place). Nothing is pinned until the manifest's worker runs.
-    let pins = Arc::new(Pins::load(cache.clone(), StateFile::for_mount(&mountpoint)));
+    let state = Arc::new(StateKeeper::load(StateFile::for_mount(&mountpoint)));
+    let pins = Arc::new(Pins::new(cache.clone(), state.clone()));
+    // Every open of a model file reaches the recorder through this
+    // (bounded: a FUSE thread never waits for the record).
+    let (recorded_opens, opens_to_record) = crossbeam_channel::bounded(recorder::QUEUED);
+    let recorder = Recorder::start(state, opens_to_record);
     // Opens of a group's member reach the manifest's worker through this
     // (bounded: warming a group is best effort).
     let (group_opens, opened_members) = crossbeam_channel::bounded(GROUP_OPENS_QUEUED);
@@ -90,6 +96,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         hooks.unwrap_or_default(),
         CommandRunner::start(mountpoint.clone()),
         group_opens,
+        recorded_opens,
     ));
     let overlay = Arc::new(
         Overlay::new(root, opens.clone(), config.vfs.atime == Atime::Noatime)
@@ -226,13 +233,17 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         .filter(|m| m.is_modelcache())
         .map(|m| m.id);
     let reloads = Arc::new(SignalReloads::default());
-    serve_until_unmounted(
+    let served = serve_until_unmounted(
         &mountpoint,
         ours,
         session,
         &|| reloads.request(&rules),
         &|| cache.release_all(),
-    )
+    );
+    // The session is over: no open comes any more. The record's windows
+    // close and it is written before the process exits.
+    drop(recorder);
+    served
 }
 
 /// How long the mount waits for its first manifest to be applied before it

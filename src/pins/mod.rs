@@ -14,11 +14,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tracing::warn;
 
 use crate::cache::Cache;
 use crate::control::protocol::PinOrigin;
-pub use state_file::{MountState, StateFile};
+pub use state_file::{MountState, SaveError, StateFile, StateKeeper};
 
 /// The most runtime pins a mount keeps.
 pub const MAX_RUNTIME_PINS: usize = 10_000;
@@ -62,28 +61,18 @@ struct Sets {
 /// pins and saves the runtime ones.
 pub struct Pins {
     cache: Arc<Cache>,
-    file: Option<StateFile>,
+    state: Arc<StateKeeper>,
     sets: Mutex<Sets>,
 }
 
 impl Pins {
-    /// The pins of a mount whose runtime pins are kept in `file` (read now;
-    /// a file that cannot be used is logged once, and the mount goes on
-    /// without them). Nothing is pinned in the cache before `set_manifest`.
-    pub fn load(cache: Arc<Cache>, file: Option<StateFile>) -> Self {
-        let runtime = match &file {
-            Some(f) => {
-                let loaded = f.load();
-                if let Some(w) = loaded.warning {
-                    warn!("{w}");
-                }
-                loaded.state.pins.into_iter().collect()
-            }
-            None => BTreeSet::new(),
-        };
+    /// The pins of a mount whose runtime pins `state` keeps (read from its
+    /// file at mount). Nothing is pinned in the cache before `set_manifest`.
+    pub fn new(cache: Arc<Cache>, state: Arc<StateKeeper>) -> Self {
+        let runtime = state.pins().into_iter().collect();
         Self {
             cache,
-            file,
+            state,
             sets: Mutex::new(Sets {
                 manifest: HashSet::new(),
                 runtime,
@@ -163,17 +152,10 @@ impl Pins {
     }
 
     fn save(&self, sets: &Sets) -> Result<(), PinError> {
-        let Some(file) = &self.file else {
-            return Err(PinError::NotSaved(
-                "no state directory (set $STATE_DIRECTORY, $XDG_STATE_HOME or $HOME)".into(),
-            ));
-        };
-        let state = MountState {
-            version: state_file::STATE_VERSION,
-            mountpoint: file.mountpoint().to_string(),
-            pins: sets.runtime.iter().cloned().collect(),
-        };
-        file.save(&state).map_err(PinError::NotSaved)
+        let pins: Vec<String> = sets.runtime.iter().cloned().collect();
+        self.state
+            .update(|state| state.pins = pins)
+            .map_err(|e| PinError::NotSaved(e.to_string()))
     }
 }
 
@@ -184,6 +166,10 @@ mod tests {
     use super::*;
     use crate::cache::CacheConfig;
 
+    fn keeper(file: &StateFile) -> Arc<StateKeeper> {
+        Arc::new(StateKeeper::load(Some(file.clone())))
+    }
+
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -193,7 +179,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let file = StateFile::new(tmp.path().join("state"), Path::new("/mnt/models"));
         let cache = Arc::new(Cache::new(CacheConfig::with_cap(1 << 30)));
-        let pins = Pins::load(cache.clone(), Some(file.clone()));
+        let pins = Pins::new(cache.clone(), keeper(&file));
         pins.set_manifest(names(&["m.safetensors"]));
         pins.pin(&names(&["r.gguf", "m.safetensors"])).unwrap();
         assert_eq!(file.load().state.pins, names(&["m.safetensors", "r.gguf"]));
@@ -207,7 +193,7 @@ mod tests {
         assert_eq!(pins.origin("m.safetensors"), Some(PinOrigin::Runtime));
 
         // A remount reads them back.
-        let again = Pins::load(cache.clone(), Some(file.clone()));
+        let again = Pins::new(cache.clone(), keeper(&file));
         assert_eq!(again.runtime(), names(&["m.safetensors", "r.gguf"]));
         again.set_manifest(names(&["m.safetensors"]));
         again.unpin(&names(&["m.safetensors"])).unwrap();
@@ -224,7 +210,7 @@ mod tests {
     #[test]
     fn too_many_runtime_pins_are_refused_whole() {
         let cache = Arc::new(Cache::new(CacheConfig::with_cap(1 << 30)));
-        let pins = Pins::load(cache, None);
+        let pins = Pins::new(cache, Arc::new(StateKeeper::load(None)));
         let many: Vec<String> = (0..MAX_RUNTIME_PINS).map(|i| format!("{i}.gguf")).collect();
         let err = pins.pin(&many).unwrap_err();
         assert!(

@@ -1,5 +1,6 @@
 //! The state file of a mount: what the daemon keeps across reloads and
-//! remounts (runtime pins), one JSON file per mount point.
+//! remounts (runtime pins, the record of what was opened), one JSON file
+//! per mount point, written by one owner ([`StateKeeper`]).
 //!
 //! Where: `$STATE_DIRECTORY` (set by systemd's `StateDirectory=`), else
 //! `/var/lib/modelcache` for root, else `$XDG_STATE_HOME/modelcache` or
@@ -20,11 +21,15 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::record::Record;
 use crate::units::Bytes;
 
-/// The format written; a file of another version is set aside.
+/// The format written; a file of another version is set aside. Still 1
+/// with the record: fields are only added (with defaults), so either
+/// release reads the other's file.
 pub const STATE_VERSION: u32 = 1;
 
 /// The largest state file read (10,000 pins of long names fit well).
@@ -40,6 +45,8 @@ pub struct MountState {
     pub mountpoint: String,
     /// Runtime pins (`modelcache pin`), relative to the mount root.
     pub pins: Vec<String>,
+    /// What was opened through the mount (absent in files written before).
+    pub record: Record,
 }
 
 /// The state directory for a daemon, given what it sees: its effective
@@ -157,7 +164,7 @@ impl StateFile {
                     state: MountState::default(),
                     warning: Some(format!(
                         "state file {shown} not used ({why}); {aside}, and the mount goes on \
-                         without its runtime pins"
+                         without its runtime pins and record"
                     )),
                 }
             }
@@ -247,6 +254,16 @@ impl StateFile {
                 "pin {bad:?} is not a path relative to the mount root"
             )));
         }
+        if let Some(bad) = state.record.files.keys().find(|p| !is_relative_name(p)) {
+            return Err(aside(format!(
+                "its record names {bad:?}, not a path relative to the mount root"
+            )));
+        }
+        if let Some(why) = state.record.problem() {
+            return Err(aside(why));
+        }
+        let mut state = state;
+        state.record.settle();
         Ok(Some(state))
     }
 
@@ -270,7 +287,7 @@ impl StateFile {
             Ok(None) => return Err(format!("cannot create {}", self.dir.display())),
             Err(why) => return Err(why),
         };
-        let text = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
+        let text = to_json(state).map_err(|e| e.to_string())?;
         static SAVES: AtomicU64 = AtomicU64::new(0);
         let temp = format!(
             ".{}.tmp-{}-{}",
@@ -308,6 +325,98 @@ impl StateFile {
             }
         }
     }
+}
+
+/// Why the state could not be saved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SaveError {
+    /// No state directory could be named.
+    NoStateDir,
+    /// Writing the file failed (the line says where and why).
+    Write(String),
+}
+
+impl std::fmt::Display for SaveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SaveError::NoStateDir => write!(
+                f,
+                "no state directory (set $STATE_DIRECTORY, $XDG_STATE_HOME or $HOME)"
+            ),
+            SaveError::Write(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for SaveError {}
+
+/// The one writer of a mount's state file. It holds the whole state; the
+/// pins and the recorder each change their part through it, so that a
+/// save of one never drops the other's, and saves never interleave.
+pub struct StateKeeper {
+    file: Option<StateFile>,
+    state: Mutex<MountState>,
+}
+
+impl StateKeeper {
+    /// Reads the state of the mount kept in `file` (a file that cannot be
+    /// used is logged once, and the mount goes on without it).
+    pub fn load(file: Option<StateFile>) -> Self {
+        let state = match &file {
+            Some(f) => {
+                let loaded = f.load();
+                if let Some(w) = loaded.warning {
+                    tracing::warn!("{w}");
+                }
+                loaded.state
+            }
+            None => MountState::default(),
+        };
+        Self {
+            file,
+            state: Mutex::new(state),
+        }
+    }
+
+    /// The runtime pins read or last saved.
+    pub fn pins(&self) -> Vec<String> {
+        self.state.lock().pins.clone()
+    }
+
+    /// The record read or last saved.
+    pub fn record(&self) -> Record {
+        self.state.lock().record.clone()
+    }
+
+    /// Changes the state with `change` and saves it whole. Should the
+    /// file pass [`MAX_STATE_FILE`] (pins of long names beside a full
+    /// record), the record's least recently opened files give way: a file
+    /// too large would be set aside at the next mount, pins and all.
+    pub fn update(&self, change: impl FnOnce(&mut MountState)) -> Result<(), SaveError> {
+        let mut state = self.state.lock();
+        change(&mut state);
+        let Some(file) = &self.file else {
+            return Err(SaveError::NoStateDir);
+        };
+        state.version = STATE_VERSION;
+        state.mountpoint = file.mountpoint().to_string();
+        while !state.record.files.is_empty() && serialized_len(&state) >= MAX_STATE_FILE {
+            let keep = state.record.files.len() / 2;
+            state.record.keep_most_recent(keep);
+        }
+        file.save(&state).map_err(SaveError::Write)
+    }
+}
+
+/// The file's text, less its final newline. Compact: pretty-printed, the
+/// record's many small fields would take twice the room.
+fn to_json(state: &MountState) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(state)
+}
+
+/// The size of the file `state` is written as (its final newline included).
+fn serialized_len(state: &MountState) -> u64 {
+    to_json(state).map_or(u64::MAX, |v| v.len() as u64 + 1)
 }
 
 /// Why a state file was not used, and whether it is to be set aside.
@@ -453,7 +562,33 @@ mod tests {
             version: STATE_VERSION,
             mountpoint: MP.into(),
             pins: pins.iter().map(|p| p.to_string()).collect(),
+            ..MountState::default()
         }
+    }
+
+    /// A record of `files` files of `name_len`-byte names (as JSON writes
+    /// them), opened in pairs by one process each.
+    fn record_of(files: usize, name_len: usize) -> Record {
+        use crate::record::{FileIdentity, OpenEvent, Source};
+        let mut record = Record::default();
+        for i in 0..files {
+            let name = format!("{i:08}/{}", "é".repeat(name_len));
+            let name = &name[..name.floor_char_boundary(name_len - 2)];
+            record.opened(&OpenEvent {
+                name: name.to_string(),
+                identity: FileIdentity {
+                    dev: u64::MAX,
+                    ino: u64::MAX - i as u64,
+                    size: u64::MAX,
+                    mtime_ns: i64::MIN,
+                },
+                source: Source::Disk,
+                pid: (i / 2) as u32,
+                at: 1_700_000_000 + i as u64,
+            });
+        }
+        record.close_all(u64::MAX);
+        record
     }
 
     /// A state file in a fresh directory `state` under a temp dir.
@@ -552,9 +687,107 @@ mod tests {
     }
 
     #[test]
+    fn a_full_record_of_long_names_stays_under_the_limit() {
+        use crate::record::{MAX_FILES, MAX_NAME_JSON_BYTES, MAX_SET_FILES, MAX_SETS};
+        let mut s = state(&[]);
+        s.record = record_of(MAX_FILES, MAX_NAME_JSON_BYTES);
+        assert_eq!(s.record.files.len(), MAX_FILES, "every name was kept");
+        // Fill the sets too, each as large as a set may be.
+        let ids: Vec<u64> = s.record.files.values().map(|f| f.id).collect();
+        s.record.co_open = (0..MAX_SETS)
+            .map(|i| crate::record::CoOpenSet {
+                files: ids[i..i + MAX_SET_FILES].to_vec(),
+                count: u64::MAX,
+                last_seen: u64::MAX,
+            })
+            .collect();
+        assert_eq!(s.record.problem(), None);
+        let len = serialized_len(&s);
+        assert!(
+            len < MAX_STATE_FILE * 3 / 4,
+            "{len} bytes: room is left for pins"
+        );
+        let (_tmp, file) = fixture();
+        file.save(&s).unwrap();
+        assert_eq!(file.load().state, s, "read back whole");
+    }
+
+    #[test]
+    fn pins_and_record_are_saved_together_by_their_one_keeper() {
+        let (_tmp, file) = fixture();
+        let keeper = StateKeeper::load(Some(file.clone()));
+        keeper.update(|s| s.pins = vec!["p.gguf".into()]).unwrap();
+        let record = record_of(3, 40);
+        let flushed = record.clone();
+        keeper.update(|s| s.record = flushed).unwrap();
+        assert_eq!(
+            file.load().state.pins,
+            vec!["p.gguf".to_string()],
+            "a flush keeps the pins"
+        );
+        keeper.update(|s| s.pins.clear()).unwrap();
+        assert_eq!(
+            file.load().state.record,
+            record,
+            "a pin change keeps the record"
+        );
+
+        // Read at the next mount.
+        let again = StateKeeper::load(Some(file.clone()));
+        assert_eq!(again.record(), record);
+        assert!(again.pins().is_empty());
+
+        // Pins of long names beside a full record: the record gives way,
+        // the pins stay, the file is still one the next mount reads.
+        let long_pins: Vec<String> = (0..super::super::MAX_RUNTIME_PINS)
+            .map(|i| format!("{i:05}/{}", "p".repeat(300)))
+            .collect();
+        let full = record_of(crate::record::MAX_FILES, 200);
+        keeper
+            .update(|s| {
+                s.pins = long_pins.clone();
+                s.record = full;
+            })
+            .unwrap();
+        assert!(std::fs::metadata(file.path()).unwrap().len() <= MAX_STATE_FILE);
+        let loaded = file.load();
+        assert_eq!(loaded.warning, None);
+        assert_eq!(loaded.state.pins, long_pins);
+        let kept = loaded.state.record.files.len();
+        assert!(kept > 0 && kept < crate::record::MAX_FILES, "{kept} kept");
+        let last = format!("{:08}/", crate::record::MAX_FILES - 1);
+        assert!(
+            loaded
+                .state
+                .record
+                .files
+                .keys()
+                .any(|n| n.starts_with(&last)),
+            "the most recently opened stay"
+        );
+    }
+
+    #[test]
+    fn a_record_over_its_bounds_is_set_aside() {
+        let (_tmp, file) = fixture();
+        let mut s = state(&[]);
+        s.record = record_of(2, 40);
+        s.record.co_open[0].files.push(12345);
+        file.save(&s).unwrap();
+        load_refused(&file, "co-open set it cannot resolve");
+        s.record = record_of(2, 40);
+        let name = s.record.files.keys().next().unwrap().clone();
+        let entry = s.record.files.remove(&name).unwrap();
+        s.record.files.insert("../outside.gguf".into(), entry);
+        file.save(&s).unwrap();
+        load_refused(&file, "not a path relative to the mount root");
+    }
+
+    #[test]
     fn a_crash_before_the_rename_leaves_the_old_file_whole() {
         let (_tmp, file) = fixture();
-        let s = state(&["old.safetensors"]);
+        let mut s = state(&["old.safetensors"]);
+        s.record = record_of(4, 30);
         file.save(&s).unwrap();
         // What a crash mid-save leaves: a partly written temporary.
         let temp = file.dir.join(format!(".{}.tmp-99999-0", file.name));

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
@@ -19,12 +19,13 @@ use super::hooks::Hooks;
 use super::payoff::from_ram_line;
 use super::source::{DiskReason, OpenSource};
 use super::stats::{FileCounters, Stats};
-use super::{Classifier, ReaderClass};
+use super::{Classifier, Reader, ReaderClass};
 use crate::cache::{
     Cache, CacheRef, Identity, NotModelFile, ReaderHold, Refusal, WriteGuard, Writer,
 };
 use crate::fs::inodes::InodeKey;
 use crate::fs::{Caching, Hold, Overlay, ReadOpen, ReadOpened, Stat};
+use crate::record::{FileIdentity, OpenEvent, Source};
 
 /// What the filesystem's opens do beyond the backing directory.
 pub struct Opens {
@@ -42,6 +43,10 @@ pub struct Opens {
     group_members: RwLock<Arc<HashSet<String>>>,
     /// Whether a full queue of group opens was logged since it last had room.
     group_queue_full: AtomicBool,
+    /// Each open of a model file, for the mount's record (`recorder`).
+    recorded_opens: Sender<OpenEvent>,
+    /// Opens left out of the record: its queue was full.
+    unrecorded_opens: AtomicU64,
 }
 
 /// What the cache knows a backing file by.
@@ -89,6 +94,7 @@ impl Opens {
         hooks: Hooks,
         commands: CommandRunner,
         group_opens: Sender<String>,
+        recorded_opens: Sender<OpenEvent>,
     ) -> Self {
         Self {
             cache,
@@ -99,6 +105,8 @@ impl Opens {
             group_opens,
             group_members: RwLock::default(),
             group_queue_full: AtomicBool::new(false),
+            recorded_opens,
+            unrecorded_opens: AtomicU64::new(0),
         }
     }
 
@@ -160,17 +168,19 @@ impl Hold for ReadHold {
 impl Hold for WriteGuard {}
 
 impl Opens {
-    /// Counts an open of a model file where it was served from, logs it if
-    /// it came from RAM (at most a line a minute per file), and returns
-    /// what the open keeps.
+    /// Counts an open of a model file (of `stat`) by process `pid` where it
+    /// was served from, tells the record, logs it if it came from RAM (at
+    /// most a line a minute per file), and returns what the open keeps.
     fn counted(
         &self,
         name: &str,
-        size: u64,
-        class: ReaderClass,
+        stat: &Stat,
+        reader: Reader,
         source: OpenSource,
         cached: Option<CacheRef>,
     ) -> ReadHold {
+        let (size, class) = (stat.st_size as u64, reader.class);
+        self.record(name, stat, reader.pid, &source);
         match &source {
             OpenSource::Disk(why) => tracing::debug!("{name}: opened from disk: {why}"),
             OpenSource::Partial { resident_percent } => {
@@ -209,6 +219,41 @@ impl Opens {
         let rate = self.cache.read_rate();
         for (name, size, opens) in due {
             info!("{}", from_ram_line(&name, size, opens, rate));
+        }
+    }
+
+    /// Opens left out of the record so far (its queue was full).
+    pub fn unrecorded_opens(&self) -> u64 {
+        self.unrecorded_opens.load(Ordering::Relaxed)
+    }
+
+    /// Tells the recorder of an open. Never waits: a full queue drops it,
+    /// counted, and logged once.
+    fn record(&self, name: &str, stat: &Stat, pid: u32, source: &OpenSource) {
+        let id = identity(stat);
+        let event = OpenEvent {
+            name: name.to_string(),
+            identity: FileIdentity {
+                dev: id.dev,
+                ino: id.ino,
+                size: id.size,
+                mtime_ns: i64::try_from(id.mtime_ns).unwrap_or(i64::MAX),
+            },
+            source: match source {
+                OpenSource::Ram => Source::Ram,
+                OpenSource::Partial { .. } => Source::Partial,
+                OpenSource::Disk(_) => Source::Disk,
+            },
+            pid,
+            at: crate::record::unix_now(),
+        };
+        if self.recorded_opens.try_send(event).is_err()
+            && self.unrecorded_opens.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            tracing::warn!(
+                "{name}: this open is not in the mount's record, its queue is full; opens \
+                 left out are counted, and this is logged once"
+            );
         }
     }
 
@@ -261,7 +306,7 @@ impl Caching for Opens {
             // A model file the cache can never hold: served as any file,
             // counted as opened from disk, with the reason.
             let source = OpenSource::Disk(DiskReason::Refused(Refusal::NotModelFile(larger)));
-            let hold = self.counted(open.name, size, reader.class, source, None);
+            let hold = self.counted(open.name, open.stat, reader, source, None);
             return ReadOpened {
                 cacheable: false,
                 keep_cache: false,
@@ -298,7 +343,7 @@ impl Caching for Opens {
             // the manifest may still wait for a loader).
             cached.entry().drop_old_pages(open.node);
         }
-        let hold = self.counted(open.name, size, reader.class, source, cached);
+        let hold = self.counted(open.name, open.stat, reader, source, cached);
         ReadOpened {
             cacheable: true,
             keep_cache,
@@ -332,7 +377,14 @@ mod tests {
         let cache = Arc::new(Cache::new(CacheConfig::with_cap(cap)));
         let (group_opens, _) = crossbeam_channel::bounded(1);
         let commands = CommandRunner::start(dir.path().to_path_buf());
-        let opens = Opens::new(cache.clone(), Hooks::default(), commands, group_opens);
+        let (recorded, _) = crossbeam_channel::bounded(1);
+        let opens = Opens::new(
+            cache.clone(),
+            Hooks::default(),
+            commands,
+            group_opens,
+            recorded,
+        );
         let overlay = Overlay::new(root, Arc::new(opens), false).unwrap();
         (dir, Mounted { overlay, cache })
     }
@@ -497,7 +549,14 @@ mod tests {
         let cache = Arc::new(Cache::new(CacheConfig::with_cap(64 << 20)));
         let (group_opens, opened) = crossbeam_channel::bounded(4);
         let commands = CommandRunner::start(dir.path().to_path_buf());
-        let opens = Arc::new(Opens::new(cache, Hooks::default(), commands, group_opens));
+        let (recorded, _) = crossbeam_channel::bounded(1);
+        let opens = Arc::new(Opens::new(
+            cache,
+            Hooks::default(),
+            commands,
+            group_opens,
+            recorded,
+        ));
         opens.set_group_members(["a.safetensors".to_string()].into());
         let overlay = Overlay::new(root, opens.clone(), false).unwrap();
         for name in ["b.safetensors", "a.safetensors"] {

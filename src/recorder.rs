@@ -1,0 +1,107 @@
+//! The recorder: the thread that keeps a mount's working-set record. FUSE
+//! threads only `try_send` it an [`OpenEvent`] (see `readers::opens`); it
+//! counts them into the [`Record`] and writes the record into the state
+//! file through the mount's [`StateKeeper`]: every [`FLUSH_EVERY`] when it
+//! changed, and once more when stopped (at unmount).
+//!
+//! A thread of its own rather than an arm of the manifest worker's loop:
+//! that worker may spend seconds walking the models folder for a reload,
+//! during which opens would back up and be dropped, and a state file's
+//! fsync would delay the groups it warms.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use tracing::warn;
+
+use crate::pins::{SaveError, StateKeeper};
+use crate::record::{OpenEvent, Record, unix_now};
+
+/// Events waiting for the recorder; more are dropped (and counted).
+pub const QUEUED: usize = 4096;
+/// How often a changed record is written.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(60);
+
+/// The running recorder; dropping it closes the open windows and writes
+/// the record a last time.
+pub struct Recorder {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Recorder {
+    /// Starts the recorder on `events`, from the record `state` read at mount.
+    pub fn start(state: Arc<StateKeeper>, events: Receiver<OpenEvent>) -> Recorder {
+        let (stop, stopped) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("recorder".into())
+            .spawn(move || record(&state, &events, &stopped))
+            .map_err(|e| warn!("cannot start the recorder, opens are not recorded: {e}"))
+            .ok();
+        Recorder {
+            stop: Some(stop),
+            thread,
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn record(state: &StateKeeper, events: &Receiver<OpenEvent>, stopped: &Receiver<()>) {
+    let mut record: Record = state.record();
+    let mut changed = false;
+    // The last save's error, logged once until it changes.
+    let mut failed: Option<SaveError> = None;
+    let mut next_flush = Instant::now() + FLUSH_EVERY;
+    loop {
+        let wait = next_flush.saturating_duration_since(Instant::now());
+        crossbeam_channel::select! {
+            recv(events) -> event => match event {
+                Ok(event) => changed |= record.opened(&event),
+                // The sender lives in `Opens`: gone, the mount is.
+                Err(_) => break,
+            },
+            // Sent nothing: dropped, the mount is going away.
+            recv(stopped) -> _ => break,
+            default(wait) => {}
+        }
+        if Instant::now() >= next_flush {
+            changed |= record.close_expired(unix_now());
+            if changed {
+                save(state, &record, &mut failed);
+                changed = false;
+            }
+            next_flush = Instant::now() + FLUSH_EVERY;
+        }
+    }
+    // What is queued still counts: the FUSE session has ended.
+    for event in events.try_iter().take(QUEUED) {
+        changed |= record.opened(&event);
+    }
+    changed |= record.close_all(unix_now());
+    if changed {
+        save(state, &record, &mut failed);
+    }
+}
+
+fn save(state: &StateKeeper, record: &Record, failed: &mut Option<SaveError>) {
+    let record = record.clone();
+    match state.update(|s| s.record = record) {
+        Ok(()) => *failed = None,
+        Err(e) => {
+            if failed.as_ref() != Some(&e) {
+                warn!("the record of opened files is not saved: {e}");
+            }
+            *failed = Some(e);
+        }
+    }
+}
