@@ -67,6 +67,10 @@ pub enum Command {
         /// Threads that load files into the cache (default 2).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
         loader_threads: Option<u16>,
+        /// Do not load the files recorded at the last mount (the working
+        /// set) after the manifest's; overrides `warm_start` in the manifest.
+        #[arg(long)]
+        no_warm_start: bool,
         /// Copy mode: how the kernel serves reads of model files the cache
         /// does not hold (cached ones are read from the page cache it keeps).
         /// A tuning knob; the default was chosen by measurement, see README.

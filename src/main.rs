@@ -38,6 +38,7 @@ fn main() -> ExitCode {
             max_size,
             min_file_size,
             loader_threads,
+            no_warm_start,
             read_mode,
             passthrough,
             manifest,
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
                 max_size,
                 min_file_size,
                 loader_threads: loader_threads.map(usize::from),
+                no_warm_start,
             };
             mount::Settings::resolve(flags, manifest).and_then(|settings| {
                 mount::run(MountConfig {

@@ -269,6 +269,19 @@ impl Record {
         }
     }
 
+    /// Drops `name` (no longer there, as warm start found it) unless it
+    /// was opened after `last_open`: then it is there again. True if
+    /// dropped.
+    pub fn forget(&mut self, name: &str, last_open: u64) -> bool {
+        match self.files.get(name) {
+            Some(f) if f.last_open <= last_open => {
+                self.remove_file(name);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn close_window(&mut self, pid: u32, now: u64) -> bool {
         let Some(window) = self.windows.remove(&pid) else {
             return false;
@@ -298,15 +311,22 @@ impl Record {
 
     /// Drops the least recently opened file, from the sets and windows too.
     fn drop_least_recent_file(&mut self) {
-        let Some((name, id)) = self
+        let Some(name) = self
             .files
             .iter()
             .min_by_key(|(_, f)| (f.last_open, f.id))
-            .map(|(n, f)| (n.clone(), f.id))
+            .map(|(n, _)| n.clone())
         else {
             return;
         };
-        self.files.remove(&name);
+        self.remove_file(&name);
+    }
+
+    /// Drops a file, from the sets and windows too.
+    fn remove_file(&mut self, name: &str) {
+        let Some(FileRecord { id, .. }) = self.files.remove(name) else {
+            return;
+        };
         self.co_open.retain(|s| !s.files.contains(&id));
         for window in self.windows.values_mut() {
             window.files.retain(|f| *f != id);
@@ -494,5 +514,19 @@ mod tests {
         assert_eq!(back.problem(), None);
         back.co_open[0].files.push(99);
         assert!(back.problem().unwrap().contains("cannot resolve"));
+    }
+
+    #[test]
+    fn a_forgotten_file_leaves_its_sets_unless_opened_since() {
+        let mut r = Record::default();
+        r.opened(&open("a.gguf", Source::Ram, 1, 5));
+        r.opened(&open("b.gguf", Source::Ram, 1, 5));
+        r.close_all(6);
+        assert!(!r.forget("b.gguf", 4), "opened since: there again");
+        assert!(r.forget("a.gguf", 5));
+        assert!(!r.forget("a.gguf", 5), "gone already");
+        assert_eq!(r.files.keys().collect::<Vec<_>>(), ["b.gguf"]);
+        assert!(r.co_open.is_empty(), "its set went with it");
+        assert_eq!(r.problem(), None);
     }
 }

@@ -77,7 +77,7 @@ fn record(state: &StateKeeper, events: &Receiver<OpenEvent>, stopped: &Receiver<
         if Instant::now() >= next_flush {
             changed |= record.close_expired(unix_now());
             if changed {
-                save(state, &record, &mut failed);
+                save(state, &mut record, &mut failed);
                 changed = false;
             }
             next_flush = Instant::now() + FLUSH_EVERY;
@@ -89,13 +89,18 @@ fn record(state: &StateKeeper, events: &Receiver<OpenEvent>, stopped: &Receiver<
     }
     changed |= record.close_all(unix_now());
     if changed {
-        save(state, &record, &mut failed);
+        save(state, &mut record, &mut failed);
     }
 }
 
-fn save(state: &StateKeeper, record: &Record, failed: &mut Option<SaveError>) {
-    let record = record.clone();
-    match state.update(|s| s.record = record) {
+fn save(state: &StateKeeper, record: &mut Record, failed: &mut Option<SaveError>) {
+    // Files warm start found gone leave this copy too.
+    match state.update(|s| {
+        for (name, last_open) in s.forgotten.drain(..) {
+            record.forget(&name, last_open);
+        }
+        s.record = record.clone();
+    }) {
         Ok(()) => *failed = None,
         Err(e) => {
             if failed.as_ref() != Some(&e) {
@@ -103,5 +108,45 @@ fn save(state: &StateKeeper, record: &Record, failed: &mut Option<SaveError>) {
             }
             *failed = Some(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pins::StateFile;
+    use crate::record::{FileIdentity, Source};
+
+    fn open(name: &str, at: u64) -> OpenEvent {
+        OpenEvent {
+            name: name.into(),
+            identity: FileIdentity::default(),
+            source: Source::Disk,
+            pid: 1,
+            at,
+        }
+    }
+
+    #[test]
+    fn a_file_warm_start_found_gone_leaves_the_recorders_copy_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let file = || StateFile::new(dir.clone(), std::path::Path::new("/mnt/models"));
+        let keeper = StateKeeper::load(Some(file()));
+        let mut record = Record::default();
+        record.opened(&open("gone.gguf", 5));
+        record.opened(&open("kept.gguf", 6));
+        let mut failed = None;
+        save(&keeper, &mut record, &mut failed);
+        // Warm start finds gone.gguf gone: saved at once without it.
+        keeper.forget(&[("gone.gguf".into(), 5)]).unwrap();
+        let names = |r: &Record| r.files.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(names(&file().load().state.record), ["kept.gguf"]);
+        // The recorder's next save does not bring it back.
+        record.opened(&open("kept.gguf", 7));
+        save(&keeper, &mut record, &mut failed);
+        assert_eq!(failed, None);
+        assert_eq!(names(&record), ["kept.gguf"]);
+        assert_eq!(names(&file().load().state.record), ["kept.gguf"]);
     }
 }

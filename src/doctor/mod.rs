@@ -165,6 +165,7 @@ pub fn findings(
         max_size,
         min_file_size: None,
         loader_threads: None,
+        no_warm_start: false,
     };
     let plan = match Settings::resolve(flags, manifest) {
         Ok(settings) => {

@@ -58,6 +58,7 @@ pub(super) struct RawCache {
     pub(super) loader_threads: Option<Spanned<i64>>,
     pub(super) mlock: Option<bool>,
     pub(super) pin_budget: Option<Spanned<SizeValue>>,
+    pub(super) warm_start: Option<bool>,
 }
 
 pub(super) type Globs = Spanned<Vec<Spanned<String>>>;

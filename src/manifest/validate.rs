@@ -94,6 +94,7 @@ impl Manifest {
                 })?;
         }
         settings.mlock = raw.mlock.unwrap_or(false);
+        settings.warm_start = raw.warm_start.unwrap_or(true);
 
         if let Some(budget) = &raw.pin_budget
             && budget.get_ref().0 == SizeSpec::Bytes(0)
@@ -437,6 +438,7 @@ policy = "size-aware"
 loader_threads = 4
 mlock = true
 pin_budget = "16G"
+warm_start = false
 
 [[group]]
 name = "wan"
@@ -471,6 +473,7 @@ grace = "1h30m"
         assert_eq!(c.loader_threads, 4);
         assert!(c.mlock);
         assert_eq!(c.pin_budget, Some(SizeSpec::Bytes(16 << 30)));
+        assert!(!c.warm_start);
         let kinds: Vec<_> = m.rules.iter().map(|r| r.kind.clone()).collect();
         assert_eq!(
             kinds,
@@ -480,7 +483,7 @@ grace = "1h30m"
         assert_eq!(
             m.rules[0].location,
             Location {
-                line: 14,
+                line: 15,
                 column: 1
             }
         );
@@ -530,6 +533,10 @@ grace = "1h30m"
             (
                 "[cache]\nmlock = \"yes\"\n",
                 &["line 2, column 9", "mlock", "expected a boolean"],
+            ),
+            (
+                "[cache]\nwarm_start = \"no\"\n",
+                &["line 2, column 14", "warm_start", "expected a boolean"],
             ),
             (
                 "[cache]\nadmit = \"always\"\n",

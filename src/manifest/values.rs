@@ -50,6 +50,9 @@ pub struct CacheSettings {
     /// The most bytes the cache locks with mlock; unset = no limit beyond
     /// the process's RLIMIT_MEMLOCK (`LimitMEMLOCK=` under systemd).
     pub pin_budget: Option<SizeSpec>,
+    /// Load the working set recorded at the last mount, after the
+    /// manifest's files (`rules::warm_start`).
+    pub warm_start: bool,
 }
 
 impl Default for CacheSettings {
@@ -65,6 +68,7 @@ impl Default for CacheSettings {
             loader_threads: DEFAULT_LOADER_THREADS,
             mlock: false,
             pin_budget: None,
+            warm_start: true,
         }
     }
 }

@@ -85,7 +85,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
     // Every open of a model file reaches the recorder through this
     // (bounded: a FUSE thread never waits for the record).
     let (recorded_opens, opens_to_record) = crossbeam_channel::bounded(recorder::QUEUED);
-    let recorder = Recorder::start(state, opens_to_record);
+    let recorder = Recorder::start(state.clone(), opens_to_record);
     // Opens of a group's member reach the manifest's worker through this
     // (bounded: warming a group is best effort).
     let (group_opens, opened_members) = crossbeam_channel::bounded(GROUP_OPENS_QUEUED);
@@ -177,6 +177,8 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
             opens: opens.clone(),
             mountpoint: mountpoint.clone(),
             pins: pins.clone(),
+            state,
+            warm_start: settings.warm_start,
         },
         settings.manifest,
         settings.manifest_arg,

@@ -100,6 +100,8 @@ pub struct CacheFlags {
     pub max_size: Option<SizeSpec>,
     pub min_file_size: Option<SizeSpec>,
     pub loader_threads: Option<usize>,
+    /// `--no-warm-start`: off whatever the manifest says.
+    pub no_warm_start: bool,
 }
 
 /// What the mount takes from the flags and the manifest.
@@ -109,6 +111,10 @@ pub struct Settings {
     pub cap_from: CapFrom,
     /// Below this much available memory even pinned files are released.
     pub critical_available: u64,
+    /// Load the working set recorded at the last mount after the
+    /// manifest's files: the manifest's `warm_start`, off with
+    /// `--no-warm-start`.
+    pub warm_start: bool,
     /// The manifest in force at mount, if any.
     pub manifest: Option<Manifest>,
     /// The --manifest file, read again on reload (without it, reloads look
@@ -167,6 +173,7 @@ impl Settings {
                 CapFrom::Manifest
             },
             critical_available: limits.critical_available,
+            warm_start: m.cache.warm_start && !flags.no_warm_start,
             manifest,
             manifest_arg,
         })

@@ -47,6 +47,11 @@ pub struct MountState {
     pub pins: Vec<String>,
     /// What was opened through the mount (absent in files written before).
     pub record: Record,
+    /// Files warm start found gone, with their last open, that the
+    /// recorder has yet to drop from its own copy of the record (see
+    /// [`StateKeeper::forget`]). Not saved.
+    #[serde(skip)]
+    pub forgotten: Vec<(String, u64)>,
 }
 
 /// The state directory for a daemon, given what it sees: its effective
@@ -386,6 +391,21 @@ impl StateKeeper {
     /// The record read or last saved.
     pub fn record(&self) -> Record {
         self.state.lock().record.clone()
+    }
+
+    /// Drops files no longer there from the record, `(name, last open)`
+    /// (one opened since stays), and saves. The recorder, which keeps its
+    /// own copy, drops them too at its next save ([`MountState::forgotten`]).
+    /// Bounded: a name is kept only while the record holds it.
+    pub fn forget(&self, gone: &[(String, u64)]) -> Result<(), SaveError> {
+        self.update(|s| {
+            for (name, last_open) in gone {
+                if s.record.forget(name, *last_open) {
+                    s.forgotten.push((name.clone(), *last_open));
+                }
+            }
+            s.forgotten.truncate(crate::record::MAX_FILES);
+        })
     }
 
     /// Changes the state with `change` and saves it whole. Should the

@@ -4,7 +4,9 @@
 //! members, and `reload` (SIGHUP, `modelcache reload`) applies an edited
 //! manifest without remounting: new pins load, removed pins become ordinary
 //! entries. Runtime pins (`modelcache pin`, kept in the mount's state file)
-//! load at mount after the manifest's pins and stay pinned across reloads.
+//! load at mount after the manifest's pins and stay pinned across reloads;
+//! after the manifest's files, the working set recorded at the last mounts
+//! loads too (`warm_start`).
 //! Files released under critical memory pressure load again once memory
 //! has stayed back (`cache::comeback`), pins first. Applying a manifest
 //! answers with what it warned of, for `modelcache reload` and for the
@@ -15,28 +17,28 @@
 //! one worker thread, never on a FUSE thread.
 
 use std::collections::{HashMap, HashSet};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tracing::{info, warn};
 
-use crate::cache::Cache;
 use crate::cache::Refusal;
 use crate::fs::Overlay;
 use crate::manifest::{self, CapFrom, Manifest, RuleKind};
-use crate::pins::Pins;
+use crate::pins::{Pins, StateKeeper};
 use crate::readers::opens::Opens;
-use crate::units::{Bytes, Count, Rate};
+use crate::units::{Bytes, Count};
+
+mod prewarm;
+mod warm_start;
+
+use prewarm::{Followed, Prewarm};
 
 /// How long `reload` waits for the worker to apply the manifest.
 const RELOAD_WAIT: Duration = Duration::from_secs(20);
-
-/// How often prewarm progress is logged.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Work for the manifest's worker: apply a manifest (or, with none, the
 /// runtime pins alone), and answer what came of it.
@@ -75,6 +77,10 @@ pub struct LiveMount {
     pub mountpoint: PathBuf,
     /// The manifest's and the runtime pins.
     pub pins: Arc<Pins>,
+    /// The mount's state file, whose record warm start reads.
+    pub state: Arc<StateKeeper>,
+    /// Load the recorded working set after the manifest's files.
+    pub warm_start: bool,
 }
 
 /// Group member -> the other members of its groups.
@@ -189,6 +195,8 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
     let mut groups = Groups::new();
     // Keys of the files whose load the last prewarm follows.
     let mut prewarm: Option<Prewarm> = None;
+    // The warm start's loads, queued after the first manifest's.
+    let mut warm_start: Option<Prewarm> = None;
     loop {
         crossbeam_channel::select! {
             recv(jobs) -> job => {
@@ -218,6 +226,9 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
                     }
                 };
                 let _ = job.done.send(answer);
+                if !job.reload && live.warm_start {
+                    warm_start = warm_start::start(live);
+                }
             },
             recv(group_opens) -> name => {
                 // The sender lives in `live.opens`; gone, the mount is.
@@ -232,11 +243,13 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
         // Opens from RAM the log held back (a line a minute per file).
         live.opens.log_opens_from_ram();
         reload_released(live);
-        if prewarm
-            .as_mut()
-            .is_some_and(|p| p.report(live.opens.cache()))
-        {
-            prewarm = None;
+        for follow in [&mut prewarm, &mut warm_start] {
+            if follow
+                .as_mut()
+                .is_some_and(|p| p.report(live.opens.cache()))
+            {
+                *follow = None;
+            }
         }
     }
 }
@@ -374,24 +387,7 @@ fn prewarm_files(
             Bytes(total),
         );
     }
-    // On a terminal a progress bar; under systemd or in a log file, lines.
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(total);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "prewarm [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, {eta} left",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar
-    });
-    Some(Prewarm {
-        files: followed,
-        refused,
-        total,
-        started: Instant::now(),
-        last_report: Instant::now(),
-        bar,
-    })
+    Some(Prewarm::follow("prewarm", followed, refused, total))
 }
 
 /// Files released under critical pressure, once memory has stayed back:
@@ -425,138 +421,4 @@ fn warm(live: &LiveMount, path: &Path, kind: &str) -> Result<crate::cache::polic
     live.opens.warm(&live.overlay, path).inspect_err(|why| {
         warn!("cannot cache {kind} file {}: {why}", path.display());
     })
-}
-
-/// A file whose load a prewarm queued.
-struct Followed {
-    name: String,
-    key: crate::cache::policy::Key,
-    /// `None`: it left the cache before it was first looked at.
-    size: Option<u64>,
-    /// Seen fully loaded (it may be evicted later: it still loaded).
-    loaded: bool,
-}
-
-/// The loads a prewarm queued, followed until done, and the files it named
-/// that the cache refused.
-struct Prewarm {
-    files: Vec<Followed>,
-    /// (name, why) of each file refused when queued.
-    refused: Vec<(String, String)>,
-    total: u64,
-    started: Instant,
-    last_report: Instant,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-/// Why a followed file that left the cache did not load. The cache logs
-/// each eviction with its reason; this names where to look.
-const LEFT_THE_CACHE: &str = "left the cache before it finished loading (the log's \
-                              \"evicted\" line for it says why)";
-
-impl Prewarm {
-    /// Logs progress now and then; returns true (after the final line)
-    /// once every followed file is loaded or has left the cache.
-    fn report(&mut self, cache: &Cache) -> bool {
-        let (mut loaded, mut pending) = (0u64, 0usize);
-        for file in &mut self.files {
-            match cache.progress(file.key) {
-                Some((done, size)) => {
-                    loaded += done;
-                    if done < size {
-                        pending += 1;
-                    } else {
-                        file.loaded = true;
-                    }
-                }
-                None if file.loaded => loaded += file.size.unwrap_or(0),
-                None => {}
-            }
-        }
-        if let Some(bar) = &self.bar {
-            bar.set_position(loaded);
-            if pending == 0 {
-                bar.finish_and_clear();
-            }
-        }
-        if pending == 0 {
-            let dropped = self
-                .files
-                .iter()
-                .filter(|f| !f.loaded)
-                .map(|f| (f.name.clone(), LEFT_THE_CACHE.to_string()));
-            let not_loaded: Vec<(String, String)> =
-                self.refused.iter().cloned().chain(dropped).collect();
-            let done = self.files.iter().filter(|f| f.loaded).count();
-            let line = summary(
-                done,
-                &not_loaded,
-                loaded,
-                self.started.elapsed().as_secs_f64(),
-            );
-            if not_loaded.is_empty() {
-                info!("{line}");
-            } else {
-                warn!("{line}");
-            }
-            return true;
-        }
-        if self.bar.is_none() && self.last_report.elapsed() >= PROGRESS_EVERY {
-            self.last_report = Instant::now();
-            info!(
-                "prewarm: {} of {} loaded, {} to go",
-                Bytes(loaded),
-                Bytes(self.total),
-                Count(pending as u64, "file")
-            );
-        }
-        false
-    }
-}
-
-/// The prewarm's last line: it counts only the files that loaded, and
-/// names each that did not, with why.
-fn summary(loaded: usize, not_loaded: &[(String, String)], bytes: u64, secs: f64) -> String {
-    let how = format!("{} in {secs:.1} s, {}", Bytes(bytes), Rate { bytes, secs });
-    if not_loaded.is_empty() {
-        return format!(
-            "prewarm: all loaded ({}, {how})",
-            Count(loaded as u64, "file")
-        );
-    }
-    let named = loaded + not_loaded.len();
-    let why: Vec<String> = not_loaded
-        .iter()
-        .map(|(name, why)| format!("{name}: {why}"))
-        .collect();
-    format!(
-        "prewarm: {loaded} of {} loaded ({how}); not loaded: {}",
-        Count(named as u64, "file"),
-        why.join("; ")
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_prewarm_summary_counts_only_what_loaded() {
-        assert_eq!(
-            summary(3, &[], 12 << 20, 2.0),
-            "prewarm: all loaded (3 files, 12.0 MiB in 2.0 s, 6 MiB/s)"
-        );
-        let refused = [(
-            "big.safetensors".to_string(),
-            "20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: raise --max-size or max_size"
-                .to_string(),
-        )];
-        assert_eq!(
-            summary(2, &refused, 4 << 20, 1.0),
-            "prewarm: 2 of 3 files loaded (4.0 MiB in 1.0 s, 4 MiB/s); not loaded: \
-             big.safetensors: 20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: \
-             raise --max-size or max_size"
-        );
-        assert!(summary(0, &refused, 0, 0.0).starts_with("prewarm: 0 of 1 file loaded"));
-    }
 }

@@ -1,0 +1,191 @@
+//! Following the loads a prewarm (or a warm start) queued: progress lines
+//! or a progress bar, and a last line that counts only what loaded.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::cache::Cache;
+use crate::units::{Bytes, Count, Rate};
+
+/// How often prewarm progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// A file whose load a prewarm queued.
+pub(super) struct Followed {
+    pub(super) name: String,
+    pub(super) key: crate::cache::policy::Key,
+    /// `None`: it left the cache before it was first looked at.
+    pub(super) size: Option<u64>,
+    /// Seen fully loaded (it may be evicted later: it still loaded).
+    pub(super) loaded: bool,
+}
+
+/// The loads a prewarm queued, followed until done, and the files it named
+/// that the cache refused.
+pub(super) struct Prewarm {
+    /// What the lines begin with: "prewarm", "warm start".
+    what: &'static str,
+    files: Vec<Followed>,
+    /// (name, why) of each file refused when queued.
+    refused: Vec<(String, String)>,
+    total: u64,
+    started: Instant,
+    last_report: Instant,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+/// Why a followed file that left the cache did not load. The cache logs
+/// each eviction with its reason; this names where to look.
+const LEFT_THE_CACHE: &str = "left the cache before it finished loading (the log's \
+                              \"evicted\" line for it says why)";
+
+impl Prewarm {
+    /// Follows `files`, of `total` bytes; `refused` are (name, why) of the
+    /// files not queued, named in the last line.
+    pub(super) fn follow(
+        what: &'static str,
+        files: Vec<Followed>,
+        refused: Vec<(String, String)>,
+        total: u64,
+    ) -> Prewarm {
+        // On a terminal a progress bar; under systemd or in a log file, lines.
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            let template = format!(
+                "{what} [{{bar:30}}] {{binary_bytes}}/{{binary_total_bytes}} \
+                 {{binary_bytes_per_sec}}, {{eta}} left"
+            );
+            if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        Prewarm {
+            what,
+            files,
+            refused,
+            total,
+            started: Instant::now(),
+            last_report: Instant::now(),
+            bar,
+        }
+    }
+
+    /// Logs progress now and then; returns true (after the final line)
+    /// once every followed file is loaded or has left the cache.
+    pub(super) fn report(&mut self, cache: &Cache) -> bool {
+        let (mut loaded, mut pending) = (0u64, 0usize);
+        for file in &mut self.files {
+            match cache.progress(file.key) {
+                Some((done, size)) => {
+                    loaded += done;
+                    if done < size {
+                        pending += 1;
+                    } else {
+                        file.loaded = true;
+                    }
+                }
+                None if file.loaded => loaded += file.size.unwrap_or(0),
+                None => {}
+            }
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(loaded);
+            if pending == 0 {
+                bar.finish_and_clear();
+            }
+        }
+        if pending == 0 {
+            let dropped = self
+                .files
+                .iter()
+                .filter(|f| !f.loaded)
+                .map(|f| (f.name.clone(), LEFT_THE_CACHE.to_string()));
+            let not_loaded: Vec<(String, String)> =
+                self.refused.iter().cloned().chain(dropped).collect();
+            let done = self.files.iter().filter(|f| f.loaded).count();
+            let line = summary(
+                self.what,
+                done,
+                &not_loaded,
+                loaded,
+                self.started.elapsed().as_secs_f64(),
+            );
+            if not_loaded.is_empty() {
+                info!("{line}");
+            } else {
+                warn!("{line}");
+            }
+            return true;
+        }
+        if self.bar.is_none() && self.last_report.elapsed() >= PROGRESS_EVERY {
+            self.last_report = Instant::now();
+            info!(
+                "{}: {} of {} loaded, {} to go",
+                self.what,
+                Bytes(loaded),
+                Bytes(self.total),
+                Count(pending as u64, "file")
+            );
+        }
+        false
+    }
+}
+
+/// The prewarm's last line: it counts only the files that loaded, and
+/// names each that did not, with why.
+fn summary(
+    what: &str,
+    loaded: usize,
+    not_loaded: &[(String, String)],
+    bytes: u64,
+    secs: f64,
+) -> String {
+    let how = format!("{} in {secs:.1} s, {}", Bytes(bytes), Rate { bytes, secs });
+    if not_loaded.is_empty() {
+        return format!(
+            "{what}: all loaded ({}, {how})",
+            Count(loaded as u64, "file")
+        );
+    }
+    let named = loaded + not_loaded.len();
+    let why: Vec<String> = not_loaded
+        .iter()
+        .map(|(name, why)| format!("{name}: {why}"))
+        .collect();
+    format!(
+        "{what}: {loaded} of {} loaded ({how}); not loaded: {}",
+        Count(named as u64, "file"),
+        why.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prewarm_summary_counts_only_what_loaded() {
+        assert_eq!(
+            summary("prewarm", 3, &[], 12 << 20, 2.0),
+            "prewarm: all loaded (3 files, 12.0 MiB in 2.0 s, 6 MiB/s)"
+        );
+        let refused = [(
+            "big.safetensors".to_string(),
+            "20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: raise --max-size or max_size"
+                .to_string(),
+        )];
+        assert_eq!(
+            summary("prewarm", 2, &refused, 4 << 20, 1.0),
+            "prewarm: 2 of 3 files loaded (4.0 MiB in 1.0 s, 4 MiB/s); not loaded: \
+             big.safetensors: 20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: \
+             raise --max-size or max_size"
+        );
+        assert!(
+            summary("warm start", 0, &refused, 0, 0.0)
+                .starts_with("warm start: 0 of 1 file loaded")
+        );
+    }
+}
