@@ -102,7 +102,7 @@ fn the_record_holds_what_was_opened_together_across_a_remount() {
 
 #[test]
 fn a_remount_loads_the_most_recent_files_that_fit_unless_told_not_to() {
-    let (_tmp, backing, mnt) = dirs();
+    let (tmp, backing, mnt) = dirs();
     for (i, name) in ["gone", "a", "b", "c"].iter().enumerate() {
         let data = pseudo_random(4 * MIB, i as u64 + 10);
         fs::write(backing.join(format!("{name}.safetensors")), data).unwrap();
@@ -171,6 +171,19 @@ fn a_remount_loads_the_most_recent_files_that_fit_unless_told_not_to() {
         &state,
         &[&cap[..], &["--no-warm-start"]].concat(),
     );
+    std::thread::sleep(Duration::from_secs(2));
+    let s = mount_status(&mnt);
+    for name in ["a", "b", "c"] {
+        assert!(!is_cached(&s, &format!("{name}.safetensors")), "{s:#}");
+    }
+    assert!(!m.log_text().contains("warm start"), "{}", m.log_text());
+    m.unmount();
+
+    // warm_start = false in the manifest: nothing loads either.
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(&manifest, "[cache]\nwarm_start = false\n").unwrap();
+    let with_manifest = [&cap[..], &["--manifest", manifest.to_str().unwrap()]].concat();
+    let m = mount_with_args(&backing, &mnt, &state, &with_manifest);
     std::thread::sleep(Duration::from_secs(2));
     let s = mount_status(&mnt);
     for name in ["a", "b", "c"] {
