@@ -128,11 +128,24 @@ pub(super) fn start(live: &LiveMount) -> Option<Prewarm> {
         return None;
     }
     let cache = live.opens.cache();
-    let found: HashMap<String, Found> = record
-        .files
-        .iter()
-        .filter_map(|(name, file)| Some((name.clone(), look(live, name, file)?)))
-        .collect();
+    let mut found = HashMap::new();
+    let mut unreadable: Vec<(&str, std::io::Error)> = Vec::new();
+    for (name, file) in &record.files {
+        match look(live, name, file) {
+            Ok(now) => {
+                found.insert(name.clone(), now);
+            }
+            Err(e) => unreadable.push((name, e)),
+        }
+    }
+    if let Some((first, e)) = unreadable.first() {
+        let names: Vec<&str> = unreadable.iter().map(|(n, _)| *n).collect();
+        warn!(
+            "warm start: cannot look at {} recorded (neither loaded nor dropped; {first}: {e}): {}",
+            Count(names.len() as u64, "file"),
+            listed(&names)
+        );
+    }
     let plan = plan(
         &record,
         &found,
@@ -170,9 +183,8 @@ pub(super) fn start(live: &LiveMount) -> Option<Prewarm> {
     queue(live, &plan.load)
 }
 
-/// The recorded file as it is now; `None` when it cannot be looked at
-/// (neither loaded nor dropped).
-fn look(live: &LiveMount, name: &str, file: &FileRecord) -> Option<Found> {
+/// The recorded file as it is now, or why it cannot be looked at.
+fn look(live: &LiveMount, name: &str, file: &FileRecord) -> std::io::Result<Found> {
     let path = crate::names::path_of(name);
     match live.overlay.open_beneath(&path) {
         Ok((_, st)) => {
@@ -185,19 +197,14 @@ fn look(live: &LiveMount, name: &str, file: &FileRecord) -> Option<Found> {
                 .cache()
                 .progress((st.st_dev, st.st_ino))
                 .is_some();
-            Some(Found::There {
+            Ok(Found::There {
                 size: now.size,
                 same,
                 queued,
             })
         }
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
-            Some(Found::Gone)
-        }
-        Err(e) => {
-            warn!("warm start: cannot look at recorded file {name}: {e}");
-            None
-        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(Found::Gone),
+        Err(e) => Err(e),
     }
 }
 
