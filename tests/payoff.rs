@@ -53,15 +53,19 @@ fn opens_are_classified(mode: &str) {
     .unwrap();
     fs::write(backing.join("huge.gguf"), pseudo_random(40 << 20, 2)).unwrap();
     fs::write(backing.join("slow.safetensors"), pseudo_random(24 << 20, 3)).unwrap();
+    fs::write(backing.join("rate.safetensors"), pseudo_random(4 << 20, 4)).unwrap();
     let m = Mounted::separate(
         &backing,
         &mnt,
         &["--passthrough", mode, "--max-size", "32MiB"],
     );
 
-    // Not cached: this open starts its load, and goes to the disk. The
-    // load reads the disk (not the page cache): its rate is measured.
-    drop_from_page_cache(&backing.join("model.safetensors"));
+    // A load from the disk, no reader helping: it measures the disk.
+    drop_from_page_cache(&backing.join("rate.safetensors"));
+    let warmed = modelcache(&["warm", m.path("rate.safetensors").to_str().unwrap()]);
+    assert!(warmed.status.success(), "{warmed:?}");
+
+    // Not cached: this open starts its load, and goes to the disk.
     read_through(&m.path("model.safetensors"));
     let s = wait_cached(&mnt, "model.safetensors");
     let f = file(&s, "model.safetensors");

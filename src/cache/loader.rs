@@ -35,17 +35,23 @@ pub(super) struct LoadCounters {
 }
 
 impl LoadCounters {
-    /// A load of `size` bytes finished; `span` is what it read from the
-    /// disk, when it ran, for the read rate.
-    fn finished(&self, size: u64, span: LoadSpan) {
+    /// A load of `size` bytes finished; `span` is what the daemon read
+    /// from the disk meanwhile, and when it ran. Only a load that read
+    /// (nearly) its whole file from the disk measures the disk: one that
+    /// found the file in the page cache measured memory, and one that a
+    /// reader helped (passthrough: the reader's own process read part of
+    /// it from the disk) took the disk's time for more bytes than counted.
+    fn finished(&self, size: u64, mut span: LoadSpan) {
         self.count.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(size, Ordering::Relaxed);
         let nanos = (span.end - span.start).as_nanos() as u64;
         self.nanos.fetch_add(nanos, Ordering::Relaxed);
-        if span.bytes == 0 {
-            // Served by the page cache: it measured memory, not the disk.
+        if span.bytes < size / 10 * 9 || size == 0 {
             return;
         }
+        // Other reads meanwhile (another load, another file's reader) are
+        // not this load's.
+        span.bytes = size;
         let mut recent = self.recent.lock();
         if recent.len() == RECENT_LOADS {
             recent.pop_front();
@@ -157,11 +163,8 @@ pub(super) fn run_job(job: Job, shared: &Weak<Shared>) {
     });
     match result {
         Ok(()) => {
-            // At most the file: other reads meanwhile (another load, another
-            // file's reader) are not this load's. They can only make the
-            // rate look faster, and the estimate of time saved smaller.
             let from_disk = match (disk_before, disk_reads()) {
-                (Some(before), Some(after)) => after.saturating_sub(before).min(entry.size()),
+                (Some(before), Some(after)) => after.saturating_sub(before),
                 // Not counted by this kernel: the whole file, as an estimate.
                 _ => entry.size(),
             };
@@ -228,7 +231,7 @@ mod tests {
         loads.finished(100 << 20, span(t0, 100 << 20, 0, 1000));
         assert_eq!(loads.recent.lock().len(), 1);
         for _ in 0..2 * RECENT_LOADS {
-            loads.finished(1, span(t0, 1, 0, 1));
+            loads.finished(10, span(t0, 10, 0, 1));
         }
         assert_eq!(loads.recent.lock().len(), RECENT_LOADS, "bounded");
     }
