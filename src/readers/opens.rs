@@ -222,11 +222,6 @@ impl Opens {
         }
     }
 
-    /// Opens left out of the record so far (its queue was full).
-    pub fn unrecorded_opens(&self) -> u64 {
-        self.unrecorded_opens.load(Ordering::Relaxed)
-    }
-
     /// Tells the recorder of an open. Never waits: a full queue drops it,
     /// counted, and logged once.
     fn record(&self, name: &str, stat: &Stat, pid: u32, source: &OpenSource) {
