@@ -242,6 +242,14 @@ impl Entry {
         }
     }
 
+    /// Its pages stay in the backing file's page cache when it goes
+    /// (passthrough mode; the mounted file's pages go with the mount).
+    pub fn keep_pages(&self) {
+        if let Storage::Backing(pages) = &self.storage {
+            pages.page_out.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Stops the load and waits until no chunk is being stored: after this,
     /// the mounted file's page cache gets no more bytes from this entry.
     /// Called by a writer's open, before it replies, and before a newer

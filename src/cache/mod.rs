@@ -455,9 +455,19 @@ impl Cache {
     /// file's. A copy-mode entry maps its file through the mount, which
     /// would keep the mount busy (and, detached, alive). Entries that open
     /// files still hold go with their last close.
+    ///
+    /// Passthrough-mode entries leave their pages in the backing file's
+    /// page cache, unlocked, unless memory is short (under the floor): the
+    /// next daemon's warm start re-locks them at memory speed, and the
+    /// kernel reclaims them like any clean page if it needs the room.
     pub fn release_all(&self) {
         self.serve_from(None);
+        let memory_short =
+            self.shared.mem_available.load(Ordering::Relaxed) < self.shared.config.min_available;
         let mut state = self.shared.lock();
+        if !memory_short {
+            state.resident.values().for_each(|e| e.keep_pages());
+        }
         let keys: Vec<Key> = state.resident.values().map(|e| e.identity.key()).collect();
         for key in keys {
             let evicted = state.policy.evict(key, EvictReason::Manual);
@@ -644,6 +654,50 @@ mod tests {
         drop(second);
         cache.warm(idb, "b.safetensors", source(&b)).unwrap();
         assert_eq!(cache.charged_bytes(), 4 << 20, "a made room for b");
+    }
+
+    /// Bytes of `path` in the page cache (mincore over a mapping).
+    fn resident_bytes(path: &std::path::Path) -> u64 {
+        let file = File::open(path).unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .map_raw_read_only(&file)
+            .unwrap();
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: our own mapping, one byte of output per page.
+        let rc = unsafe { libc::mincore(map.as_mut_ptr().cast(), len, pages.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
+        pages.iter().filter(|p| *p & 1 == 1).count() as u64 * 4096
+    }
+
+    #[test]
+    fn unmounting_leaves_passthrough_pages_resident_unless_memory_is_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = CacheConfig::with_cap(64 << 20);
+        config.min_available = 1 << 30;
+        let unmount_with = |available: u64, name: &str| {
+            let cache = Cache::new(config.clone());
+            let (path, id) = file(dir.path(), name, 4 << 20);
+            // Written back, so that paging out has nothing to wait for.
+            File::open(&path).unwrap().sync_all().unwrap();
+            cache.note_available(u64::MAX);
+            cache.warm(id, name, source(&path)).unwrap();
+            wait_loaded(&cache, 4 << 20);
+            cache.note_available(available);
+            cache.release_all();
+            resident_bytes(&path)
+        };
+        assert_eq!(
+            unmount_with(u64::MAX, "a.safetensors"),
+            4 << 20,
+            "kept for the next daemon"
+        );
+        assert_eq!(
+            unmount_with(1 << 20, "b.safetensors"),
+            0,
+            "under the floor, given back at once"
+        );
     }
 
     #[test]

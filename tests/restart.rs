@@ -1,0 +1,123 @@
+//! A restart in passthrough mode: a clean stop leaves the cached files'
+//! pages in the backing files' page cache (unlocked, not paged out), and
+//! the next daemon's warm start locks them again without reading the disk.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+const NAMES: [&str; 2] = ["a.safetensors", "b.safetensors"];
+
+fn mount_passthrough(backing: &Path, mnt: &Path, state: &StateDir) -> Mounted {
+    let mut cmd = separate_command(backing, mnt);
+    cmd.args(["--passthrough", "on"]);
+    state.apply(&mut cmd);
+    Mounted::start(cmd, mnt)
+}
+
+fn wait_all_cached(m: &Mounted) {
+    let mut s = serde_json::Value::Null;
+    let cached = wait_for(Duration::from_secs(60), || {
+        s = mount_status(&m.mountpoint);
+        NAMES
+            .iter()
+            .all(|n| status_file(&s, n).is_some_and(|f| f["state"] == "cached"))
+    });
+    assert!(cached, "not all cached: {s:#}\n{}", m.log_text());
+}
+
+#[test]
+fn a_passthrough_restart_locks_the_working_set_again_without_reading_the_disk() {
+    if needs_root("passthrough mode") {
+        return;
+    }
+    let (_tmp, backing, mnt) = dirs();
+    let size = 64 * MIB;
+    let working_set = (NAMES.len() * size) as u64;
+    for (i, name) in NAMES.iter().enumerate() {
+        let path = backing.join(name);
+        fs::write(&path, pseudo_random(size, 40 + i as u64)).unwrap();
+        drop_from_page_cache(&path);
+    }
+    let state = StateDir::new();
+
+    // First mount: the files are opened, so loaded from the disk, which
+    // the read counters show (the checks below can fail): the daemon's
+    // and this reader's, which shared the work.
+    let m = mount_passthrough(&backing, &mnt, &state);
+    let reader_before = thread_disk_reads();
+    for name in NAMES {
+        fs::read(m.path(name)).unwrap();
+    }
+    let reader = thread_disk_reads() - reader_before;
+    wait_all_cached(&m);
+    let first_load = process_disk_reads(m.pid()) + reader;
+    assert!(
+        first_load >= working_set * 9 / 10,
+        "the first load read {first_load} bytes from the disk, expected about {working_set}"
+    );
+    m.unmount();
+
+    // Restarted: warm start locks the recorded files again, from RAM.
+    let dev = device_of(&backing);
+    let device_before = device_read_bytes(&dev);
+    let m = mount_passthrough(&backing, &mnt, &state);
+    wait_all_cached(&m);
+    wait_until(Duration::from_secs(30), "warm start's last line", || {
+        m.log_text().contains("warm start: all loaded (2 files")
+    });
+    let daemon_reads = process_disk_reads(m.pid());
+    let device_reads = device_before
+        .zip(device_read_bytes(&dev))
+        .map(|(before, after)| after - before);
+    let log = m.log_text();
+    assert!(
+        daemon_reads < working_set / 16,
+        "the restarted daemon read {daemon_reads} bytes from the disk for a working set of {working_set}:\n{log}"
+    );
+    // The device's own counter (the whole machine's reads: other tests run
+    // meanwhile, hence the margin).
+    if let Some(device_reads) = device_reads {
+        assert!(
+            device_reads < working_set / 4,
+            "{device_reads} bytes were read from {dev} during the restart, for a working set of {working_set}"
+        );
+    }
+    m.unmount();
+}
+
+#[test]
+fn a_clean_stop_leaves_the_pages_where_they_were() {
+    if needs_root("passthrough mode") {
+        return;
+    }
+    let (_tmp, backing, mnt) = dirs();
+    let path = backing.join(NAMES[0]);
+    fs::write(&path, pseudo_random(64 * MIB, 7)).unwrap();
+    drop_from_page_cache(&path);
+    let state = StateDir::new();
+    let mut cmd = separate_command(&backing, &mnt);
+    cmd.args(["--passthrough", "on", "--no-warm-start"]);
+    state.apply(&mut cmd);
+    let m = Mounted::start(cmd, &mnt);
+    fs::read(m.path(NAMES[0])).unwrap();
+    let mut s = serde_json::Value::Null;
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            s = mount_status(&mnt);
+            status_file(&s, NAMES[0]).is_some_and(|f| f["state"] == "cached")
+        }),
+        "never cached: {s:#}"
+    );
+    m.unmount();
+    let resident = page_cache_bytes(&path);
+    assert!(
+        resident >= 64 * MIB as u64 * 9 / 10,
+        "after a clean stop only {resident} bytes of the cached file are still in RAM"
+    );
+}
