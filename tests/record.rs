@@ -1,6 +1,10 @@
 //! The working-set record on a real mount: what was opened through it is
 //! in the mount's state file after unmount, a remount goes on counting,
-//! and loads the most recently opened files that fit (warm start).
+//! and loads the most recently opened files that fit (warm start): after
+//! the pins, within the cap and the memory floor, a replaced file only if
+//! among the most used. A state file that cannot be used costs its record,
+//! never the mount; a killed daemon loses only the opens since the last
+//! save.
 
 mod common;
 
@@ -190,5 +194,358 @@ fn a_remount_loads_the_most_recent_files_that_fit_unless_told_not_to() {
         assert!(!is_cached(&s, &format!("{name}.safetensors")), "{s:#}");
     }
     assert!(!m.log_text().contains("warm start"), "{}", m.log_text());
+    m.unmount();
+}
+
+/// The mount's state file (`mount-….json`) in `state`.
+fn state_path(state: &StateDir) -> std::path::PathBuf {
+    let files: Vec<_> = fs::read_dir(&state.path)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with("mount-") && name.ends_with(".json")
+        })
+        .collect();
+    assert_eq!(files.len(), 1, "one state file: {files:?}");
+    files[0].clone()
+}
+
+/// The names in the state directory, sorted.
+fn listing(state: &StateDir) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(&state.path)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Waits until the log holds `want`; the log.
+fn wait_log(m: &Mounted, want: &str) -> String {
+    let mut log = String::new();
+    let found = wait_for(Duration::from_secs(60), || {
+        log = m.log_text();
+        log.contains(want)
+    });
+    assert!(found, "{want:?} not in the log:\n{log}");
+    log
+}
+
+/// Where `what` first is in `log` (which must hold it).
+fn at(log: &str, what: &str) -> usize {
+    log.find(what)
+        .unwrap_or_else(|| panic!("{what:?} not in the log:\n{log}"))
+}
+
+/// Writes 4 MiB files `NAME.safetensors` in `backing`.
+fn models(backing: &Path, names: &[&str]) {
+    for (i, name) in names.iter().enumerate() {
+        let data = pseudo_random(4 * MIB, i as u64 + 40);
+        fs::write(backing.join(format!("{name}.safetensors")), data).unwrap();
+    }
+}
+
+/// Opens `names` through the mount, a second apart (the record counts
+/// seconds): the last is the most recent.
+fn open_in_turn(m: &Mounted, names: &[&str]) {
+    for name in names {
+        fs::read(m.path(&format!("{name}.safetensors"))).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+}
+
+#[test]
+fn pins_load_before_the_record_and_recorded_files_get_the_room_left() {
+    let (tmp, backing, mnt) = dirs();
+    models(&backing, &["pinned", "a", "b", "c"]);
+    let state = StateDir::new();
+    let m = mount_with(&backing, &mnt, &state);
+    open_in_turn(&m, &["a", "b", "c"]);
+    m.unmount();
+
+    // Pinned now (never opened, so not in the record), under a cap of
+    // 14 MiB: the pin and two recorded files fit, not three.
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(&manifest, "[[pin]]\npaths = [\"pinned.safetensors\"]\n").unwrap();
+    let args = [
+        "--max-size",
+        "14MiB",
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ];
+    let m = mount_with_args(&backing, &mnt, &state, &args);
+    let log = wait_log(&m, "warm start: all loaded (2 files");
+    let pins = at(&log, "prewarm: loading 1 file (4.0 MiB) from");
+    let recorded = at(
+        &log,
+        "warm start: loading 2 files (8.0 MiB) recorded at the last mount, most recent first",
+    );
+    let over = at(
+        &log,
+        "warm start: not loading 1 file recorded, from a.safetensors on: past the cap \
+         (14.0 MiB) with what is queued already",
+    );
+    assert!(pins < over && over < recorded, "pins queued first:\n{log}");
+    let mut s = Value::Null;
+    let loaded = wait_for(Duration::from_secs(60), || {
+        s = mount_status(&mnt);
+        status_file(&s, "pinned.safetensors").is_some_and(|f| f["state"] == "pinned")
+    });
+    assert!(loaded, "the pin never loaded: {s:#}\n{log}");
+    assert_eq!(
+        status_file(&s, "pinned.safetensors").unwrap()["pinned"],
+        true
+    );
+    for name in ["b", "c"] {
+        assert!(is_cached(&s, &format!("{name}.safetensors")), "{s:#}");
+    }
+    assert!(status_file(&s, "a.safetensors").is_none(), "{s:#}");
+    assert_eq!(s["cached_bytes"], 12 * MIB, "{s:#}");
+    m.unmount();
+}
+
+#[test]
+fn under_the_memory_floor_the_warm_start_stops_and_names_the_floor() {
+    let (tmp, backing, mnt) = dirs();
+    models(&backing, &["a", "b"]);
+    let state = StateDir::new();
+    let m = mount_with(&backing, &mnt, &state);
+    open_in_turn(&m, &["a", "b"]);
+    m.unmount();
+
+    // All of the RAM kept free: nothing can load without going under it.
+    let manifest = tmp.path().join("manifest.toml");
+    fs::write(&manifest, "[cache]\nmin_available = \"100%\"\n").unwrap();
+    let args = ["--manifest", manifest.to_str().unwrap()];
+    let m = mount_with_args(&backing, &mnt, &state, &args);
+    let log = wait_log(&m, "warm start: 0 of ");
+    assert!(
+        log.contains(
+            "warm start: stopped before b.safetensors, 2 recorded files not loaded: \
+             loading 4.0 MiB would leave"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("under min_available") && log.contains("free memory or lower min_available"),
+        "{log}"
+    );
+    assert!(!log.contains("warm start: loading"), "{log}");
+    assert!(!log.contains("all loaded"), "{log}");
+    let s = mount_status(&mnt);
+    for name in ["a", "b"] {
+        assert!(
+            status_file(&s, &format!("{name}.safetensors")).is_none(),
+            "{s:#}"
+        );
+    }
+    m.unmount();
+    // The record is kept for the next mount.
+    let record = &saved(&state)["record"];
+    assert_eq!(opens(record, "a.safetensors"), 1, "{record:#}");
+    assert_eq!(opens(record, "b.safetensors"), 1, "{record:#}");
+}
+
+#[test]
+fn a_corrupt_state_file_or_one_of_another_version_is_set_aside_and_replaced() {
+    for case in ["corrupt", "another version"] {
+        let (_tmp, backing, mnt) = dirs();
+        models(&backing, &["a", "b"]);
+        let state = StateDir::new();
+        let m = mount_with(&backing, &mnt, &state);
+        fs::read(m.path("a.safetensors")).unwrap();
+        m.unmount();
+        let path = state_path(&state);
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let (text, why) = if case == "corrupt" {
+            (
+                b"{\"version\":1,\"mount".to_vec(),
+                "it is not a state file's JSON",
+            )
+        } else {
+            let mut s = saved(&state);
+            s["version"] = 2.into();
+            (
+                serde_json::to_vec(&s).unwrap(),
+                "it is version 2, this release reads version 1",
+            )
+        };
+        fs::write(&path, &text).unwrap();
+
+        let m = mount_with(&backing, &mnt, &state);
+        let b = fs::read(m.path("b.safetensors")).unwrap();
+        assert_eq!(
+            b,
+            fs::read(backing.join("b.safetensors")).unwrap(),
+            "{case}"
+        );
+        let log = m.log_text();
+        let warning = format!("state file {} not used ({why}", path.display());
+        assert_eq!(log.matches(&warning).count(), 1, "{case}:\n{log}");
+        assert_eq!(log.matches("not used (").count(), 1, "{case}:\n{log}");
+        assert!(
+            log.contains(&format!("; set aside as {name}.bad-")),
+            "{case}:\n{log}"
+        );
+        m.unmount();
+
+        // The file as it was, set aside beside the new one.
+        let names = listing(&state);
+        assert_eq!(names.len(), 2, "{case}: {names:?}");
+        assert_eq!(names[0], name, "{case}: {names:?}");
+        assert!(names[1].starts_with(&format!("{name}.bad-")), "{names:?}");
+        assert_eq!(
+            fs::read(state.path.join(&names[1])).unwrap(),
+            text,
+            "{case}"
+        );
+        let s: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(s["version"], 1, "{case}: {s:#}");
+        let record = &s["record"];
+        assert_eq!(opens(record, "b.safetensors"), 1, "{case}: {s:#}");
+        assert!(
+            record["files"].get("a.safetensors").is_none(),
+            "{case}: {s:#}"
+        );
+
+        // The new file is used: no warning, and b loads at mount.
+        let m = mount_with(&backing, &mnt, &state);
+        let log = wait_log(&m, "warm start: all loaded (1 file");
+        assert!(!log.contains("not used ("), "{case}:\n{log}");
+        m.unmount();
+    }
+}
+
+#[test]
+fn a_state_file_of_another_user_is_not_used_and_the_mount_goes_on() {
+    if needs_root("a file of another user") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let (_tmp, backing, mnt) = dirs();
+    models(&backing, &["a", "b"]);
+    let state = StateDir::new();
+    let m = mount_with(&backing, &mnt, &state);
+    fs::read(m.path("a.safetensors")).unwrap();
+    m.unmount();
+    let path = state_path(&state);
+    std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+    let text = fs::read(&path).unwrap();
+
+    let m = mount_with(&backing, &mnt, &state);
+    let b = fs::read(m.path("b.safetensors")).unwrap();
+    assert_eq!(b, fs::read(backing.join("b.safetensors")).unwrap());
+    let log = m.log_text();
+    let warning = format!(
+        "state file {} not used (it is owned by uid 65534, not by this daemon's uid 0); \
+         left as it is",
+        path.display()
+    );
+    assert_eq!(log.matches(&warning).count(), 1, "{log}");
+    assert_eq!(log.matches("not used (").count(), 1, "{log}");
+    // Its record is not used: a is not loaded at mount.
+    assert!(!log.contains("warm start"), "{log}");
+    // Left as it is while the mount runs: not set aside, not rewritten.
+    assert_eq!(listing(&state).len(), 1, "{:?}", listing(&state));
+    assert_eq!(fs::metadata(&path).unwrap().uid(), 65534);
+    assert_eq!(fs::read(&path).unwrap(), text);
+    m.unmount();
+
+    // At unmount the daemon writes its own record in its place.
+    assert_eq!(listing(&state).len(), 1, "{:?}", listing(&state));
+    assert_eq!(fs::metadata(&path).unwrap().uid(), 0);
+    let record = &saved(&state)["record"];
+    assert_eq!(opens(record, "b.safetensors"), 1, "{record:#}");
+    assert!(record["files"].get("a.safetensors").is_none(), "{record:#}");
+}
+
+#[test]
+fn a_killed_daemon_leaves_the_last_saved_record_whole() {
+    let (_tmp, backing, mnt) = dirs();
+    models(&backing, &["a", "b", "c"]);
+    let state = StateDir::new();
+    let m = mount_with(&backing, &mnt, &state);
+    open_in_turn(&m, &["a", "b"]);
+    m.unmount();
+    let first = saved(&state);
+
+    // Remounted, other opens, then SIGKILL: no save at exit.
+    let mut m = mount_with(&backing, &mnt, &state);
+    fs::read(m.path("c.safetensors")).unwrap();
+    fs::read(m.path("a.safetensors")).unwrap();
+    assert!(m.kill_and_reap(Duration::from_secs(10)), "{}", m.log_text());
+    drop(m);
+    assert!(!our_mount_at(&mnt.canonicalize().unwrap()));
+
+    // One file, no temporary, and it reads whole: the first record.
+    assert_eq!(listing(&state).len(), 1, "{:?}", listing(&state));
+    let s = saved(&state);
+    assert_eq!(s["version"], 1, "{s:#}");
+    for name in ["a.safetensors", "b.safetensors"] {
+        assert_eq!(
+            s["record"]["files"][name], first["record"]["files"][name],
+            "{s:#}"
+        );
+    }
+    assert_eq!(s["record"]["co_open"], first["record"]["co_open"], "{s:#}");
+
+    // The next mount reads it without a warning and warm-starts from it.
+    let m = mount_with(&backing, &mnt, &state);
+    let log = wait_log(&m, "warm start: all loaded (2 files");
+    assert!(!log.contains("not used ("), "{log}");
+    assert!(
+        log.contains("warm start: loading 2 files (8.0 MiB) recorded at the last mount"),
+        "{log}"
+    );
+    m.unmount();
+}
+
+#[test]
+fn a_replaced_file_loads_at_warm_start_only_if_among_the_most_used() {
+    let (_tmp, backing, mnt) = dirs();
+    models(&backing, &["hot", "cold"]);
+    let state = StateDir::new();
+    // A cap of 12 MiB: the top set by use may fill 6 MiB, room for hot
+    // (4 MiB, opened three times) but not for cold beside it.
+    let cap = ["--max-size", "12MiB"];
+    let m = mount_with_args(&backing, &mnt, &state, &cap);
+    for name in ["hot", "hot", "hot", "cold"] {
+        fs::read(m.path(&format!("{name}.safetensors"))).unwrap();
+    }
+    m.unmount();
+
+    // Both replaced by new downloads: other content, other size.
+    let mut new = Vec::new();
+    for (i, name) in ["hot", "cold"].iter().enumerate() {
+        let data = pseudo_random(5 * MIB, i as u64 + 90);
+        let tmp = backing.join(format!(".{name}.part"));
+        fs::write(&tmp, &data).unwrap();
+        fs::rename(&tmp, backing.join(format!("{name}.safetensors"))).unwrap();
+        new.push(data);
+    }
+
+    let m = mount_with_args(&backing, &mnt, &state, &cap);
+    let log = wait_log(&m, "warm start: all loaded (1 file");
+    assert!(
+        log.contains(
+            "warm start: not loading 1 file replaced since recorded (another file under the \
+             name) and not among the most used: cold.safetensors"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("warm start: loading 1 file (5.0 MiB) recorded at the last mount"),
+        "{log}"
+    );
+    let s = mount_status(&mnt);
+    let hot = status_file(&s, "hot.safetensors").expect("hot in the cache");
+    assert_eq!(hot["state"], "cached", "{s:#}");
+    assert_eq!(hot["size"], 5 * MIB, "{s:#}");
+    assert!(status_file(&s, "cold.safetensors").is_none(), "{s:#}");
+    // What loaded is the new file.
+    assert_eq!(fs::read(m.path("hot.safetensors")).unwrap(), new[0]);
     m.unmount();
 }
