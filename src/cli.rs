@@ -162,6 +162,19 @@ pub enum Command {
         /// A modelcache mount point (or any path in the mount).
         mountpoint: Option<PathBuf>,
     },
+    /// Suggest a manifest from what a mount recorded of its use: pins for
+    /// the files opened from RAM most, groups for files opened together,
+    /// warm files for the rest that fits the cap. Printed, or written with
+    /// --write once it passes `check`.
+    Suggest {
+        /// A modelcache mount point (or any path in the mount); may be left
+        /// out when only one mount is reachable.
+        mountpoint: Option<PathBuf>,
+        /// Write the manifest to FILE (a new file) instead of printing it,
+        /// once it passes the checks `modelcache check` makes.
+        #[arg(long, value_name = "FILE")]
+        write: Option<PathBuf>,
+    },
     /// Check what a mount needs (fusermount3, /dev/fuse, fuse.conf, memory
     /// limits) and print one line per check with the fix for each problem.
     /// Exits 1 when something would block a mount.

@@ -20,6 +20,7 @@ pub mod record;
 pub mod recorder;
 pub mod rules;
 pub mod service;
+pub mod suggest;
 pub mod units;
 
 /// A user-facing error: one line saying what is wrong and how to fix it.

@@ -82,6 +82,9 @@ fn main() -> ExitCode {
         Command::Pin { paths } => control::client::pin_command(&paths),
         Command::Unpin { paths } => control::client::unpin_command(&paths),
         Command::Reload { mountpoint } => control::client::reload_command(mountpoint.as_deref()),
+        Command::Suggest { mountpoint, write } => {
+            modelcache::suggest::suggest_command(mountpoint.as_deref(), write.as_deref())
+        }
         Command::Doctor {
             dir,
             allow_other,

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
 use tracing::warn;
 
 use crate::pins::{SaveError, StateKeeper};
@@ -29,21 +30,47 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(60);
 pub struct Recorder {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    live: LiveRecord,
+}
+
+/// The record as the recorder keeps it, between saves too: what the
+/// control socket's `record` verb answers with. The recorder holds the
+/// lock for each event and while it saves (never a FUSE thread: they
+/// only `try_send`), so an answer may wait for a save's fsync.
+#[derive(Clone)]
+pub struct LiveRecord(Arc<Mutex<Record>>);
+
+impl LiveRecord {
+    /// A copy, its open windows closed as an unmount would close them:
+    /// the record as it would be saved if the mount ended `now`.
+    pub fn snapshot(&self, now: u64) -> Record {
+        let mut record = self.0.lock().clone();
+        record.close_all(now);
+        record
+    }
 }
 
 impl Recorder {
     /// Starts the recorder on `events`, from the record `state` read at mount.
     pub fn start(state: Arc<StateKeeper>, events: Receiver<OpenEvent>) -> Recorder {
         let (stop, stopped) = crossbeam_channel::bounded(1);
+        let live = LiveRecord(Arc::new(Mutex::new(state.record())));
+        let shared = live.clone();
         let thread = std::thread::Builder::new()
             .name("recorder".into())
-            .spawn(move || record(&state, &events, &stopped))
+            .spawn(move || record(&state, &shared, &events, &stopped))
             .map_err(|e| warn!("cannot start the recorder, opens are not recorded: {e}"))
             .ok();
         Recorder {
             stop: Some(stop),
             thread,
+            live,
         }
+    }
+
+    /// The record as it stands (see [`LiveRecord`]).
+    pub fn live(&self) -> LiveRecord {
+        self.live.clone()
     }
 }
 
@@ -56,8 +83,13 @@ impl Drop for Recorder {
     }
 }
 
-fn record(state: &StateKeeper, events: &Receiver<OpenEvent>, stopped: &Receiver<()>) {
-    let mut record: Record = state.record();
+fn record(
+    state: &StateKeeper,
+    live: &LiveRecord,
+    events: &Receiver<OpenEvent>,
+    stopped: &Receiver<()>,
+) {
+    let record = &live.0;
     let mut changed = false;
     // The last save's error, logged once until it changes.
     let mut failed: Option<SaveError> = None;
@@ -66,7 +98,7 @@ fn record(state: &StateKeeper, events: &Receiver<OpenEvent>, stopped: &Receiver<
         let wait = next_flush.saturating_duration_since(Instant::now());
         crossbeam_channel::select! {
             recv(events) -> event => match event {
-                Ok(event) => changed |= record.opened(&event),
+                Ok(event) => changed |= record.lock().opened(&event),
                 // The sender lives in `Opens`: gone, the mount is.
                 Err(_) => break,
             },
@@ -75,6 +107,7 @@ fn record(state: &StateKeeper, events: &Receiver<OpenEvent>, stopped: &Receiver<
             default(wait) => {}
         }
         if Instant::now() >= next_flush {
+            let mut record = record.lock();
             changed |= record.close_expired(unix_now());
             if changed {
                 save(state, &mut record, &mut failed);
@@ -84,6 +117,7 @@ fn record(state: &StateKeeper, events: &Receiver<OpenEvent>, stopped: &Receiver<
         }
     }
     // What is queued still counts: the FUSE session has ended.
+    let mut record = record.lock();
     for event in events.try_iter().take(QUEUED) {
         changed |= record.opened(&event);
     }

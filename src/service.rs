@@ -33,6 +33,8 @@ pub struct MountService {
     pub rules: Arc<ManifestWorker>,
     /// Which files are pinned, and why.
     pub pins: Arc<Pins>,
+    /// The working-set record as the recorder keeps it.
+    pub record: crate::recorder::LiveRecord,
     /// The pressure monitor's latest sample.
     pub memory: Arc<dyn Fn() -> Option<Sample> + Send + Sync>,
 }
@@ -191,6 +193,12 @@ fn with_opens(file: &mut FileStatus, s: &FileStats) {
 }
 
 impl Daemon for MountService {
+    fn record(&self) -> Option<crate::control::record::RecordReport> {
+        let now = crate::record::unix_now();
+        let record = self.record.snapshot(now);
+        Some(crate::control::record::RecordReport::of(&record, now))
+    }
+
     fn status(&self) -> MountStatus {
         let cache = self.opens.cache().status();
         let stats = self.opens.stats();

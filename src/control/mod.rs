@@ -1,5 +1,5 @@
-//! The control socket: status, warm, evict, pin, unpin and reload for a
-//! running mount.
+//! The control socket: status, warm, evict, pin, unpin, reload and record
+//! for a running mount.
 //!
 //! Each mount's daemon serves one Unix stream socket (see [`socket_path_for`])
 //! speaking JSON lines ([`protocol`]): one request per line, one response line
@@ -16,6 +16,7 @@ pub mod error;
 pub mod metrics;
 pub mod paths;
 pub mod protocol;
+pub mod record;
 pub mod render;
 pub mod server;
 pub mod status;
@@ -67,6 +68,11 @@ pub trait Daemon: Send + Sync + 'static {
     /// for the user (`"manifest /x.toml: 2 pinned, 3 warm"`) and the
     /// warnings of applying it (a rule that matches no file…).
     fn reload(&self) -> Result<VerbReport, VerbError>;
+    /// The working-set record (read-only); `None` from a daemon that keeps
+    /// none.
+    fn record(&self) -> Option<record::RecordReport> {
+        None
+    }
 }
 
 /// Where a `sun_path` must fit, its terminating NUL included.

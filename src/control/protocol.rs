@@ -10,6 +10,7 @@
 //! {"version":1,"verb":"pin","paths":["diffusion_models/a.safetensors"]}
 //! {"version":1,"verb":"unpin","paths":["diffusion_models/a.safetensors"]}
 //! {"version":1,"verb":"reload"}
+//! {"version":1,"verb":"record"}
 //! ```
 //!
 //! Paths are relative to the mount root (`""` is the root itself). Unknown
@@ -19,6 +20,7 @@
 //! {"version":1,"ok":true,"files":[...]}             warm, evict, pin, unpin
 //! {"version":1,"ok":true,"status":{...}}            status (a MountStatus)
 //! {"version":1,"ok":true,"message":"...","warnings":[...]}   reload
+//! {"version":1,"ok":true,"record":{...}}            record (a RecordReport)
 //! {"version":1,"ok":false,"error":"...","files":[...]}       anything that failed
 //! ```
 //!
@@ -37,6 +39,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The longest request line a server reads (1 MiB, newline excluded).
 pub const MAX_REQUEST_LINE: usize = 1 << 20;
 
+pub use super::record::{RecordReport, RecordedFile, RecordedOpens, RecordedSet};
 pub use super::status::{
     Counters, EVICT_CAP, EVICT_INVALIDATED, EVICT_MANUAL, EVICT_PRESSURE, EVICTION_REASONS,
     FileState, FileStatus, LastOpen, Mode, MountStatus, OpensBySource, PinOrigin, StatusReport,
@@ -46,11 +49,22 @@ pub use super::status::{
 #[derive(Clone, Debug, PartialEq)]
 pub enum Request {
     Status,
-    Warm { paths: Vec<String> },
-    Evict { paths: Vec<String> },
-    Pin { paths: Vec<String> },
-    Unpin { paths: Vec<String> },
+    Warm {
+        paths: Vec<String>,
+    },
+    Evict {
+        paths: Vec<String>,
+    },
+    Pin {
+        paths: Vec<String>,
+    },
+    Unpin {
+        paths: Vec<String>,
+    },
     Reload,
+    /// The working-set record, read-only (added within version 1: a daemon
+    /// of an older release answers "unknown verb").
+    Record,
 }
 
 impl Request {
@@ -62,6 +76,7 @@ impl Request {
             Request::Pin { .. } => "pin",
             Request::Unpin { .. } => "unpin",
             Request::Reload => "reload",
+            Request::Record => "record",
         }
     }
 
@@ -71,7 +86,7 @@ impl Request {
             | Request::Evict { paths }
             | Request::Pin { paths }
             | Request::Unpin { paths } => Some(paths),
-            Request::Status | Request::Reload => None,
+            Request::Status | Request::Reload | Request::Record => None,
         }
     }
 
@@ -131,6 +146,7 @@ impl Request {
         Ok(match verb {
             "status" => Request::Status,
             "reload" => Request::Reload,
+            "record" => Request::Record,
             "warm" => Request::Warm { paths: paths()? },
             "evict" => Request::Evict { paths: paths()? },
             "pin" => Request::Pin { paths: paths()? },
@@ -224,6 +240,8 @@ pub struct Response {
     pub files: Vec<FileOutcome>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordReport>,
 }
 
 impl Response {
@@ -236,6 +254,7 @@ impl Response {
             message: None,
             files: Vec::new(),
             warnings: Vec::new(),
+            record: None,
         }
     }
 
@@ -256,6 +275,14 @@ impl Response {
         }
         Response {
             status: Some(status),
+            ..Response::ok()
+        }
+    }
+
+    /// A record answer.
+    pub fn with_record(record: RecordReport) -> Response {
+        Response {
+            record: Some(record),
             ..Response::ok()
         }
     }
@@ -373,6 +400,7 @@ mod tests {
             },
             Request::Unpin { paths },
             Request::Reload,
+            Request::Record,
         ] {
             assert_eq!(Request::parse(&r.to_line()), Ok(r.clone()));
         }

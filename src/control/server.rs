@@ -498,6 +498,10 @@ pub fn answer(line: &str, daemon: &dyn Daemon) -> Response {
         Request::Pin { paths } => daemon.pin(&paths).map(Response::with_report),
         Request::Unpin { paths } => daemon.unpin(&paths).map(Response::with_report),
         Request::Reload => daemon.reload().map(Response::with_report),
+        Request::Record => Ok(daemon.record().map_or_else(
+            || Response::error("this daemon keeps no record of opened files"),
+            Response::with_record,
+        )),
     }));
     match result {
         Ok(Ok(response)) => response,

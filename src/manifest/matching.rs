@@ -34,6 +34,22 @@ impl Rule {
     }
 }
 
+/// A glob that matches the file at `path` (relative to the mount root)
+/// and nothing else: its glob metacharacters (`*?[]{}` and the backslash)
+/// are escaped with a backslash. `None` when no rule can name it (a path
+/// the rules refuse, such as one under a folder named `~`).
+pub fn literal_glob(path: &str) -> Option<String> {
+    let mut glob = String::with_capacity(path.len());
+    for c in path.chars() {
+        if matches!(c, '\\' | '*' | '?' | '[' | ']' | '{' | '}') {
+            glob.push('\\');
+        }
+        glob.push(c);
+    }
+    let matcher = compile_glob(&glob).ok()?;
+    matcher.is_match(Path::new(path)).then_some(glob)
+}
+
 /// A glob relative to the mount root, `*` not crossing `/`.
 pub(super) fn compile_glob(text: &str) -> Result<GlobMatcher, String> {
     if text.trim().is_empty() {
@@ -244,6 +260,34 @@ mod tests {
 
     fn rules(text: &str) -> Manifest {
         parse(&format!("[cache]\nmin_file_size = 0\n{text}")).unwrap()
+    }
+
+    #[test]
+    fn a_literal_glob_matches_its_file_alone() {
+        let names = [
+            "plain/a.safetensors",
+            "odd/a*b?[c]{d,e}.gguf",
+            r"back\slash.gguf",
+            "**.gguf",
+        ];
+        for name in names {
+            let glob = literal_glob(name).unwrap();
+            let m = compile_glob(&glob).unwrap();
+            assert!(m.is_match(Path::new(name)), "{name} by {glob}");
+            for other in [
+                "odd/axbyczd.gguf",
+                "odd/a*b?c{d,e}.gguf",
+                r"back\\slash.gguf",
+                "x.gguf",
+            ] {
+                if other != name {
+                    assert!(!m.is_match(Path::new(other)), "{glob} matched {other}");
+                }
+            }
+        }
+        assert_eq!(literal_glob("a*.gguf").unwrap(), r"a\*.gguf");
+        // A path the rules refuse.
+        assert_eq!(literal_glob("~/a.gguf"), None);
     }
 
     fn paths(found: &RuleMatches) -> Vec<&str> {

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 pub use check::{CapFrom, check_command};
 pub use file::{Reader, SYSTEM_MANIFEST};
 use file::{default_path_from, read_manifest_file};
-pub use matching::{MatchedFile, Matches, Rule, RuleMatches, Total};
+pub use matching::{MatchedFile, Matches, Rule, RuleMatches, Total, literal_glob};
 use schema::RawManifest;
 pub use source::Location;
 use source::Source;

@@ -192,6 +192,7 @@ pub fn run(config: MountConfig) -> Result<(), Error> {
         backing_files: backing_files.clone(),
         rules: rules.clone(),
         pins,
+        record: recorder.live(),
         memory: Arc::new(move || monitor.as_ref().and_then(|m| m.latest())),
     });
     let socket = control::socket_path_for(&mountpoint);
