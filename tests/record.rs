@@ -420,7 +420,7 @@ fn a_corrupt_state_file_or_one_of_another_version_is_set_aside_and_replaced() {
 }
 
 #[test]
-fn a_state_file_of_another_user_is_not_used_and_the_mount_goes_on() {
+fn a_state_file_of_another_user_is_set_aside_and_the_mount_goes_on() {
     if needs_root("a file of another user") {
         return;
     }
@@ -441,23 +441,26 @@ fn a_state_file_of_another_user_is_not_used_and_the_mount_goes_on() {
     let log = m.log_text();
     let warning = format!(
         "state file {} not used (it is owned by uid 65534, not by this daemon's uid 0); \
-         left as it is",
+         set aside as ",
         path.display()
     );
     assert_eq!(log.matches(&warning).count(), 1, "{log}");
     assert_eq!(log.matches("not used (").count(), 1, "{log}");
     // Its record is not used: a is not loaded at mount.
     assert!(!log.contains("warm start"), "{log}");
-    // Left as it is while the mount runs: not set aside, not rewritten.
-    assert_eq!(listing(&state).len(), 1, "{:?}", listing(&state));
-    assert_eq!(fs::metadata(&path).unwrap().uid(), 65534);
-    assert_eq!(fs::read(&path).unwrap(), text);
+    // Kept whole under its new name, still the other user's.
+    let names = listing(&state);
+    let aside: Vec<&String> = names.iter().filter(|n| n.contains(".bad-")).collect();
+    assert_eq!(aside.len(), 1, "{names:?}");
+    let aside = state.path.join(aside[0]);
+    assert_eq!(fs::metadata(&aside).unwrap().uid(), 65534);
+    assert_eq!(fs::read(&aside).unwrap(), text);
     m.unmount();
 
-    // At unmount the daemon writes its own record in its place.
-    assert_eq!(listing(&state).len(), 1, "{:?}", listing(&state));
+    // At unmount the daemon writes its own record at the usual path.
     assert_eq!(fs::metadata(&path).unwrap().uid(), 0);
-    let record = &saved(&state)["record"];
+    let record: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    let record = &record["record"];
     assert_eq!(opens(record, "b.safetensors"), 1, "{record:#}");
     assert!(record["files"].get("a.safetensors").is_none(), "{record:#}");
 }

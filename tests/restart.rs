@@ -13,6 +13,14 @@ use common::*;
 const MIB: usize = 1 << 20;
 const NAMES: [&str; 2] = ["a.safetensors", "b.safetensors"];
 
+/// One test at a time: each reads the disk on purpose, which the other's
+/// count of the device's reads would see.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn mount_passthrough(backing: &Path, mnt: &Path, state: &StateDir) -> Mounted {
     let mut cmd = separate_command(backing, mnt);
     cmd.args(["--passthrough", "on"]);
@@ -36,6 +44,7 @@ fn a_passthrough_restart_locks_the_working_set_again_without_reading_the_disk() 
     if needs_root("passthrough mode") {
         return;
     }
+    let _alone = one_at_a_time();
     let (_tmp, backing, mnt) = dirs();
     let size = 64 * MIB;
     let working_set = (NAMES.len() * size) as u64;
@@ -96,6 +105,7 @@ fn a_clean_stop_leaves_the_pages_where_they_were() {
     if needs_root("passthrough mode") {
         return;
     }
+    let _alone = one_at_a_time();
     let (_tmp, backing, mnt) = dirs();
     let path = backing.join(NAMES[0]);
     fs::write(&path, pseudo_random(64 * MIB, 7)).unwrap();

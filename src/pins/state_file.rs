@@ -34,6 +34,8 @@ pub const STATE_VERSION: u32 = 1;
 
 /// The largest state file read (10,000 pins of long names fit well).
 pub const MAX_STATE_FILE: u64 = 4 << 20;
+/// Copies of a bad state file set aside in one second, at most.
+const SET_ASIDE_TRIES: u32 = 100;
 
 /// What a mount's state file holds. Fields added later take serde
 /// defaults, so a file written before them still reads.
@@ -163,7 +165,7 @@ impl StateFile {
                         Err(e) => format!("could not be set aside: {e}"),
                     }
                 } else {
-                    "left as it is".to_string()
+                    "left in place until this mount saves its own state over it".to_string()
                 };
                 Loaded {
                     state: MountState::default(),
@@ -202,15 +204,15 @@ impl StateFile {
         if !meta.file_type().is_file() {
             return Err(aside("it is not a regular file".into()));
         }
+        // Another user's file in our own directory (one only root could
+        // put there, such as a daemon once run with sudo): its content is
+        // kept, under another name, rather than replaced at the next save.
         if meta.uid() != euid() {
-            return Err(Unusable {
-                why: format!(
-                    "it is owned by uid {}, not by this daemon's uid {}",
-                    meta.uid(),
-                    euid()
-                ),
-                set_aside: false,
-            });
+            return Err(aside(format!(
+                "it is owned by uid {}, not by this daemon's uid {}",
+                meta.uid(),
+                euid()
+            )));
         }
         if meta.mode() & 0o022 != 0 {
             return Err(aside(format!(
@@ -277,9 +279,20 @@ impl StateFile {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let to = format!("{}.bad-{now}", self.name);
-        renameat(dir, &self.name, &to)?;
-        Ok(to)
+        // Never over an earlier copy set aside in the same second.
+        for n in 0..SET_ASIDE_TRIES {
+            let to = match n {
+                0 => format!("{}.bad-{now}", self.name),
+                n => format!("{}.bad-{now}-{n}", self.name),
+            };
+            match renameat_noreplace(dir, &self.name, &to) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                done => return done.map(|()| to),
+            }
+        }
+        Err(io::Error::other(format!(
+            "{SET_ASIDE_TRIES} copies were set aside in this second already"
+        )))
     }
 
     /// Replaces the file with `state`, atomically: a reader (or a crash)
@@ -560,6 +573,19 @@ fn renameat(dir: &OwnedFd, from: &str, to: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Like [`renameat`], failing with EEXIST where `to` exists.
+fn renameat_noreplace(dir: &OwnedFd, from: &str, to: &str) -> io::Result<()> {
+    let (from, to) = (name_c(from)?, name_c(to)?);
+    let fd = dir.as_raw_fd();
+    // SAFETY: a valid directory fd and NUL-terminated names.
+    let ret =
+        unsafe { libc::renameat2(fd, from.as_ptr(), fd, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn unlinkat(dir: &OwnedFd, name: &str) -> io::Result<()> {
     let c = name_c(name)?;
     // SAFETY: a valid directory fd and NUL-terminated name.
@@ -819,6 +845,22 @@ mod tests {
     }
 
     #[test]
+    fn two_bad_files_set_aside_in_one_second_are_both_kept() {
+        let (_tmp, file) = fixture();
+        file.save(&state(&[])).unwrap();
+        for bad in [&b"{first"[..], b"{second"] {
+            std::fs::write(file.path(), bad).unwrap();
+            load_refused(&file, "not a state file's JSON");
+        }
+        let kept: Vec<Vec<u8>> = listing(&file)
+            .iter()
+            .map(|n| std::fs::read(file.dir.join(n)).unwrap())
+            .collect();
+        assert_eq!(kept.len(), 2, "{:?}", listing(&file));
+        assert!(kept.contains(&b"{first".to_vec()) && kept.contains(&b"{second".to_vec()));
+    }
+
+    #[test]
     fn a_corrupt_file_is_set_aside_whole() {
         let (_tmp, file) = fixture();
         file.save(&state(&[])).unwrap();
@@ -888,7 +930,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_others_may_write_is_set_aside_and_a_foreign_one_left_alone() {
+    fn a_file_others_may_write_or_of_another_user_is_set_aside() {
         let (_tmp, file) = fixture();
         file.save(&state(&["a.gguf"])).unwrap();
         std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o666)).unwrap();
@@ -901,7 +943,7 @@ mod tests {
         file.save(&state(&["a.gguf"])).unwrap();
         std::os::unix::fs::chown(file.path(), Some(65534), None).unwrap();
         load_refused(&file, "owned by uid 65534");
-        assert!(file.path().exists(), "left as it is");
+        assert!(!file.path().exists(), "set aside");
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! options that tune the warm path. Run with `cargo bench --bench cache` as
 //! root (it drops the kernel caches and mounts with mount(2)).
 //!
+//! The "reload after eviction" rows are also measured on throttled disks
+//! (a SATA SSD and an HDD, emulated by a blkio cgroup).
+//!
 //! Environment: `MODELCACHE_BENCH_REPS` (default 5, at least 5) sets the
 //! repetitions per measurement; `TMPDIR` picks where the 2 GiB file goes (a
 //! disk-backed filesystem, or "cold" means nothing).
@@ -605,6 +608,56 @@ fn warm(ctx: &Ctx, mounted: &Mounted, pattern: Pattern) -> Warm {
     w
 }
 
+/// Case 4 on realistic disks: the VM's own disk is cached by its host, so
+/// its "cold" reads say little of a SATA SSD or an HDD. A blkio cgroup
+/// throttles this process (the direct reader) and the daemon alike; the
+/// file is cached before they join it.
+fn throttled_reload(ctx: &mut Ctx, rows: &mut Vec<Row>) {
+    let dev = common::device_of(&ctx.backing);
+    let disks = [
+        (
+            "reload after eviction, SATA SSD (500 MB/s): mount (cached) vs direct, caches dropped",
+            500_000_000,
+        ),
+        (
+            "reload after eviction, HDD (150 MB/s): mount (cached) vs direct, caches dropped",
+            150_000_000,
+        ),
+    ];
+    for (case, rate) in disks {
+        let Some(throttle) = common::Throttle::new(&dev, rate) else {
+            println!("no blkio cgroup (v1) here: the throttled rows are skipped");
+            return;
+        };
+        let mut mounted = ctx.mount(&[]);
+        load_and_first_read(ctx, &mut mounted, case);
+        throttle.add(mounted.pid());
+        throttle.add(std::process::id());
+        for pattern in [Pattern::Seq, Pattern::Comfy] {
+            let (mut direct, mut mount) = (Series::default(), Series::default());
+            for i in 1..=ctx.reps {
+                drop_caches();
+                let d = timed(pattern, &ctx.direct(), &ctx.model, ctx.expect);
+                drop_caches();
+                let m = timed(pattern, &mounted.path(MODEL), &ctx.model, ctx.expect);
+                println!(
+                    "  {} rep {i}: direct cold {:5.2}  mount {:5.2} GB/s",
+                    pattern.name(),
+                    gbps(FILE_SIZE, d),
+                    gbps(FILE_SIZE, m)
+                );
+                direct.0.push(d);
+                mount.0.push(m);
+            }
+            rows.push(Row::new(case, pattern, &direct, &mount, Some(2.5)));
+        }
+        mounted.stop();
+        // Moves this process back out before removing the cgroup.
+        drop(throttle);
+        println!();
+    }
+}
+
 /// One configuration of the sweep, mounted for the whole sweep so that its
 /// passes interleave with the other configurations' (rep 1 of every
 /// configuration, then rep 2, ...): drift over the run hits all of them.
@@ -965,6 +1018,8 @@ fn main() {
             (p != Pattern::Mmap).then_some(2.5),
         ));
     }
+    println!("== 4b. reload after eviction on throttled disks (copy mode) ==");
+    throttled_reload(&mut ctx, &mut rows);
     for p in [Pattern::Comfy, Pattern::Mmap] {
         let w = &warm_rows.iter().find(|(q, _)| *q == p).expect("measured").1;
         rows.push(Row::new(
