@@ -323,6 +323,10 @@ fn under_the_memory_floor_the_warm_start_stops_and_names_the_floor() {
     let m = mount_with_args(&backing, &mnt, &state, &args);
     let log = wait_log(&m, "warm start: 0 of ");
     assert!(
+        log.contains("warm start: 0 of 2 files loaded"),
+        "the last line counts each file: {log}"
+    );
+    assert!(
         log.contains(
             "warm start: stopped before b.safetensors, 2 recorded files not loaded: \
              loading 4.0 MiB would leave"

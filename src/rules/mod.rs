@@ -35,7 +35,7 @@ use crate::units::{Bytes, Count};
 mod prewarm;
 mod warm_start;
 
-use prewarm::{Followed, Prewarm};
+use prewarm::{Followed, NotLoaded, Prewarm};
 
 /// How long `reload` waits for the worker to apply the manifest.
 const RELOAD_WAIT: Duration = Duration::from_secs(20);
@@ -365,7 +365,7 @@ fn prewarm_files(
                     "cannot cache {kind} file {}: {why}",
                     crate::names::shown(path)
                 ));
-                refused.push((crate::names::shown(path), why.to_string()));
+                refused.push(NotLoaded::one(crate::names::shown(path), why.to_string()));
             }
         }
     }

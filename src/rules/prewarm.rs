@@ -22,14 +22,33 @@ pub(super) struct Followed {
     pub(super) loaded: bool,
 }
 
+/// Files a prewarm did not load, and why: one file, or (a warm start
+/// stopped by the cap or the floor) the run of files from the first.
+pub(super) struct NotLoaded {
+    /// "a.safetensors", or "3 recorded files from a.safetensors on".
+    pub(super) what: String,
+    pub(super) files: usize,
+    pub(super) why: String,
+}
+
+impl NotLoaded {
+    pub(super) fn one(name: String, why: String) -> NotLoaded {
+        NotLoaded {
+            what: name,
+            files: 1,
+            why,
+        }
+    }
+}
+
 /// The loads a prewarm queued, followed until done, and the files it named
 /// that the cache refused.
 pub(super) struct Prewarm {
     /// What the lines begin with: "prewarm", "warm start".
     what: &'static str,
     files: Vec<Followed>,
-    /// (name, why) of each file refused when queued.
-    refused: Vec<(String, String)>,
+    /// The files refused when queued.
+    refused: Vec<NotLoaded>,
     total: u64,
     started: Instant,
     last_report: Instant,
@@ -42,12 +61,12 @@ const LEFT_THE_CACHE: &str = "left the cache before it finished loading (the log
                               \"evicted\" line for it says why)";
 
 impl Prewarm {
-    /// Follows `files`, of `total` bytes; `refused` are (name, why) of the
-    /// files not queued, named in the last line.
+    /// Follows `files`, of `total` bytes; `refused` are the files not
+    /// queued, named in the last line.
     pub(super) fn follow(
         what: &'static str,
         files: Vec<Followed>,
-        refused: Vec<(String, String)>,
+        refused: Vec<NotLoaded>,
         total: u64,
     ) -> Prewarm {
         // On a terminal a progress bar; under systemd or in a log file, lines.
@@ -98,13 +117,13 @@ impl Prewarm {
             }
         }
         if pending == 0 {
-            let dropped = self
+            let dropped: Vec<NotLoaded> = self
                 .files
                 .iter()
                 .filter(|f| !f.loaded)
-                .map(|f| (f.name.clone(), LEFT_THE_CACHE.to_string()));
-            let not_loaded: Vec<(String, String)> =
-                self.refused.iter().cloned().chain(dropped).collect();
+                .map(|f| NotLoaded::one(f.name.clone(), LEFT_THE_CACHE.to_string()))
+                .collect();
+            let not_loaded: Vec<&NotLoaded> = self.refused.iter().chain(&dropped).collect();
             let done = self.files.iter().filter(|f| f.loaded).count();
             let line = summary(
                 self.what,
@@ -136,13 +155,7 @@ impl Prewarm {
 
 /// The prewarm's last line: it counts only the files that loaded, and
 /// names each that did not, with why.
-fn summary(
-    what: &str,
-    loaded: usize,
-    not_loaded: &[(String, String)],
-    bytes: u64,
-    secs: f64,
-) -> String {
+fn summary(what: &str, loaded: usize, not_loaded: &[&NotLoaded], bytes: u64, secs: f64) -> String {
     let how = format!("{} in {secs:.1} s, {}", Bytes(bytes), Rate { bytes, secs });
     if not_loaded.is_empty() {
         return format!(
@@ -150,10 +163,10 @@ fn summary(
             Count(loaded as u64, "file")
         );
     }
-    let named = loaded + not_loaded.len();
+    let named = loaded + not_loaded.iter().map(|n| n.files).sum::<usize>();
     let why: Vec<String> = not_loaded
         .iter()
-        .map(|(name, why)| format!("{name}: {why}"))
+        .map(|n| format!("{}: {}", n.what, n.why))
         .collect();
     format!(
         "{what}: {loaded} of {} loaded ({how}); not loaded: {}",
@@ -172,20 +185,27 @@ mod tests {
             summary("prewarm", 3, &[], 12 << 20, 2.0),
             "prewarm: all loaded (3 files, 12.0 MiB in 2.0 s, 6 MiB/s)"
         );
-        let refused = [(
+        let big = NotLoaded::one(
             "big.safetensors".to_string(),
             "20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: raise --max-size or max_size"
                 .to_string(),
-        )];
+        );
         assert_eq!(
-            summary("prewarm", 2, &refused, 4 << 20, 1.0),
+            summary("prewarm", 2, &[&big], 4 << 20, 1.0),
             "prewarm: 2 of 3 files loaded (4.0 MiB in 1.0 s, 4 MiB/s); not loaded: \
              big.safetensors: 20.0 MiB is larger than the cap (8.0 MiB) by 12.0 MiB: \
              raise --max-size or max_size"
         );
-        assert!(
-            summary("warm start", 0, &refused, 0, 0.0)
-                .starts_with("warm start: 0 of 1 file loaded")
+        let run = NotLoaded {
+            what: "2 recorded files from b.safetensors on".to_string(),
+            files: 2,
+            why: "the floor".to_string(),
+        };
+        assert_eq!(
+            summary("warm start", 1, &[&run], 4 << 20, 1.0),
+            "warm start: 1 of 3 files loaded (4.0 MiB in 1.0 s, 4 MiB/s); not loaded: \
+             2 recorded files from b.safetensors on: the floor",
+            "a run of refused files counts each"
         );
     }
 }

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use tracing::{info, warn};
 
 use super::LiveMount;
-use super::prewarm::{Followed, Prewarm};
+use super::prewarm::{Followed, NotLoaded, Prewarm};
 use crate::cache::Refusal;
 use crate::record::{FileRecord, Record};
 use crate::units::{Bytes, Count};
@@ -221,12 +221,17 @@ fn queue(live: &LiveMount, load: &[(String, u64)]) -> Option<Prewarm> {
                 loaded: false,
             }),
             Err(why @ (Refusal::MemoryFloor { .. } | Refusal::CapHeld { .. })) => {
-                let left = Count((load.len() - i) as u64, "recorded file");
+                let files = load.len() - i;
+                let left = Count(files as u64, "recorded file");
                 warn!("warm start: stopped before {name}, {left} not loaded: {why}");
-                refused.push((format!("{left} from {name} on"), why.to_string()));
+                refused.push(NotLoaded {
+                    what: format!("{left} from {name} on"),
+                    files,
+                    why: why.to_string(),
+                });
                 break;
             }
-            Err(why) => refused.push((name.clone(), why.to_string())),
+            Err(why) => refused.push(NotLoaded::one(name.clone(), why.to_string())),
         }
     }
     let total = followed.iter().filter_map(|f| f.size).sum();
