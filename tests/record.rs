@@ -470,6 +470,72 @@ fn a_state_file_of_another_user_is_set_aside_and_the_mount_goes_on() {
 }
 
 #[test]
+fn a_root_owned_state_file_a_user_daemon_cannot_read_is_set_aside() {
+    if needs_root("runs the daemon as another user (setpriv)") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let (_tmp, backing, mnt) = dirs();
+    models(&backing, &["a"]);
+    for path in [&backing, &mnt, &backing.join("a.safetensors")] {
+        chown(path, NOBODY, NOGROUP);
+    }
+    let state = StateDir::new();
+    let user_mount = || {
+        let mut cmd = as_user(NOBODY, NOGROUP, bin());
+        cmd.arg("mount")
+            .arg("--backing")
+            .arg(&backing)
+            .arg(&mnt)
+            .args(["--passthrough", "off"]);
+        state.apply(&mut cmd);
+        Mounted::start(cmd, &mnt)
+    };
+    let read_as_user = || {
+        run_ok(
+            as_user(NOBODY, NOGROUP, "cat")
+                .arg(mnt.join("a.safetensors"))
+                .stdout(std::process::Stdio::null()),
+        )
+    };
+    // The user's daemon writes its state file; then root takes it (as a
+    // daemon once run with sudo would have written it): 0600, unreadable.
+    let m = user_mount();
+    read_as_user();
+    m.unmount();
+    let path = state_path(&state);
+    chown(&path, 0, 0);
+    set_mode(&path, 0o600);
+    let text = fs::read(&path).unwrap();
+
+    let m = user_mount();
+    read_as_user();
+    let log = wait_log(&m, "not used (");
+    assert!(
+        log.contains(&format!(
+            "state file {} not used (it is owned by uid 0, not by this daemon's uid {NOBODY}); \
+             set aside as ",
+            path.display()
+        )),
+        "{log}"
+    );
+    let names = listing(&state);
+    let aside: Vec<&String> = names.iter().filter(|n| n.contains(".bad-")).collect();
+    assert_eq!(aside.len(), 1, "{names:?}");
+    assert_eq!(
+        fs::read(state.path.join(aside[0])).unwrap(),
+        text,
+        "kept whole"
+    );
+    m.unmount();
+    assert_eq!(
+        fs::metadata(&path).unwrap().uid(),
+        NOBODY,
+        "the user's own again"
+    );
+}
+
+#[test]
 fn a_killed_daemon_leaves_the_last_saved_record_whole() {
     let (_tmp, backing, mnt) = dirs();
     models(&backing, &["a", "b", "c"]);

@@ -7,6 +7,7 @@
 //! unpin` removes a runtime pin and unpins the file now, even one the
 //! manifest pins: that one is pinned again at the next reload or remount.
 
+mod state_dir;
 pub mod state_file;
 
 use std::collections::{BTreeSet, HashSet};

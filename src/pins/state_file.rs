@@ -12,10 +12,10 @@
 //! atomically: a temporary file in the same directory, fsynced, renamed
 //! over the old one, and the directory fsynced.
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::state_dir::{euid, open_dir, openat, owner_of, rename_noreplace, renameat, unlinkat};
 use crate::record::Record;
 use crate::units::Bytes;
 
@@ -190,6 +191,17 @@ impl StateFile {
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 return Err(aside("it is a symbolic link".into()));
             }
+            // Another user's file, unreadable to us (written 0600 by a
+            // daemon once run with sudo): kept under another name, as below.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => {
+                return Err(match owner_of(dir, &self.name) {
+                    Ok(uid) if uid != euid() => aside(foreign(uid)),
+                    _ => Unusable {
+                        why: format!("cannot open it: {e}"),
+                        set_aside: false,
+                    },
+                });
+            }
             Err(e) => {
                 return Err(Unusable {
                     why: format!("cannot open it: {e}"),
@@ -208,11 +220,7 @@ impl StateFile {
         // put there, such as a daemon once run with sudo): its content is
         // kept, under another name, rather than replaced at the next save.
         if meta.uid() != euid() {
-            return Err(aside(format!(
-                "it is owned by uid {}, not by this daemon's uid {}",
-                meta.uid(),
-                euid()
-            )));
+            return Err(aside(foreign(meta.uid())));
         }
         if meta.mode() & 0o022 != 0 {
             return Err(aside(format!(
@@ -285,7 +293,7 @@ impl StateFile {
                 0 => format!("{}.bad-{now}", self.name),
                 n => format!("{}.bad-{now}-{n}", self.name),
             };
-            match renameat_noreplace(dir, &self.name, &to) {
+            match rename_noreplace(dir, &self.name, &to) {
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
                 done => return done.map(|()| to),
             }
@@ -453,6 +461,14 @@ fn serialized_len(state: &MountState) -> u64 {
 }
 
 /// Why a state file was not used, and whether it is to be set aside.
+/// Why another user's file is not used.
+fn foreign(uid: u32) -> String {
+    format!(
+        "it is owned by uid {uid}, not by this daemon's uid {}",
+        euid()
+    )
+}
+
 struct Unusable {
     why: String,
     set_aside: bool,
@@ -469,134 +485,9 @@ fn is_relative_name(name: &str) -> bool {
             .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
-fn euid() -> u32 {
-    // SAFETY: geteuid cannot fail and touches no memory.
-    unsafe { libc::geteuid() }
-}
-
-/// Opens the state directory without following a link, and checks that it
-/// is the daemon's own: owned by its effective uid, writable by no one
-/// else. `Ok(None)`: it does not exist (and `create` is false). `create`
-/// makes it, mode 0700, and its parents as needed.
-fn open_dir(dir: &Path, create: bool) -> Result<Option<OwnedFd>, String> {
-    let shown = dir.display();
-    let c = CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    let open = || {
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: a NUL-terminated path; the fd returned is owned below.
-        let fd = unsafe { libc::open(c.as_ptr(), flags) };
-        if fd < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            // SAFETY: a new descriptor that nothing else owns.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-        }
-    };
-    let fd = match open() {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
-            use std::os::unix::fs::DirBuilderExt;
-            if let Some(parent) = dir.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-            }
-            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(format!("cannot create {shown}: {e}")),
-            }
-            open().map_err(|e| format!("cannot open {shown}: {e}"))?
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-        Err(e)
-            if e.raw_os_error() == Some(libc::ENOTDIR) || e.raw_os_error() == Some(libc::ELOOP) =>
-        {
-            return Err(format!(
-                "{shown} is not a directory (a file or a symbolic link): remove it, or set \
-                 $STATE_DIRECTORY to a directory of this daemon's own"
-            ));
-        }
-        Err(e) => return Err(format!("cannot open {shown}: {e}")),
-    };
-    let meta = File::from(fd.try_clone().map_err(|e| e.to_string())?)
-        .metadata()
-        .map_err(|e| format!("cannot stat {shown}: {e}"))?;
-    if meta.uid() != euid() {
-        return Err(format!(
-            "the state directory {shown} is owned by uid {}, not by this daemon's uid {}: \
-             `chown {} {shown}`, or set $STATE_DIRECTORY to a directory of its own",
-            meta.uid(),
-            euid(),
-            euid()
-        ));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "the state directory {shown} is writable by others (mode {:04o}): `chmod go-w {shown}`",
-            meta.mode() & 0o7777
-        ));
-    }
-    Ok(Some(fd))
-}
-
-fn name_c(name: &str) -> io::Result<CString> {
-    CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-}
-
-fn openat(dir: &OwnedFd, name: &str, flags: i32, mode: libc::mode_t) -> io::Result<File> {
-    let c = name_c(name)?;
-    // SAFETY: a valid directory fd and NUL-terminated name; the fd returned
-    // is owned by the File.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
-fn renameat(dir: &OwnedFd, from: &str, to: &str) -> io::Result<()> {
-    let (from, to) = (name_c(from)?, name_c(to)?);
-    // SAFETY: a valid directory fd and NUL-terminated names.
-    let ret =
-        unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Like [`renameat`], failing with EEXIST where `to` exists.
-fn renameat_noreplace(dir: &OwnedFd, from: &str, to: &str) -> io::Result<()> {
-    let (from, to) = (name_c(from)?, name_c(to)?);
-    let fd = dir.as_raw_fd();
-    // SAFETY: a valid directory fd and NUL-terminated names.
-    let ret =
-        unsafe { libc::renameat2(fd, from.as_ptr(), fd, to.as_ptr(), libc::RENAME_NOREPLACE) };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn unlinkat(dir: &OwnedFd, name: &str) -> io::Result<()> {
-    let c = name_c(name)?;
-    // SAFETY: a valid directory fd and NUL-terminated name.
-    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::ffi::CString;
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
@@ -845,19 +736,30 @@ mod tests {
     }
 
     #[test]
-    fn two_bad_files_set_aside_in_one_second_are_both_kept() {
+    fn a_copy_set_aside_earlier_in_the_same_second_is_kept() {
         let (_tmp, file) = fixture();
         file.save(&state(&[])).unwrap();
-        for bad in [&b"{first"[..], b"{second"] {
-            std::fs::write(file.path(), bad).unwrap();
-            load_refused(&file, "not a state file's JSON");
-        }
-        let kept: Vec<Vec<u8>> = listing(&file)
-            .iter()
-            .map(|n| std::fs::read(file.dir.join(n)).unwrap())
+        // Copies already set aside under every name this second (and the
+        // next few) could take.
+        let now = crate::record::unix_now();
+        let earlier: Vec<String> = (now..now + 10)
+            .map(|t| format!("{}.bad-{t}", file.name))
             .collect();
-        assert_eq!(kept.len(), 2, "{:?}", listing(&file));
-        assert!(kept.contains(&b"{first".to_vec()) && kept.contains(&b"{second".to_vec()));
+        for name in &earlier {
+            std::fs::write(file.dir.join(name), b"earlier").unwrap();
+        }
+        std::fs::write(file.path(), b"{bad").unwrap();
+        load_refused(&file, "not a state file's JSON");
+        for name in &earlier {
+            assert_eq!(std::fs::read(file.dir.join(name)).unwrap(), b"earlier");
+        }
+        let new: Vec<String> = listing(&file)
+            .into_iter()
+            .filter(|n| !earlier.contains(n))
+            .collect();
+        assert_eq!(new.len(), 1, "{new:?}");
+        assert!(new[0].ends_with("-1"), "{new:?}");
+        assert_eq!(std::fs::read(file.dir.join(&new[0])).unwrap(), b"{bad");
     }
 
     #[test]
