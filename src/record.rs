@@ -72,6 +72,16 @@ pub struct OpensBySource {
     pub disk: u64,
 }
 
+impl OpensBySource {
+    /// All opens, wherever served from; saturating, as a hand-edited state
+    /// file may hold any count.
+    pub fn total(&self) -> u64 {
+        self.ram
+            .saturating_add(self.partial)
+            .saturating_add(self.disk)
+    }
+}
+
 /// One recorded file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -95,6 +105,17 @@ pub struct CoOpenSet {
     pub count: u64,
     /// Unix seconds.
     pub last_seen: u64,
+}
+
+impl CoOpenSet {
+    /// The names of the set's files, looked up in `by_id`
+    /// ([`Record::names_by_id`]).
+    pub fn names<'a>(&self, by_id: &HashMap<u64, &'a str>) -> Vec<&'a str> {
+        self.files
+            .iter()
+            .filter_map(|id| by_id.get(id).copied())
+            .collect()
+    }
 }
 
 /// A process's open window: not saved (at unmount every window closes).
@@ -251,14 +272,10 @@ impl Record {
         self.windows.len()
     }
 
-    /// The names of a set's files.
-    pub fn names_of(&self, set: &CoOpenSet) -> Vec<&str> {
-        let by_id: HashMap<u64, &str> =
-            self.files.iter().map(|(n, f)| (f.id, n.as_str())).collect();
-        set.files
-            .iter()
-            .filter_map(|id| by_id.get(id).copied())
-            .collect()
+    /// Each file's name by its id: build it once, then look up the names
+    /// of every set with [`CoOpenSet::names`].
+    pub fn names_by_id(&self) -> HashMap<u64, &str> {
+        self.files.iter().map(|(n, f)| (f.id, n.as_str())).collect()
     }
 
     /// Keeps the `keep` most recently opened files (and the sets of those
@@ -355,11 +372,12 @@ mod tests {
 
     /// The sets as names, sorted, with their counts.
     fn sets(record: &Record) -> Vec<(Vec<&str>, u64)> {
+        let by_id = record.names_by_id();
         let mut out: Vec<(Vec<&str>, u64)> = record
             .co_open
             .iter()
             .map(|s| {
-                let mut names = record.names_of(s);
+                let mut names = s.names(&by_id);
                 names.sort_unstable();
                 (names, s.count)
             })
@@ -457,10 +475,11 @@ mod tests {
             !r.files.contains_key("9.gguf") && r.files.contains_key("10.gguf"),
             "the least recently opened go first"
         );
+        let by_id = r.names_by_id();
         assert!(
             r.co_open
                 .iter()
-                .all(|s| r.names_of(s).len() == s.files.len())
+                .all(|s| s.names(&by_id).len() == s.files.len())
         );
         assert!(r.problem().is_none());
 
@@ -471,10 +490,11 @@ mod tests {
         }
         r.close_all(u64::MAX);
         assert_eq!(r.co_open.len(), MAX_SETS);
+        let by_id = r.names_by_id();
         assert!(
             r.co_open
                 .iter()
-                .all(|s| !r.names_of(s).contains(&"0-a.gguf")),
+                .all(|s| !s.names(&by_id).contains(&"0-a.gguf")),
             "the least recently seen set goes first"
         );
 

@@ -261,8 +261,8 @@ impl Daemon for MountService {
         let ev = cache.evictions;
         let sample = (self.memory)();
         MountStatus {
-            mountpoint: self.mountpoint.display().to_string(),
-            backing: self.backing.display().to_string(),
+            mountpoint: crate::names::shown(&self.mountpoint),
+            backing: crate::names::shown(&self.backing),
             mode: if self.backing_files.is_enabled() {
                 Mode::Passthrough
             } else {

@@ -103,6 +103,12 @@ impl fmt::Display for Rate {
     }
 }
 
+/// `percent` of `bytes`, rounded down, without overflow (`bytes` itself
+/// when `percent` is over 100 and the result would not fit).
+pub fn percent_of(bytes: u64, percent: u64) -> u64 {
+    u64::try_from(u128::from(bytes) * u128::from(percent) / 100).unwrap_or(bytes)
+}
+
 /// A count with its noun, singular for one: `1 file`, `3 files`.
 pub struct Count(pub u64, pub &'static str);
 
@@ -208,9 +214,21 @@ mod tests {
     #[test]
     fn counts_are_singular_for_one() {
         assert_eq!(Count(1, "file").to_string(), "1 file");
+        assert_eq!(Count(1, "open").to_string(), "1 open");
+        assert_eq!(Count(2, "time").to_string(), "2 times");
         assert_eq!(Count(0, "file").to_string(), "0 files");
         assert_eq!(Count(2, "file").to_string(), "2 files");
         assert_eq!(Count(1, "process").to_string(), "1 process");
         assert_eq!(Count(3, "process").to_string(), "3 processes");
+    }
+
+    #[test]
+    fn percents_of_sizes_round_down_and_never_overflow() {
+        assert_eq!(percent_of(100, 50), 50);
+        assert_eq!(percent_of(101, 50), 50);
+        assert_eq!(percent_of(0, 50), 0);
+        assert_eq!(percent_of(u64::MAX, 50), u64::MAX / 2);
+        assert_eq!(percent_of(u64::MAX, 100), u64::MAX);
+        assert_eq!(percent_of(u64::MAX, 200), u64::MAX);
     }
 }

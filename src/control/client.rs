@@ -268,7 +268,7 @@ impl Context {
                 }
             }
             match client.status() {
-                Ok(status) if Path::new(&status.mountpoint) == mountpoint => {
+                Ok(status) if crate::names::path_of(&status.mountpoint) == mountpoint => {
                     return Ok((client, status));
                 }
                 Ok(status) => {
@@ -492,7 +492,7 @@ pub fn reload_command(mountpoint: Option<&Path>) -> Result<(), Error> {
         None => ctx
             .statuses(None)?
             .into_iter()
-            .map(|s| PathBuf::from(s.mountpoint))
+            .map(|s| crate::names::path_of(&s.mountpoint))
             .collect(),
     };
     let mut errors = Vec::new();

@@ -56,12 +56,13 @@ impl RecordReport {
                 last_open: f.last_open,
             })
             .collect();
+        let by_id = record.names_by_id();
         let co_open = record
             .co_open
             .iter()
             .map(|set| {
                 let mut paths: Vec<String> =
-                    record.names_of(set).into_iter().map(String::from).collect();
+                    set.names(&by_id).into_iter().map(String::from).collect();
                 paths.sort();
                 RecordedSet {
                     paths,

@@ -64,9 +64,10 @@ impl FileState {
 /// `modelcache status --json`'s `mounts`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MountStatus {
-    /// The canonical mount point.
+    /// The canonical mount point, as [`crate::names::shown`] writes it
+    /// (lossless: [`crate::names::path_of`] gives the path back).
     pub mountpoint: String,
-    /// The backing directory.
+    /// The backing directory, written the same way.
     pub backing: String,
     pub mode: Mode,
     /// The cache's cap, bytes.

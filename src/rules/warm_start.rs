@@ -99,14 +99,13 @@ pub(super) fn plan(
 /// to the most recently opened), while their recorded sizes sum to at most
 /// [`TOP_SHARE_PERCENT`] of the cap.
 fn top_set<'a>(record: &'a Record, found: &HashMap<String, Found>, cap: u64) -> HashSet<&'a str> {
-    let share = u64::try_from(u128::from(cap) * u128::from(TOP_SHARE_PERCENT) / 100).unwrap_or(cap);
+    let share = crate::units::percent_of(cap, TOP_SHARE_PERCENT);
     let mut by_use: Vec<(&String, &FileRecord)> = record
         .files
         .iter()
         .filter(|(n, _)| found.get(n.as_str()) != Some(&Found::Gone))
         .collect();
-    let opens = |f: &FileRecord| f.opens.ram + f.opens.partial + f.opens.disk;
-    by_use.sort_by_key(|(_, f)| std::cmp::Reverse((opens(f), f.last_open, f.id)));
+    by_use.sort_by_key(|(_, f)| std::cmp::Reverse((f.opens.total(), f.last_open, f.id)));
     let mut sum = 0u64;
     let mut top = HashSet::new();
     for (name, file) in by_use {

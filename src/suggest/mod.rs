@@ -72,7 +72,7 @@ pub fn suggest_command(mountpoint: Option<&Path>, write: Option<&Path>) -> Resul
         print!("{text}");
         return Ok(());
     };
-    validate(&text, file, Path::new(&status.backing), cap)?;
+    validate(&text, file, &crate::names::path_of(&status.backing), cap)?;
     save(file, &text)?;
     println!(
         "wrote {}: {} pinned, {} groups, {} warm; mount with --manifest {} (or merge its rules \
@@ -98,7 +98,7 @@ fn only_mount(ctx: &Context) -> Result<PathBuf, Error> {
         )));
     }
     let status = statuses.pop().expect("statuses is never empty when Ok");
-    Ok(PathBuf::from(status.mountpoint))
+    Ok(crate::names::path_of(&status.mountpoint))
 }
 
 fn refuse_existing(file: &Path) -> Result<(), Error> {
@@ -153,6 +153,21 @@ fn save(file: &Path, text: &str) -> Result<(), Error> {
                 failed(e)
             }
         })?;
-    out.write_all(text.as_bytes()).map_err(failed)?;
-    out.sync_all().map_err(failed)
+    let written = out.write_all(text.as_bytes()).and_then(|()| out.sync_all());
+    written.map_err(|e| {
+        // This call made the file (create_new): a part-written one would
+        // only make the next try refuse it as existing.
+        drop(out);
+        match std::fs::remove_file(file) {
+            Ok(()) => Error(format!(
+                "cannot write {}: {e}; the part written was removed",
+                file.display()
+            )),
+            Err(rm) => Error(format!(
+                "cannot write {}: {e}; the part written could not be removed ({rm}): \
+                 remove it before trying again",
+                file.display()
+            )),
+        }
+    })
 }

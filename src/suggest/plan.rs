@@ -8,23 +8,31 @@
 //! - `[[group]]`: sets of files one process opened together at least
 //!   [`MIN_GROUP_COUNT`] times, most seen first, named after their files;
 //!   a set within one already taken, one that is all pins, or one larger
-//!   than the cap is left out.
+//!   than the cap is left out; past [`MAX_GROUPS`], the sets left are
+//!   counted in the left-out comment.
 //! - `[[warm]]`: the other recorded files, most recently opened first,
 //!   while pins and warm files together fit under the cap.
 //!
 //! Files larger than the cap, no longer there, or with names no rule can
-//! write (not UTF-8, under a folder named `~`) are left out, with a line
-//! saying so.
+//! write are left out, with a line saying so. A rule's path is the real
+//! name as a TOML string, so a name that is not UTF-8 (recorded with its
+//! odd bytes written `\x{ff}`, see [`crate::names`]) cannot be written;
+//! nor can one under a folder named `~`, which rules refuse as the home
+//! folder. A UTF-8 name that contains `\x{` (recorded with its backslash
+//! written `\x{5c}`) is written as the real name.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 use crate::control::record::{RecordReport, RecordedFile, RecordedSet};
-use crate::units::Bytes;
+use crate::units::{Bytes, Count, percent_of};
 
 /// The share of the cap pins may fill. Pins are never evicted for room, so
 /// pins filling the cap would leave nothing for the files not pinned;
-/// half keeps the cache useful for them, as warm start's top set does.
+/// half keeps the cache useful for them. Warm start's top set
+/// (`rules::warm_start::TOP_SHARE_PERCENT`) has the same value but is
+/// another decision (which replaced files reload at mount, evicted like
+/// any other): one may change without the other.
 pub const PIN_SHARE_PERCENT: u64 = 50;
 /// How often a set must have been opened together to become a group: one
 /// process opening several files once may be a one-off (a copy, a hash of
@@ -40,7 +48,8 @@ const LEFT_OUT_SHOWN: usize = 10;
 /// Why a recorded file is in no rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LeftOut {
-    /// No rule can name it (not UTF-8, under a folder named `~`).
+    /// No rule can name it (not UTF-8, under a folder named `~`: see the
+    /// module's comment).
     Unwritable,
     /// No longer under the mount.
     Gone,
@@ -76,13 +85,10 @@ pub struct Suggestion<'a> {
     pub groups: Vec<Group<'a>>,
     pub warm: Vec<&'a RecordedFile>,
     pub left_out: Vec<(&'a RecordedFile, LeftOut)>,
+    /// Sets that would have been groups but for [`MAX_GROUPS`].
+    pub sets_past_max: usize,
     /// The glob of each file in a rule.
     globs: HashMap<&'a str, String>,
-}
-
-/// The most bytes `share_percent` of `cap` allows.
-fn share(cap: u64, percent: u64) -> u64 {
-    u64::try_from(u128::from(cap) * u128::from(percent) / 100).unwrap_or(cap)
 }
 
 /// Plans the rules for `report` under `cap`; `exists` says whether a
@@ -95,9 +101,10 @@ pub fn plan<'a>(
     let mut s = Suggestion::default();
     let mut usable: Vec<&RecordedFile> = Vec::new();
     for f in &report.files {
-        let glob = (crate::names::path_of(&f.path).as_os_str() == f.path.as_str())
-            .then(|| crate::manifest::literal_glob(&f.path))
-            .flatten();
+        // The real name: rules match real names, not recorded ones.
+        let glob = crate::names::path_of(&f.path)
+            .to_str()
+            .and_then(crate::manifest::literal_glob);
         match glob {
             None => s.left_out.push((f, LeftOut::Unwritable)),
             Some(_) if !exists(&f.path) => s.left_out.push((f, LeftOut::Gone)),
@@ -117,7 +124,7 @@ pub fn plan<'a>(
             .cmp(&(a.opens.ram, a.last_open))
             .then_with(|| a.path.cmp(&b.path))
     });
-    let pin_room = share(cap, PIN_SHARE_PERCENT);
+    let pin_room = percent_of(cap, PIN_SHARE_PERCENT);
     let mut used = 0u64;
     for f in by_ram {
         if used.saturating_add(f.size) <= pin_room {
@@ -147,17 +154,18 @@ pub fn plan<'a>(
         }
     }
 
-    s.groups = groups(report, &usable, &pinned, cap);
+    (s.groups, s.sets_past_max) = groups(report, &usable, &pinned, cap);
     s
 }
 
-/// The groups (see the module's comment).
+/// The groups (see the module's comment), and how many sets would have
+/// been groups past [`MAX_GROUPS`].
 fn groups<'a>(
     report: &'a RecordReport,
     usable: &[&'a RecordedFile],
     pinned: &HashSet<&str>,
     cap: u64,
-) -> Vec<Group<'a>> {
+) -> (Vec<Group<'a>>, usize) {
     let by_path: HashMap<&str, &RecordedFile> =
         usable.iter().map(|f| (f.path.as_str(), *f)).collect();
     let mut sets: Vec<&RecordedSet> = report
@@ -172,10 +180,8 @@ fn groups<'a>(
     });
     let mut out: Vec<Group> = Vec::new();
     let mut names: HashSet<String> = HashSet::new();
+    let mut past_max = 0;
     for set in sets {
-        if out.len() == MAX_GROUPS {
-            break;
-        }
         let Some(files) = set
             .paths
             .iter()
@@ -192,11 +198,15 @@ fn groups<'a>(
         if total > cap || all_pinned || within_one {
             continue;
         }
+        if out.len() == MAX_GROUPS {
+            past_max += 1;
+            continue;
+        }
         let name = unique(group_name(&set.paths), &names);
         names.insert(name.clone());
         out.push(Group { name, set, files });
     }
-    out
+    (out, past_max)
 }
 
 /// A file's name without its folder and last extension.
@@ -249,7 +259,8 @@ pub fn group_name(paths: &[String]) -> String {
 }
 
 /// `name`, or `name (2)`, `name (3)`…: one no group has yet (compared as
-/// the manifest compares them, trimmed).
+/// the manifest compares them, trimmed), still at most [`GROUP_NAME_MAX`]
+/// characters (`name` cut to leave room for the number).
 fn unique(name: String, taken: &HashSet<String>) -> String {
     let name = name.trim().to_string();
     let name = if name.is_empty() {
@@ -261,13 +272,25 @@ fn unique(name: String, taken: &HashSet<String>) -> String {
         return name;
     }
     (2..)
-        .map(|n| format!("{name} ({n})"))
+        .map(|n| {
+            let suffix = format!(" ({n})");
+            let room = GROUP_NAME_MAX.saturating_sub(suffix.chars().count());
+            if name.chars().count() <= room {
+                return format!("{name}{suffix}");
+            }
+            let cut: String = name.chars().take(room.saturating_sub(1)).collect();
+            format!("{}…{suffix}", cut.trim_end())
+        })
         .find(|n| !taken.contains(n))
         .expect("some number is free")
 }
 
 /// `text` as a TOML basic string: quotes, backslashes and control
-/// characters escaped.
+/// characters escaped, always on one line. Not the `toml` crate's writer:
+/// it picks a form per string (`'literal'` for one with a backslash, a
+/// `"""multi-line"""` string with raw line breaks for one with a newline),
+/// and a raw line break would end the `#` comment lines that name left-out
+/// files and break the one-path-a-line layout.
 pub fn toml_string(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
@@ -320,9 +343,14 @@ impl Suggestion<'_> {
     /// each rule with the figures behind it.
     pub fn render(&self, report: &RecordReport, origin: &Origin) -> String {
         let mut out = String::new();
-        let opens = |f: &RecordedFile| f.opens.ram + f.opens.partial + f.opens.disk;
-        let total: u64 = report.files.iter().map(opens).sum();
-        let ram: u64 = report.files.iter().map(|f| f.opens.ram).sum();
+        let sum = |n: fn(&RecordedFile) -> u64| {
+            report
+                .files
+                .iter()
+                .fold(0u64, |sum, f| sum.saturating_add(n(f)))
+        };
+        let total = sum(|f| f.opens.total());
+        let ram = sum(|f| f.opens.ram);
         let _ = writeln!(
             out,
             "# Suggested by `modelcache suggest` from the record of {}",
@@ -333,7 +361,7 @@ impl Suggestion<'_> {
             "# (backing folder {}) at {}:\n# {} recorded, {} opens, {ram} of them from RAM.",
             one_line(origin.backing),
             utc(report.now),
-            plural(report.files.len() as u64, "file"),
+            Count(report.files.len() as u64, "file"),
             total,
         );
         let _ = writeln!(
@@ -356,14 +384,14 @@ impl Suggestion<'_> {
                 out,
                 "\n# Opened from RAM most: kept cached, never evicted for room ({} of {}).",
                 Bytes(bytes),
-                Bytes(share(origin.cap, PIN_SHARE_PERCENT))
+                Bytes(percent_of(origin.cap, PIN_SHARE_PERCENT))
             );
             let _ = writeln!(out, "[[pin]]");
             self.paths(&mut out, &self.pins, |f| {
                 format!(
                     "{} of {} from RAM, {}",
                     f.opens.ram,
-                    plural(opens(f), "open"),
+                    Count(f.opens.total(), "open"),
                     Bytes(f.size)
                 )
             });
@@ -372,8 +400,8 @@ impl Suggestion<'_> {
             let bytes: u64 = g.files.iter().map(|f| f.size).sum();
             let _ = writeln!(
                 out,
-                "\n# Opened together by one process {} (last {}): opening one loads the\n# others ({}).",
-                plural(g.set.count, "time"),
+                "\n# Opened together by one process {} (last seen {}): opening one loads\n# the others ({}).",
+                Count(g.set.count, "time"),
                 ago(g.set.last_seen),
                 Bytes(bytes)
             );
@@ -391,15 +419,15 @@ impl Suggestion<'_> {
             let _ = writeln!(out, "[[warm]]");
             self.paths(&mut out, &self.warm, |f| {
                 format!(
-                    "{}, {} from RAM, last {}, {}",
-                    plural(opens(f), "open"),
+                    "{}, {} from RAM, last opened {}, {}",
+                    Count(f.opens.total(), "open"),
                     f.opens.ram,
                     ago(f.last_open),
                     Bytes(f.size)
                 )
             });
         }
-        if !self.left_out.is_empty() {
+        if !self.left_out.is_empty() || self.sets_past_max > 0 {
             let _ = writeln!(out, "\n# Left out:");
             for (f, why) in self.left_out.iter().take(LEFT_OUT_SHOWN) {
                 let _ = writeln!(
@@ -412,6 +440,13 @@ impl Suggestion<'_> {
             }
             if self.left_out.len() > LEFT_OUT_SHOWN {
                 let _ = writeln!(out, "#   and {} more", self.left_out.len() - LEFT_OUT_SHOWN);
+            }
+            if self.sets_past_max > 0 {
+                let _ = writeln!(
+                    out,
+                    "#   {} opened together: not made groups, at most {MAX_GROUPS} are suggested",
+                    Count(self.sets_past_max as u64, "more set")
+                );
             }
         }
         out
@@ -430,15 +465,6 @@ impl Suggestion<'_> {
             let _ = writeln!(out, "    {},  # {}", toml_string(glob), figures(f));
         }
         let _ = writeln!(out, "]");
-    }
-}
-
-/// `1 file`, `3 files`.
-fn plural(n: u64, what: &str) -> String {
-    if n == 1 {
-        format!("1 {what}")
-    } else {
-        format!("{n} {what}s")
     }
 }
 
@@ -605,6 +631,92 @@ mod tests {
             group_name(&["a\nb.gguf".into(), "c.gguf".into()]),
             "a?b + c"
         );
+    }
+
+    #[test]
+    fn numbered_group_names_stay_bounded() {
+        let long = "n".repeat(GROUP_NAME_MAX);
+        let mut taken = HashSet::new();
+        for _ in 0..12 {
+            let name = unique(long.clone(), &taken);
+            assert!(name.chars().count() <= GROUP_NAME_MAX, "{name}");
+            assert!(taken.insert(name));
+        }
+        assert!(taken.contains(&format!("{}… (10)", "n".repeat(GROUP_NAME_MAX - 6))));
+        assert_eq!(
+            unique("a".into(), &HashSet::from(["a".to_string()])),
+            "a (2)"
+        );
+    }
+
+    #[test]
+    fn sets_past_the_most_groups_are_counted() {
+        let mut files = Vec::new();
+        let mut sets = Vec::new();
+        for i in 0..MAX_GROUPS + 3 {
+            let (a, b) = (format!("{i}-a.gguf"), format!("{i}-b.gguf"));
+            files.push(file(&a, 1, 0, 2, 1));
+            files.push(file(&b, 1, 0, 2, 1));
+            sets.push(set(&[&a, &b], 2, 1));
+        }
+        let r = report(files, sets);
+        let s = plan(&r, 1000 * MIB, |_| true);
+        assert_eq!((s.groups.len(), s.sets_past_max), (MAX_GROUPS, 3));
+        let text = s.render(
+            &r,
+            &Origin {
+                mountpoint: "/m",
+                backing: "/b",
+                cap: 1000 * MIB,
+            },
+        );
+        assert!(
+            text.contains(&format!(
+                "# Left out:\n#   3 more sets opened together: not made groups, at most \
+                 {MAX_GROUPS} are suggested\n"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("(last seen 20833d ago)"), "{text}");
+    }
+
+    #[test]
+    fn a_name_with_a_literal_escape_is_written_as_its_real_name() {
+        // Recorded as `names::shown` writes it: its backslash as `\x{5c}`.
+        let r = report(vec![file("lit\\x{5c}x{41}.gguf", 1, 1, 0, 1)], vec![]);
+        let s = plan(&r, 100 * MIB, |_| true);
+        assert!(s.left_out.is_empty(), "{:?}", s.left_out);
+        let text = s.render(
+            &r,
+            &Origin {
+                mountpoint: "/m",
+                backing: "/b",
+                cap: 100 * MIB,
+            },
+        );
+        let manifest = Manifest::parse(&text, std::path::Path::new("/s.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let tree = Tree {
+            files: ["lit\\x{41}.gguf", "lit\\x{5c}x{41}.gguf", "litA.gguf"]
+                .iter()
+                .enumerate()
+                .map(|(i, p)| TreeFile {
+                    path: p.into(),
+                    size: MIB,
+                    id: (1, i as u64),
+                })
+                .collect(),
+            dirs: vec![],
+            outside_links: vec![],
+            warnings: vec![],
+        };
+        let matches = manifest.match_tree(&tree);
+        let pinned: Vec<String> = matches.rules[0]
+            .files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect();
+        assert_eq!(pinned, ["lit\\x{41}.gguf"], "{text}");
     }
 
     #[test]
