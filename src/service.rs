@@ -278,6 +278,7 @@ impl Daemon for MountService {
             psi_some_avg10: sample.and_then(|s| s.psi_some_avg10),
             files,
             uncached_files,
+            loading: self.rules.loading(),
             counters: protocol::Counters {
                 by_source: by_source(&c.opens),
                 read_rate: rate,

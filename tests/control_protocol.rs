@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use modelcache::control::client::{Client, Context, Unreachable, WarmProgress, wait_for_loads};
 use modelcache::control::paths::MountPaths;
-use modelcache::control::protocol::PinOrigin;
+use modelcache::control::protocol::{LoadingProgress, PinOrigin};
 use modelcache::control::server::{ServerOptions, serve_with};
 use modelcache::control::{
     ClientError, Counters, Daemon, FileState, FileStatus, LastOpen, Mode, MountStatus,
@@ -83,6 +83,13 @@ fn sample_status(mountpoint: &str) -> MountStatus {
                 reason: Some("60.0 GiB is larger than the cap (48.0 GiB)".into()),
             }),
             ..FileStatus::new("huge.gguf".into(), FileState::Uncached)
+        }],
+        loading: vec![LoadingProgress {
+            what: "warm start".into(),
+            files: 4,
+            files_loaded: 1,
+            bytes: 20 * GIB,
+            loaded_bytes: 6 * GIB,
         }],
         counters: Counters {
             by_source: OpensBySource {
@@ -570,6 +577,7 @@ fn status_json_schema_is_stable() {
             "counters",
             "files",
             "held_bytes",
+            "loading",
             "locked_bytes",
             "max_size",
             "mem_available",
@@ -582,6 +590,10 @@ fn status_json_schema_is_stable() {
         ]
     );
     assert_eq!(v["mode"], "copy");
+    assert_eq!(
+        keys(&v["loading"][0]),
+        ["bytes", "files", "files_loaded", "loaded_bytes", "what"]
+    );
     assert_eq!(
         keys(&v["files"][0]),
         [

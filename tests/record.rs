@@ -536,6 +536,68 @@ fn a_root_owned_state_file_a_user_daemon_cannot_read_is_set_aside() {
 }
 
 #[test]
+fn status_shows_the_warm_start_while_it_loads() {
+    if needs_root("throttles the disk (blkio cgroup)") {
+        return;
+    }
+    let (_tmp, backing, mnt) = dirs();
+    let names = ["a.safetensors", "b.safetensors"];
+    for (i, name) in names.iter().enumerate() {
+        fs::write(backing.join(name), pseudo_random(32 * MIB, 60 + i as u64)).unwrap();
+    }
+    let state = StateDir::new();
+    let m = mount_with(&backing, &mnt, &state);
+    for name in names {
+        fs::read(m.path(name)).unwrap();
+    }
+    m.unmount();
+    for name in names {
+        drop_from_page_cache(&backing.join(name));
+    }
+    // A disk of 16 MB/s, the daemon in it from its start: 64 MiB take ~4 s.
+    let Some(throttle) = Throttle::new(&device_of(&backing), 16_000_000) else {
+        eprintln!("skipped: no blkio cgroup (v1) here");
+        return;
+    };
+    let mut cmd = throttle.run_inside(&format!(
+        "'{}' mount --backing '{}' '{}' --passthrough off",
+        bin(),
+        backing.display(),
+        mnt.display()
+    ));
+    state.apply(&mut cmd);
+    let m = Mounted::start(cmd, &mnt);
+    let mut seen = Value::Null;
+    let loading = wait_for(Duration::from_secs(30), || {
+        seen = mount_status(&mnt)["loading"].clone();
+        seen.as_array().is_some_and(|l| !l.is_empty())
+    });
+    assert!(loading, "no progress shown: {seen:#}\n{}", m.log_text());
+    let progress = &seen[0];
+    assert_eq!(progress["what"], "warm start", "{seen:#}");
+    assert_eq!(progress["files"], 2, "{seen:#}");
+    assert_eq!(progress["bytes"], 64 * MIB, "{seen:#}");
+    assert!(
+        progress["loaded_bytes"].as_u64().unwrap() < 64 * MIB as u64,
+        "{seen:#}"
+    );
+    let table = modelcache(&["status", mnt.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("  warm start: "), "{table}");
+    // Done, it is no longer shown, and both files are cached.
+    wait_until(Duration::from_secs(60), "the warm start to end", || {
+        mount_status(&mnt)["loading"]
+            .as_array()
+            .is_some_and(|l| l.is_empty())
+    });
+    let s = mount_status(&mnt);
+    for name in names {
+        assert!(is_cached(&s, name), "{s:#}");
+    }
+    m.unmount();
+}
+
+#[test]
 fn a_killed_daemon_leaves_the_last_saved_record_whole() {
     let (_tmp, backing, mnt) = dirs();
     models(&backing, &["a", "b", "c"]);

@@ -42,7 +42,8 @@ pub const MAX_REQUEST_LINE: usize = 1 << 20;
 pub use super::record::{RecordReport, RecordedFile, RecordedOpens, RecordedSet};
 pub use super::status::{
     Counters, EVICT_CAP, EVICT_INVALIDATED, EVICT_MANUAL, EVICT_PRESSURE, EVICTION_REASONS,
-    FileState, FileStatus, LastOpen, Mode, MountStatus, OpensBySource, PinOrigin, StatusReport,
+    FileState, FileStatus, LastOpen, LoadingProgress, Mode, MountStatus, OpensBySource, PinOrigin,
+    StatusReport,
 };
 
 /// A request, as the client sends it and the server understands it.

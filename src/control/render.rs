@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::protocol::{
-    Action, Counters, EVICTION_REASONS, FileOutcome, FileState, FileStatus, MountStatus,
+    Action, Counters, EVICTION_REASONS, FileOutcome, FileState, FileStatus, LoadingProgress,
+    MountStatus,
 };
 use crate::units::{Bytes, Count, approx_seconds};
 
@@ -148,6 +149,18 @@ fn by_class(map: &BTreeMap<String, u64>, show: impl Fn(u64) -> String) -> String
         .join(", ")
 }
 
+/// A prewarm's or a warm start's progress, as `status` shows it.
+pub fn loading_line(l: &LoadingProgress) -> String {
+    format!(
+        "{}: {} of {} loaded, {} of {}",
+        escape_controls(&l.what),
+        Bytes(l.loaded_bytes),
+        Bytes(l.bytes),
+        l.files_loaded,
+        Count(l.files, "file")
+    )
+}
+
 /// One mount's status: a header, a table of its files, its counters.
 /// `now` is the current Unix time, for "12s ago".
 pub fn render_status(s: &MountStatus, now: u64) -> String {
@@ -185,6 +198,9 @@ pub fn render_status(s: &MountStatus, now: u64) -> String {
         "  memory  MemAvailable {}, PSI some avg10 {psi}",
         Bytes(s.mem_available)
     );
+    for l in &s.loading {
+        let _ = writeln!(out, "  {}", loading_line(l));
+    }
     out.push('\n');
 
     if s.files.is_empty() && s.uncached_files.is_empty() {
@@ -406,6 +422,13 @@ mod tests {
                 reader_classes: vec!["cpu".into()],
                 ..FileStatus::new("huge.gguf".into(), FileState::Uncached)
             }],
+            loading: vec![LoadingProgress {
+                what: "warm start".into(),
+                files: 4,
+                files_loaded: 1,
+                bytes: 20 * gib,
+                loaded_bytes: 6 * gib,
+            }],
             counters: Counters {
                 by_source: OpensBySource {
                     opens_from_ram: 12,
@@ -521,6 +544,10 @@ mod tests {
         assert!(
             text.contains("MemAvailable 30.0 GiB, PSI some avg10 0.25%"),
             "{text}"
+        );
+        assert!(
+            text.contains("\n  warm start: 6.0 GiB of 20.0 GiB loaded, 1 of 4 files\n"),
+            "a warm start in progress: {text}"
         );
         let header = lines.iter().position(|l| l.contains("FILE")).unwrap();
         for col in [

@@ -97,7 +97,23 @@ pub struct MountStatus {
     /// state `uncached`: where their opens went, and why not to RAM.
     #[serde(default)]
     pub uncached_files: Vec<FileStatus>,
+    /// Loads a prewarm or a warm start queued, while they run.
+    #[serde(default)]
+    pub loading: Vec<LoadingProgress>,
     pub counters: Counters,
+}
+
+/// How far a prewarm (the manifest's pinned and warm files) or a warm start
+/// (the recorded working set) has got: the files it queued, until all are
+/// loaded or gone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadingProgress {
+    /// `"prewarm"` or `"warm start"`.
+    pub what: String,
+    pub files: u64,
+    pub files_loaded: u64,
+    pub bytes: u64,
+    pub loaded_bytes: u64,
 }
 
 /// One file the cache knows.

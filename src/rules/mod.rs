@@ -26,6 +26,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tracing::{info, warn};
 
 use crate::cache::Refusal;
+use crate::control::protocol::LoadingProgress;
 use crate::fs::Overlay;
 use crate::manifest::{self, CapFrom, Manifest, RuleKind};
 use crate::pins::{Pins, StateKeeper};
@@ -68,7 +69,12 @@ pub struct ManifestWorker {
     manifest_path: Option<PathBuf>,
     /// The answer of the mount's first application, until waited for.
     first: parking_lot::Mutex<Option<Receiver<Result<Applied, crate::Error>>>>,
+    /// The prewarm's and the warm start's progress, while they run.
+    loading: Loading,
 }
+
+/// The progress the worker publishes for `status` (at most two entries).
+type Loading = Arc<parking_lot::Mutex<Vec<LoadingProgress>>>;
 
 /// The live mount the rules act on.
 pub struct LiveMount {
@@ -97,9 +103,11 @@ impl ManifestWorker {
         group_opens: Receiver<String>,
     ) -> Arc<ManifestWorker> {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let loading = Loading::default();
+        let published = loading.clone();
         let worker = std::thread::Builder::new()
             .name("manifest".into())
-            .spawn(move || work(rx, group_opens, &live))
+            .spawn(move || work(rx, group_opens, &live, &published))
             .expect("spawn the manifest worker");
         let (done, first) = crossbeam_channel::bounded(1);
         let _ = tx.send(Job {
@@ -112,7 +120,13 @@ impl ManifestWorker {
             worker: Some(worker),
             manifest_path,
             first: parking_lot::Mutex::new(Some(first)),
+            loading,
         })
+    }
+
+    /// The prewarm's and the warm start's progress, while they run.
+    pub fn loading(&self) -> Vec<LoadingProgress> {
+        self.loading.lock().clone()
     }
 
     /// Waits (at most `limit`) until the mount's first manifest is applied:
@@ -191,7 +205,7 @@ impl Drop for ManifestWorker {
     }
 }
 
-fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
+fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount, loading: &Loading) {
     let mut groups = Groups::new();
     // Keys of the files whose load the last prewarm follows.
     let mut prewarm: Option<Prewarm> = None;
@@ -251,6 +265,11 @@ fn work(jobs: Receiver<Job>, group_opens: Receiver<String>, live: &LiveMount) {
                 *follow = None;
             }
         }
+        *loading.lock() = [&prewarm, &warm_start]
+            .into_iter()
+            .flatten()
+            .map(|p| p.progress().clone())
+            .collect();
     }
 }
 

@@ -1,5 +1,6 @@
 //! Following the loads a prewarm (or a warm start) queued: progress lines
-//! or a progress bar, and a last line that counts only what loaded.
+//! or a progress bar, the progress `status` shows, and a last line that
+//! counts only what loaded.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -7,6 +8,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::cache::Cache;
+use crate::control::protocol::LoadingProgress;
 use crate::units::{Bytes, Count, Rate};
 
 /// How often prewarm progress is logged.
@@ -50,6 +52,8 @@ pub(super) struct Prewarm {
     /// The files refused when queued.
     refused: Vec<NotLoaded>,
     total: u64,
+    /// As of the last report, for `status`.
+    progress: LoadingProgress,
     started: Instant,
     last_report: Instant,
     bar: Option<indicatif::ProgressBar>,
@@ -83,6 +87,12 @@ impl Prewarm {
         });
         Prewarm {
             what,
+            progress: LoadingProgress {
+                what: what.to_string(),
+                files: files.len() as u64,
+                bytes: total,
+                ..LoadingProgress::default()
+            },
             files,
             refused,
             total,
@@ -90,6 +100,11 @@ impl Prewarm {
             last_report: Instant::now(),
             bar,
         }
+    }
+
+    /// How far it has got, as of the last [`Prewarm::report`].
+    pub(super) fn progress(&self) -> &LoadingProgress {
+        &self.progress
     }
 
     /// Logs progress now and then; returns true (after the final line)
@@ -110,6 +125,13 @@ impl Prewarm {
                 None => {}
             }
         }
+        self.progress = LoadingProgress {
+            what: self.what.to_string(),
+            files: self.files.len() as u64,
+            files_loaded: self.files.iter().filter(|f| f.loaded).count() as u64,
+            bytes: self.total,
+            loaded_bytes: loaded,
+        };
         if let Some(bar) = &self.bar {
             bar.set_position(loaded);
             if pending == 0 {
