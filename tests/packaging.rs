@@ -577,7 +577,9 @@ fn the_deb_builds_without_warnings_and_holds_what_readme_says() {
         "usr/share/fish/vendor_completions.d/modelcache.fish".into(),
         "usr/share/man/man1/modelcache.1.gz".into(),
     ];
-    for verb in ["mount", "umount", "status", "warm", "doctor", "check", "suggest"] {
+    for verb in [
+        "mount", "umount", "status", "warm", "doctor", "check", "suggest",
+    ] {
         want.push(format!("usr/share/man/man1/modelcache-{verb}.1.gz"));
     }
     let missing: Vec<&String> = want.iter().filter(|p| !has(p)).collect();
