@@ -19,16 +19,6 @@ const MIB: u64 = 1 << 20;
 /// this binary may read the disk meanwhile.
 static DISK: Mutex<()> = Mutex::new(());
 
-/// Waits until `path` is listed `cached` by the mount's status.
-fn wait_cached(mnt: &Path, path: &str) {
-    let mut s = serde_json::Value::Null;
-    let cached = wait_for(Duration::from_secs(60), || {
-        s = mount_status(mnt);
-        status_file(&s, path).is_some_and(|f| f["state"] == "cached")
-    });
-    assert!(cached, "{path} never cached: {s:#}");
-}
-
 /// The mount's serving mode as status names it.
 fn serving_mode(mnt: &Path) -> String {
     mount_status(mnt)["mode"]
@@ -67,7 +57,7 @@ fn a_fuse_mount_as_backing_works_in_both_modes() {
         for pass in ["first", "second"] {
             let got = fs::read(upper.path("m.safetensors")).unwrap();
             assert!(got == want, "{mode:?}: {pass} read differs");
-            wait_cached(&upper.mountpoint, "m.safetensors");
+            wait_cached(&upper.mountpoint, &["m.safetensors"]);
         }
         // Passthrough over a FUSE filesystem without passthrough of its
         // own is allowed by the kernel: no fallback warning.
@@ -96,7 +86,7 @@ fn a_fuse_mount_as_backing_works_in_both_modes() {
         let got = fs::read(upper.path("m.safetensors")).unwrap();
         assert!(got == want, "stacked passthrough: {pass} read differs");
     }
-    wait_cached(&upper.mountpoint, "m.safetensors");
+    wait_cached(&upper.mountpoint, &["m.safetensors"]);
     let log = upper.log_text();
     assert_eq!(
         log.matches("the kernel refused a backing file").count(),
@@ -147,7 +137,7 @@ fn a_slow_backing_serves_reloads_from_ram_in_both_modes() {
             cold >= floor,
             "{mode:?}: cold read took {cold:?}, not throttled"
         );
-        wait_cached(&m.mountpoint, "m.safetensors");
+        wait_cached(&m.mountpoint, &["m.safetensors"]);
         drop_from_page_cache(&file);
 
         let disk_before = device_read_bytes(&dev).unwrap();

@@ -176,17 +176,6 @@ fn wait_status(m: &Mounted, what: &str, done: impl Fn(&Value) -> bool) -> Value 
     s
 }
 
-/// Waits until `text` is in the daemon's log; returns the log.
-fn wait_log(m: &Mounted, text: &str) -> String {
-    let mut log = String::new();
-    let found = wait_for(PATIENCE, || {
-        log = m.log_text();
-        log.contains(text)
-    });
-    assert!(found, "{text:?} not in the log:\n{log}");
-    log
-}
-
 fn write_model(path: &Path, size: u64, seed: u64) {
     fs::write(path, pseudo_random(size as usize, seed)).unwrap();
 }
@@ -313,7 +302,7 @@ fn a_cuda_reader_holds_an_nvidia_device_and_its_file_outlasts_cap_pressure_for_t
     assert!(!cached(&s, "gpu.safetensors"), "{s:#}");
     assert!(cached(&s, "a.safetensors") && cached(&s, "b.safetensors"));
     assert_eq!(s["protected_bytes"], 0);
-    wait_log(&m, "evicted gpu.safetensors (48.0 MiB, cap)");
+    m.wait_log("evicted gpu.safetensors (48.0 MiB, cap)");
     drop(helper);
     m.unmount();
 }
@@ -374,7 +363,7 @@ fn exec_hooks_see_file_pid_class_and_mount_are_killed_past_their_limit_and_never
         std::process::id()
     );
     assert_eq!(env, expected);
-    wait_log(&m, "for env.safetensors (cpu reader");
+    m.wait_log("for env.safetensors (cpu reader");
     // Later opens of that file by that class run nothing.
     read_and_close(&m, "env.safetensors", 0);
     std::thread::sleep(Duration::from_millis(500));
@@ -388,7 +377,7 @@ fn exec_hooks_see_file_pid_class_and_mount_are_killed_past_their_limit_and_never
         started.elapsed() < Duration::from_secs(1),
         "the read waited"
     );
-    let log = wait_log(&m, "ran past its time limit of 1s: killed");
+    let log = m.wait_log("ran past its time limit of 1s: killed");
     let line = log
         .lines()
         .find(|l| l.contains("slow.safetensors") && l.contains("killed (pid "))
@@ -402,8 +391,8 @@ fn exec_hooks_see_file_pid_class_and_mount_are_killed_past_their_limit_and_never
 
     // A failing command is logged; the file reads as ever.
     read_and_close(&m, "fail.safetensors", 2);
-    wait_log(&m, "for fail.safetensors (cpu reader");
-    let log = wait_log(&m, "failed: exit status: 3");
+    m.wait_log("for fail.safetensors (cpu reader");
+    let log = m.wait_log("failed: exit status: 3");
     assert!(log.contains("fail.safetensors"), "{log}");
     read_and_close(&m, "fail.safetensors", 2);
     m.unmount();
@@ -444,7 +433,7 @@ fn pins_and_mlock_hooks_lock_pages_within_the_pin_budget() {
             "off",
         ],
     );
-    wait_log(&m, "locked pinned.safetensors (24.0 MiB) in RAM");
+    m.wait_log("locked pinned.safetensors (24.0 MiB) in RAM");
     let s = wait_status(&m, "the pin locked", |s| s["locked_bytes"] == 24 * MIB);
     assert_eq!(
         status_file(&s, "pinned.safetensors").unwrap()["pinned"],
@@ -455,10 +444,7 @@ fn pins_and_mlock_hooks_lock_pages_within_the_pin_budget() {
     // A CPU reader's file would lock too, but 24 + 24 MiB is over budget:
     // cached, not locked, and the read is served.
     read_and_close(&m, "other.safetensors", 2);
-    wait_log(
-        &m,
-        "not locking other.safetensors (24.0 MiB) in RAM: the pin budget of 40.0 MiB",
-    );
+    m.wait_log("not locking other.safetensors (24.0 MiB) in RAM: the pin budget of 40.0 MiB");
     assert_eq!(mount_status(&mnt)["locked_bytes"], 24 * MIB);
     assert!(locked_bytes(m.pid()) < 48 * MIB);
 
@@ -469,10 +455,10 @@ fn pins_and_mlock_hooks_lock_pages_within_the_pin_budget() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_log(&m, "unlocked pinned.safetensors");
+    m.wait_log("unlocked pinned.safetensors");
     wait_status(&m, "unlocked", |s| s["locked_bytes"] == 0);
     read_and_close(&m, "other.safetensors", 2);
-    wait_log(&m, "locked other.safetensors (24.0 MiB) in RAM");
+    m.wait_log("locked other.safetensors (24.0 MiB) in RAM");
     wait_status(&m, "the reader's file locked", |s| {
         s["locked_bytes"] == 24 * MIB
     });

@@ -245,18 +245,6 @@ fn a_normal_user_mounts_through_fusermount3() {
     assert!(!our_mount_at(&m.mountpoint));
 }
 
-/// Waits until the daemon's log contains `needle` (the mode line comes
-/// right after the mount appears).
-fn wait_log(m: &Mounted, needle: &str) -> String {
-    let mut log = String::new();
-    let found = wait_for(Duration::from_secs(10), || {
-        log = m.log_text();
-        log.contains(needle)
-    });
-    assert!(found, "{needle:?} not in the log:\n{log}");
-    log
-}
-
 #[test]
 fn a_root_daemon_uses_passthrough_and_a_normal_user_gets_copy_mode() {
     if common::needs_root("a root daemon") {
@@ -270,7 +258,7 @@ fn a_root_daemon_uses_passthrough_and_a_normal_user_gets_copy_mode() {
     // Root, --passthrough auto (the default): the kernel reads open files
     // itself, so they stay readable while the daemon is stopped.
     let m = Mounted::separate(&backing, &mnt, &[]);
-    wait_log(&m, "reads: passthrough");
+    m.wait_log("reads: passthrough");
     let model = File::open(m.path("model.safetensors")).unwrap();
     let notes = File::open(m.path("notes.txt")).unwrap();
     let stop = |sig| {
@@ -309,7 +297,7 @@ fn a_root_daemon_uses_passthrough_and_a_normal_user_gets_copy_mode() {
     let mut daemon = as_user(NOBODY, NOGROUP, bin());
     daemon.arg("mount").arg("--backing").arg(&backing).arg(&mnt);
     let m = Mounted::start(daemon, &mnt);
-    let log = wait_log(&m, "reads: copy mode");
+    let log = m.wait_log("reads: copy mode");
     assert!(
         log.contains("serving mode: copy") && log.contains("it needs CAP_SYS_ADMIN"),
         "{log}"

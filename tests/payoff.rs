@@ -20,15 +20,6 @@ fn read_through(path: &Path) {
     File::open(path).unwrap().read_to_end(&mut buf).unwrap();
 }
 
-fn wait_cached(mnt: &Path, path: &str) -> Value {
-    let mut s = Value::Null;
-    wait_until(Duration::from_secs(60), &format!("{path} cached"), || {
-        s = mount_status(mnt);
-        status_file(&s, path).is_some_and(|f| f["state"] == "cached")
-    });
-    s
-}
-
 /// A file's entry: among the cached files, or those opened but uncached.
 fn file(s: &Value, path: &str) -> Value {
     status_file(s, path)
@@ -67,7 +58,7 @@ fn opens_are_classified(mode: &str) {
 
     // Not cached: this open starts its load, and goes to the disk.
     read_through(&m.path("model.safetensors"));
-    let s = wait_cached(&mnt, "model.safetensors");
+    let s = wait_cached(&mnt, &["model.safetensors"]);
     let f = file(&s, "model.safetensors");
     assert_eq!(f["opens_from_disk"], 1, "{f:#}");
     assert_eq!(f["last_open"]["source"], "disk", "{f:#}");

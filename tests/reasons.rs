@@ -33,17 +33,6 @@ fn refused_warm(path: &Path) -> String {
     err
 }
 
-/// Waits until the daemon's log holds `want`; the log.
-fn wait_log(m: &Mounted, want: &str) -> String {
-    let mut log = String::new();
-    let found = wait_for(PATIENCE, || {
-        log = m.log_text();
-        log.contains(want)
-    });
-    assert!(found, "{want:?} not in the log:\n{log}");
-    log
-}
-
 /// Writes `text` as the manifest, in `dir`, and mounts `backing` at `mnt`
 /// with it and `extra`. Returns the mount and the manifest's path.
 fn mount_with_manifest(
@@ -150,7 +139,7 @@ fn the_memory_floor_is_named_by_warm_and_by_the_prewarm_which_never_says_all_loa
     );
     let floor = "would leave";
     let fix = "free memory or lower min_available";
-    let log = wait_log(&m, "prewarm: 0 of 1 file loaded");
+    let log = m.wait_log("prewarm: 0 of 1 file loaded");
     assert!(
         log.contains("cannot cache pinned file pinned.safetensors: loading 2.0 MiB would leave")
             && log.contains(fix),
@@ -185,7 +174,7 @@ fn a_warm_file_over_the_cap_is_a_warning_and_the_summary_counts_what_loaded() {
         &mnt,
         &["--max-size", "8MiB"],
     );
-    let log = wait_log(&m, "prewarm: 1 of 2 files loaded");
+    let log = m.wait_log("prewarm: 1 of 2 files loaded");
     let cap = "big.safetensors: 10.0 MiB is larger than the cap (8.0 MiB) by 2.0 MiB: \
                raise --max-size or max_size";
     assert!(
@@ -271,7 +260,7 @@ fn a_reload_pinning_more_than_the_cap_is_refused_and_the_manifest_in_force_stays
         &mnt,
         &["--max-size", "8MiB"],
     );
-    wait_log(&m, "loaded a.safetensors");
+    m.wait_log("loaded a.safetensors");
 
     fs::write(&manifest, "[[pin]]\npaths = [\"*.safetensors\"]\n").unwrap();
     let out = modelcache(&["reload", mnt.to_str().unwrap()]);
@@ -312,10 +301,7 @@ fn the_manifest_names_the_extension_the_size_and_the_writer_at_mount_and_reload(
         &mnt,
         &[],
     );
-    let log = wait_log(
-        &m,
-        "tiny.safetensors: 1000 B is under min_file_size 1.0 MiB",
-    );
+    let log = m.wait_log("tiny.safetensors: 1000 B is under min_file_size 1.0 MiB");
     assert!(
         log.contains("notes.txt: not a model file: .txt is not in [cache] extensions"),
         "{log}"

@@ -34,11 +34,6 @@ fn mount_with_args(backing: &Path, mnt: &Path, state: &StateDir, extra: &[&str])
     Mounted::start(cmd, mnt)
 }
 
-/// Whether the mount's status lists `path` as cached.
-fn is_cached(status: &Value, path: &str) -> bool {
-    status_file(status, path).is_some_and(|f| f["state"] == "cached")
-}
-
 /// The mount's state file, parsed (the only file in the state directory).
 fn saved(state: &StateDir) -> Value {
     let files: Vec<_> = fs::read_dir(&state.path).unwrap().flatten().collect();
@@ -223,17 +218,6 @@ fn listing(state: &StateDir) -> Vec<String> {
     names
 }
 
-/// Waits until the log holds `want`; the log.
-fn wait_log(m: &Mounted, want: &str) -> String {
-    let mut log = String::new();
-    let found = wait_for(Duration::from_secs(60), || {
-        log = m.log_text();
-        log.contains(want)
-    });
-    assert!(found, "{want:?} not in the log:\n{log}");
-    log
-}
-
 /// Where `what` first is in `log` (which must hold it).
 fn at(log: &str, what: &str) -> usize {
     log.find(what)
@@ -277,7 +261,7 @@ fn pins_load_before_the_record_and_recorded_files_get_the_room_left() {
         manifest.to_str().unwrap(),
     ];
     let m = mount_with_args(&backing, &mnt, &state, &args);
-    let log = wait_log(&m, "warm start: all loaded (2 files");
+    let log = m.wait_log("warm start: all loaded (2 files");
     let pins = at(&log, "prewarm: loading 1 file (4.0 MiB) from");
     let recorded = at(
         &log,
@@ -321,7 +305,7 @@ fn under_the_memory_floor_the_warm_start_stops_and_names_the_floor() {
     fs::write(&manifest, "[cache]\nmin_available = \"100%\"\n").unwrap();
     let args = ["--manifest", manifest.to_str().unwrap()];
     let m = mount_with_args(&backing, &mnt, &state, &args);
-    let log = wait_log(&m, "warm start: 0 of ");
+    let log = m.wait_log("warm start: 0 of ");
     assert!(
         log.contains("warm start: 0 of 2 files loaded"),
         "the last line counts each file: {log}"
@@ -417,7 +401,7 @@ fn a_corrupt_state_file_or_one_of_another_version_is_set_aside_and_replaced() {
 
         // The new file is used: no warning, and b loads at mount.
         let m = mount_with(&backing, &mnt, &state);
-        let log = wait_log(&m, "warm start: all loaded (1 file");
+        let log = m.wait_log("warm start: all loaded (1 file");
         assert!(!log.contains("not used ("), "{case}:\n{log}");
         m.unmount();
     }
@@ -510,7 +494,7 @@ fn a_root_owned_state_file_a_user_daemon_cannot_read_is_set_aside() {
 
     let m = user_mount();
     read_as_user();
-    let log = wait_log(&m, "not used (");
+    let log = m.wait_log("not used (");
     assert!(
         log.contains(&format!(
             "state file {} not used (it is owned by uid 0, not by this daemon's uid {NOBODY}); \
@@ -629,7 +613,7 @@ fn a_killed_daemon_leaves_the_last_saved_record_whole() {
 
     // The next mount reads it without a warning and warm-starts from it.
     let m = mount_with(&backing, &mnt, &state);
-    let log = wait_log(&m, "warm start: all loaded (2 files");
+    let log = m.wait_log("warm start: all loaded (2 files");
     assert!(!log.contains("not used ("), "{log}");
     assert!(
         log.contains("warm start: loading 2 files (8.0 MiB) recorded at the last mount"),
@@ -663,7 +647,7 @@ fn a_replaced_file_loads_at_warm_start_only_if_among_the_most_used() {
     }
 
     let m = mount_with_args(&backing, &mnt, &state, &cap);
-    let log = wait_log(&m, "warm start: all loaded (1 file");
+    let log = m.wait_log("warm start: all loaded (1 file");
     assert!(
         log.contains(
             "warm start: not loading 1 file replaced since recorded (another file under the \

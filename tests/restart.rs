@@ -65,17 +65,6 @@ fn disk_backed_dirs() -> Option<(tempfile::TempDir, std::path::PathBuf, std::pat
     Some((tmp, backing, mnt))
 }
 
-fn wait_all_cached(m: &Mounted) {
-    let mut s = serde_json::Value::Null;
-    let cached = wait_for(Duration::from_secs(60), || {
-        s = mount_status(&m.mountpoint);
-        NAMES
-            .iter()
-            .all(|n| status_file(&s, n).is_some_and(|f| f["state"] == "cached"))
-    });
-    assert!(cached, "not all cached: {s:#}\n{}", m.log_text());
-}
-
 #[test]
 fn a_passthrough_restart_locks_the_working_set_again_without_reading_the_disk() {
     if needs_root("passthrough mode") {
@@ -103,7 +92,7 @@ fn a_passthrough_restart_locks_the_working_set_again_without_reading_the_disk() 
         fs::read(m.path(name)).unwrap();
     }
     let reader = thread_disk_reads() - reader_before;
-    wait_all_cached(&m);
+    wait_cached(&m.mountpoint, &NAMES);
     let first_load = process_disk_reads(m.pid()) + reader;
     assert!(
         first_load >= working_set * 9 / 10,
@@ -115,7 +104,7 @@ fn a_passthrough_restart_locks_the_working_set_again_without_reading_the_disk() 
     let dev = device_of(&backing);
     let device_before = device_read_bytes(&dev);
     let m = mount_passthrough(&backing, &mnt, &state, &[]);
-    wait_all_cached(&m);
+    wait_cached(&m.mountpoint, &NAMES);
     wait_until(Duration::from_secs(30), "warm start's last line", || {
         m.log_text().contains("warm start: all loaded (2 files")
     });
@@ -155,14 +144,7 @@ fn a_clean_stop_leaves_the_pages_where_they_were() {
     let state = StateDir::new();
     let m = mount_passthrough(&backing, &mnt, &state, &["--no-warm-start"]);
     fs::read(m.path(NAMES[0])).unwrap();
-    let mut s = serde_json::Value::Null;
-    assert!(
-        wait_for(Duration::from_secs(60), || {
-            s = mount_status(&mnt);
-            status_file(&s, NAMES[0]).is_some_and(|f| f["state"] == "cached")
-        }),
-        "never cached: {s:#}"
-    );
+    wait_cached(&mnt, &NAMES[..1]);
     m.unmount();
     let resident = page_cache_bytes(&path);
     assert!(

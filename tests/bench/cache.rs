@@ -634,22 +634,14 @@ fn throttled_reload(ctx: &mut Ctx, rows: &mut Vec<Row>) {
         throttle.add(mounted.pid());
         throttle.add(std::process::id());
         for pattern in [Pattern::Seq, Pattern::Comfy] {
-            let (mut direct, mut mount) = (Series::default(), Series::default());
-            for i in 1..=ctx.reps {
-                drop_caches();
-                let d = timed(pattern, &ctx.direct(), &ctx.model, ctx.expect);
-                drop_caches();
-                let m = timed(pattern, &mounted.path(MODEL), &ctx.model, ctx.expect);
-                println!(
-                    "  {} rep {i}: direct cold {:5.2}  mount {:5.2} GB/s",
-                    pattern.name(),
-                    gbps(FILE_SIZE, d),
-                    gbps(FILE_SIZE, m)
-                );
-                direct.0.push(d);
-                mount.0.push(m);
-            }
-            rows.push(Row::new(case, pattern, &direct, &mount, Some(2.5)));
+            let w = warm(ctx, &mounted, pattern);
+            rows.push(Row::new(
+                case,
+                pattern,
+                &w.direct_cold,
+                &w.mount_dropped,
+                Some(2.5),
+            ));
         }
         mounted.stop();
         // Moves this process back out before removing the cgroup.

@@ -107,9 +107,7 @@ impl Fixture {
     fn until_cached(&self, m: &Mounted, since: Instant) -> Duration {
         let all = common::wait_for(Duration::from_secs(600), || {
             let s = common::mount_status(&self.mnt);
-            FILES
-                .iter()
-                .all(|f| common::status_file(&s, f).is_some_and(|x| x["state"] == "cached"))
+            FILES.iter().all(|f| common::is_cached(&s, f))
         });
         assert!(all, "the working set never came back:\n{}", m.log_text());
         since.elapsed()

@@ -245,6 +245,18 @@ impl Mounted {
         self.state.as_ref().map(|s| s.path.as_path())
     }
 
+    /// Waits (at most 60 s) until `want` is in the daemon's log; returns
+    /// the log.
+    pub fn wait_log(&self, want: &str) -> String {
+        let mut log = String::new();
+        let found = wait_for(Duration::from_secs(60), || {
+            log = self.log_text();
+            log.contains(want)
+        });
+        assert!(found, "{want:?} not in the log:\n{log}");
+        log
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -788,6 +800,23 @@ pub fn mount_status(mnt: &Path) -> serde_json::Value {
 }
 
 /// The entry for `path` in a mount's status, if listed.
+/// Whether a mount's status lists `path` as cached.
+pub fn is_cached(status: &serde_json::Value, path: &str) -> bool {
+    status_file(status, path).is_some_and(|f| f["state"] == "cached")
+}
+
+/// Waits (at most 60 s) until the mount at `mnt` lists every one of
+/// `paths` as cached; returns that status.
+pub fn wait_cached(mnt: &Path, paths: &[&str]) -> serde_json::Value {
+    let mut s = serde_json::Value::Null;
+    let cached = wait_for(Duration::from_secs(60), || {
+        s = mount_status(mnt);
+        paths.iter().all(|p| is_cached(&s, p))
+    });
+    assert!(cached, "{paths:?} never all cached: {s:#}");
+    s
+}
+
 pub fn status_file<'a>(status: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
     status["files"]
         .as_array()
